@@ -1,0 +1,45 @@
+# Quick start: `make demo` (install + built-in demo) and `make test` (install + whole test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# These two install from this machine's disk; other versions download gigabytes.
+TORCH := torch==2.14.1 torchvision==0.29.1
+EXTRAS := offline,clip,dev
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q ".[$(EXTRAS)]" $(TORCH)
+	touch $@
+
+# A regular (non-editable) install, so that the wheel's autoload .pth is exercised exactly as users get it.
+install: $(VENV)/.deps
+	$(PIP) install -q --no-deps --force-reinstall --no-build-isolation . 2>/dev/null || $(PIP) install -q --no-deps --force-reinstall .
+
+demo: install
+	$(PY) -m anomalib_protorefine.demo
+
+test: install
+	$(PY) -m pytest -q -rs
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(VENV)/.deps
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/patchcore_accuracy.py
+	$(PY) benchmarks/patchcore_speed.py
+
+clean:
+	rm -rf $(VENV) build dist results .pytest_cache

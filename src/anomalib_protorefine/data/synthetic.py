@@ -1,0 +1,699 @@
+"""Procedurally generated industrial-inspection dataset for offline demos and tests.
+
+The package's demo must run few-shot anomaly detection without downloading
+anything, so this module synthesises a small dataset of textured industrial
+surfaces with realistic nuisance variation and three kinds of defects:
+
+* **scratch**: a thin, curved, bright or dark line of varying length and contrast;
+* **pit**: a small dark blob with soft, slightly irregular edges;
+* **stain**: a low-contrast, irregular colour blotch (some are quite subtle).
+
+Three surface textures are available (:data:`CATEGORIES`): ``"brushed_metal"``,
+``"woven_fabric"`` and ``"cast_stone"``. Normal images vary in illumination,
+texture phase, orientation and colour so that "normal" is never pixel-identical.
+
+Generation is fully vectorised numpy, seeded through :class:`numpy.random.Generator`
+(each image gets its own child seed, so images do not depend on how many others
+are generated) and the result is written once to a cache folder in the layout
+expected by :class:`anomalib.data.Folder`::
+
+    <root>/<category>/
+    ├── manifest.json                     parameters + version + file list
+    ├── train/good/000.png ...            normal images (k-shot support pool)
+    ├── test/good/000.png ...             normal test images
+    ├── test/defect/000_scratch.png ...   defective test images (type in the name)
+    └── ground_truth/defect/000_scratch_mask.png ...  binary 0/255 masks
+
+Example:
+    >>> from anomalib_protorefine.data import generate_dataset, synthetic_datamodule
+    >>> path = generate_dataset("/tmp/protorefine_data", category="woven_fabric")  # doctest: +SKIP
+    >>> datamodule = synthetic_datamodule("/tmp/protorefine_data", category="woven_fabric")  # doctest: +SKIP
+    >>> datamodule.setup()  # doctest: +SKIP
+
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    from anomalib.data import Folder
+
+__all__ = [
+    "CATEGORIES",
+    "DATASET_VERSION",
+    "DEFECT_TYPES",
+    "default_cache_dir",
+    "folder_kwargs",
+    "generate_dataset",
+    "synthetic_datamodule",
+]
+
+#: Texture categories that :func:`generate_dataset` can synthesise.
+CATEGORIES: tuple[str, ...] = ("brushed_metal", "woven_fabric", "cast_stone")
+
+#: Defect types painted onto the abnormal test images.
+DEFECT_TYPES: tuple[str, ...] = ("scratch", "pit", "stain")
+
+#: Bump whenever the generated pixels change, so that stale caches are regenerated.
+DATASET_VERSION: int = 1
+
+_MANIFEST = "manifest.json"
+_GENERATOR_ID = "anomalib_protorefine.data.synthetic"
+_NORMAL_TRAIN_DIR = "train/good"
+_NORMAL_TEST_DIR = "test/good"
+_ABNORMAL_DIR = "test/defect"
+_MASK_DIR = "ground_truth/defect"
+_MASK_SUFFIX = "_mask"
+#: A pixel belongs to the defect mask when the defect's opacity reaches this value.
+_MASK_THRESHOLD = 0.25
+#: Minimum number of mask pixels (at 256 px, scaled with the image area) for a defect to count.
+_MIN_DEFECT_PIXELS = 12
+_MIN_IMAGE_SIZE = 64
+_MAX_IMAGE_SIZE = 2048
+_SPLIT_CODES = {"train_good": 0, "test_good": 1, "test_defect": 2}
+
+Array = np.ndarray
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """Return the folder where generated datasets are cached by default.
+
+    ``$ANOMALIB_PROTOREFINE_CACHE/datasets`` when that environment variable is set,
+    otherwise ``<user cache dir>/anomalib_protorefine/datasets`` (via ``platformdirs``,
+    falling back to ``~/.cache/anomalib_protorefine/datasets``).
+
+    Returns:
+        Path: The dataset cache folder (not created by this function).
+
+    Example:
+        >>> import os
+        >>> os.environ["ANOMALIB_PROTOREFINE_CACHE"] = "/tmp/protorefine_cache"
+        >>> str(default_cache_dir())
+        '/tmp/protorefine_cache/datasets'
+        >>> del os.environ["ANOMALIB_PROTOREFINE_CACHE"]
+
+    """
+    env = os.environ.get("ANOMALIB_PROTOREFINE_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser() / "datasets"
+    try:
+        import platformdirs
+
+        base = Path(platformdirs.user_cache_dir("anomalib_protorefine", appauthor=False))
+    except ImportError:  # pragma: no cover - platformdirs ships with anomalib
+        base = Path.home() / ".cache" / "anomalib_protorefine"
+    return base / "datasets"
+
+
+def folder_kwargs(category: str = "brushed_metal") -> dict[str, Any]:
+    """Return the :class:`anomalib.data.Folder` arguments matching the generated layout.
+
+    ``root`` must be set to the path returned by :func:`generate_dataset`.
+
+    Args:
+        category: Dataset category, used as the datamodule ``name``.
+
+    Returns:
+        dict[str, Any]: ``name``, ``normal_dir``, ``abnormal_dir``, ``normal_test_dir``,
+        ``mask_dir`` and ``extensions``.
+
+    Example:
+        >>> folder_kwargs("cast_stone")["abnormal_dir"]
+        'test/defect'
+
+    """
+    _check_category(category)
+    return {
+        "name": category,
+        "normal_dir": _NORMAL_TRAIN_DIR,
+        "abnormal_dir": _ABNORMAL_DIR,
+        "normal_test_dir": _NORMAL_TEST_DIR,
+        "mask_dir": _MASK_DIR,
+        "extensions": (".png",),
+    }
+
+
+def generate_dataset(
+    root: str | Path | None = None,
+    category: str = "brushed_metal",
+    num_train: int = 20,
+    num_test_good: int = 10,
+    num_test_defect: int = 15,
+    image_size: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Generate (or reuse) a synthetic anomaly-detection dataset on disk.
+
+    The dataset is written to ``<root>/<category>`` together with a ``manifest.json``
+    holding the generation parameters and :data:`DATASET_VERSION`. When a complete
+    dataset with the same parameters is already there, nothing is written. When the
+    parameters (or the version) differ, the folder is regenerated. Generation happens
+    in a temporary sibling folder that is renamed into place at the end, so an
+    interrupted run never leaves a half-written dataset behind.
+
+    Defect types cycle through :data:`DEFECT_TYPES` (about one image in five gets a
+    second defect); each defective image ``test/defect/<stem>.png`` has a binary
+    0/255 mask ``ground_truth/defect/<stem>_mask.png`` of the same size.
+
+    Args:
+        root: Parent folder of the dataset. Defaults to :func:`default_cache_dir`.
+        category: Surface texture, one of :data:`CATEGORIES`.
+        num_train: Number of normal training images (the k-shot support pool), >= 1.
+        num_test_good: Number of normal test images, >= 1.
+        num_test_defect: Number of defective test images, >= 1.
+        image_size: Side length in pixels of the square RGB images, 64..2048.
+        seed: Non-negative random seed; the same seed gives byte-identical files.
+        overwrite: Regenerate even if a matching dataset exists. Also required to
+            replace a non-empty folder that was not created by this generator.
+
+    Returns:
+        Path: The dataset folder ``<root>/<category>``.
+
+    Raises:
+        ValueError: If an argument is out of range (the message names the parameter).
+        FileExistsError: If ``<root>/<category>`` holds foreign files and
+            ``overwrite`` is ``False``.
+
+    Example:
+        >>> import tempfile
+        >>> path = generate_dataset(tempfile.mkdtemp(), category="cast_stone", num_train=4,
+        ...                         num_test_good=2, num_test_defect=3, image_size=64)
+        >>> path.name, len(list((path / "test" / "defect").glob("*.png")))
+        ('cast_stone', 3)
+
+    """
+    params = _validate_params(
+        category=category,
+        num_train=num_train,
+        num_test_good=num_test_good,
+        num_test_defect=num_test_defect,
+        image_size=image_size,
+        seed=seed,
+    )
+    if not isinstance(overwrite, bool):
+        msg = f"overwrite must be True or False, got {overwrite!r}."
+        raise ValueError(msg)
+    root = default_cache_dir() if root is None else Path(root).expanduser()
+    target = root / category
+
+    if not overwrite and _is_complete(target, params):
+        return target
+    if target.exists() and not overwrite and _read_manifest(target) is None and any(target.iterdir()):
+        msg = (
+            f"{target} exists, is not empty and was not created by {_GENERATOR_ID}. "
+            "Pass overwrite=True to replace it, or choose another root."
+        )
+        raise FileExistsError(msg)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{category}.tmp-", dir=root))
+    try:
+        manifest = _write_dataset(tmp, params)
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def synthetic_datamodule(
+    root: str | Path | None = None,
+    category: str = "brushed_metal",
+    seed: int = 0,
+    train_batch_size: int = 8,
+    eval_batch_size: int = 8,
+    num_workers: int = 0,
+    *,
+    datamodule_kwargs: Mapping[str, Any] | None = None,
+    **generate_kwargs: Any,
+) -> Folder:
+    """Generate the dataset if needed and return an :class:`anomalib.data.Folder` for it.
+
+    The test split comes from the directories (``test/good`` + ``test/defect``, with
+    masks); the validation split follows anomalib's default (half of the test set,
+    split with ``seed``), override it through ``datamodule_kwargs``.
+
+    Args:
+        root: Parent folder of the dataset. Defaults to :func:`default_cache_dir`.
+        category: Surface texture, one of :data:`CATEGORIES`.
+        seed: Seed for generation and for anomalib's validation split.
+        train_batch_size: Training batch size, >= 1.
+        eval_batch_size: Validation/test batch size, >= 1.
+        num_workers: Data-loader workers, >= 0.
+        datamodule_kwargs: Extra keyword arguments for :class:`anomalib.data.Folder`
+            (e.g. ``{"val_split_mode": "same_as_test"}`` or augmentations); they
+            override the defaults chosen here.
+        **generate_kwargs: Forwarded to :func:`generate_dataset` (``num_train``,
+            ``num_test_good``, ``num_test_defect``, ``image_size``, ``overwrite``).
+
+    Returns:
+        Folder: A datamodule; call ``setup()`` (or let the engine do it) before use.
+
+    Raises:
+        ValueError: If an argument is out of range (the message names the parameter).
+        TypeError: If ``generate_kwargs`` has an unknown key.
+
+    Example:
+        >>> import tempfile
+        >>> dm = synthetic_datamodule(tempfile.mkdtemp(), category="cast_stone", num_train=4,
+        ...                           num_test_good=2, num_test_defect=3, image_size=64)
+        >>> dm.setup()
+        >>> len(dm.train_data), len(dm.test_data) + len(dm.val_data)
+        (4, 5)
+
+    """
+    allowed = {"num_train", "num_test_good", "num_test_defect", "image_size", "overwrite"}
+    unknown = sorted(set(generate_kwargs) - allowed)
+    if unknown:
+        msg = f"synthetic_datamodule() got unexpected keyword argument(s) {unknown}; valid ones: {sorted(allowed)}."
+        raise TypeError(msg)
+    for name, value, minimum in (
+        ("train_batch_size", train_batch_size, 1),
+        ("eval_batch_size", eval_batch_size, 1),
+        ("num_workers", num_workers, 0),
+    ):
+        _check_int(name, value, minimum)
+    _check_category(category)
+    _check_int("seed", seed, 0)
+
+    path = generate_dataset(root=root, category=category, seed=seed, **generate_kwargs)
+
+    from anomalib.data import Folder
+
+    kwargs: dict[str, Any] = {
+        **folder_kwargs(category),
+        "root": path,
+        "train_batch_size": train_batch_size,
+        "eval_batch_size": eval_batch_size,
+        "num_workers": num_workers,
+        "test_split_mode": "from_dir",
+        "seed": seed,
+    }
+    kwargs.update(datamodule_kwargs or {})
+    return Folder(**kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Validation and caching
+# --------------------------------------------------------------------------------------
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        msg = f"{name} must be an integer, got {value!r} ({type(value).__name__}); pass e.g. {name}={minimum}."
+        raise ValueError(msg)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        msg = f"{name} must be {bound}, got {value}; pass e.g. {name}={minimum if value < minimum else maximum}."
+        raise ValueError(msg)
+    return int(value)
+
+
+def _check_category(category: object) -> str:
+    if category not in CATEGORIES:
+        msg = f"Unknown category {category!r}; valid categories are: {', '.join(CATEGORIES)}."
+        raise ValueError(msg)
+    return str(category)
+
+
+def _validate_params(**params: Any) -> dict[str, Any]:
+    return {
+        "category": _check_category(params["category"]),
+        "num_train": _check_int("num_train", params["num_train"], 1),
+        "num_test_good": _check_int("num_test_good", params["num_test_good"], 1),
+        "num_test_defect": _check_int("num_test_defect", params["num_test_defect"], 1),
+        "image_size": _check_int("image_size", params["image_size"], _MIN_IMAGE_SIZE, _MAX_IMAGE_SIZE),
+        "seed": _check_int("seed", params["seed"], 0),
+    }
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("generator") != _GENERATOR_ID:
+        return None
+    return manifest
+
+
+def _is_complete(folder: Path, params: Mapping[str, Any]) -> bool:
+    manifest = _read_manifest(folder)
+    if manifest is None or manifest.get("version") != DATASET_VERSION or manifest.get("params") != dict(params):
+        return False
+    files = manifest.get("files", {})
+    return all((folder / rel).is_file() for group in files.values() for rel in group)
+
+
+# --------------------------------------------------------------------------------------
+# Dataset writer
+# --------------------------------------------------------------------------------------
+def _image_rng(params: Mapping[str, Any], split: str, index: int) -> np.random.Generator:
+    """Independent generator per image (stable under changes of the image counts)."""
+    category_key = zlib.crc32(params["category"].encode())
+    return np.random.default_rng([params["seed"], category_key, _SPLIT_CODES[split], index])
+
+
+def _save_png(array: Array, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG", compress_level=3)
+
+
+def _write_dataset(folder: Path, params: Mapping[str, Any]) -> dict[str, Any]:
+    size, category = params["image_size"], params["category"]
+    texture = _TEXTURES[category]
+    width = max(3, len(str(max(params["num_train"], params["num_test_good"], params["num_test_defect"]) - 1)))
+    files: dict[str, list[str]] = {"train_good": [], "test_good": [], "test_defect": [], "masks": []}
+    defects: dict[str, list[str]] = {}
+
+    for split, sub, count in (
+        ("train_good", _NORMAL_TRAIN_DIR, params["num_train"]),
+        ("test_good", _NORMAL_TEST_DIR, params["num_test_good"]),
+    ):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            rng = _image_rng(params, split, index)
+            rel = f"{sub}/{index:0{width}d}.png"
+            _save_png(_finish(texture(rng, size), rng), folder / rel)
+            files[split].append(rel)
+
+    (folder / _ABNORMAL_DIR).mkdir(parents=True, exist_ok=True)
+    (folder / _MASK_DIR).mkdir(parents=True, exist_ok=True)
+    for index in range(params["num_test_defect"]):
+        rng = _image_rng(params, "test_defect", index)
+        image = texture(rng, size)
+        kinds = [DEFECT_TYPES[index % len(DEFECT_TYPES)]]
+        if rng.random() < 0.2:
+            kinds.append(DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))])
+        mask = np.zeros((size, size), dtype=bool)
+        for kind in kinds:
+            image, defect_mask = _add_defect(kind, image, rng, category)
+            mask |= defect_mask
+        stem = f"{index:0{width}d}_{'-'.join(kinds)}"
+        _save_png(_finish(image, rng), folder / _ABNORMAL_DIR / f"{stem}.png")
+        _save_png(mask.astype(np.uint8) * 255, folder / _MASK_DIR / f"{stem}{_MASK_SUFFIX}.png")
+        files["test_defect"].append(f"{_ABNORMAL_DIR}/{stem}.png")
+        files["masks"].append(f"{_MASK_DIR}/{stem}{_MASK_SUFFIX}.png")
+        defects[stem] = kinds
+
+    return {
+        "generator": _GENERATOR_ID,
+        "version": DATASET_VERSION,
+        "params": dict(params),
+        "folder_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in folder_kwargs(category).items()},
+        "files": files,
+        "defects": defects,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Noise primitives (vectorised, FFT based)
+# --------------------------------------------------------------------------------------
+def _freq_grid(size: int) -> tuple[Array, Array]:
+    fy = np.fft.fftfreq(size).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(size).astype(np.float32)[None, :]
+    return fy, fx
+
+
+def _normalise(field: Array) -> Array:
+    field = field - field.mean()
+    return (field / (field.std() + 1e-8)).astype(np.float32)
+
+
+def _gaussian_noise(
+    rng: np.random.Generator, size: int, sigma_along: float, sigma_across: float, angle: float
+) -> Array:
+    """Zero-mean, unit-std noise with an anisotropic Gaussian correlation (pixels).
+
+    ``angle`` (radians) is the direction of the long correlation axis.
+    """
+    fy, fx = _freq_grid(size)
+    f_along = fx * np.cos(angle) + fy * np.sin(angle)
+    f_across = -fx * np.sin(angle) + fy * np.cos(angle)
+    transfer = np.exp(-2.0 * np.pi**2 * ((sigma_along * f_along) ** 2 + (sigma_across * f_across) ** 2))
+    white = rng.standard_normal((size, size), dtype=np.float32)
+    return _normalise(np.fft.irfft2(np.fft.rfft2(white) * transfer, s=(size, size)))
+
+
+def _fractal_noise(rng: np.random.Generator, size: int, beta: float, cutoff: float) -> Array:
+    """Zero-mean, unit-std 1/f^beta noise; ``cutoff`` (cycles/pixel) flattens the low end."""
+    fy, fx = _freq_grid(size)
+    radius = np.sqrt(fx**2 + fy**2)
+    transfer = (radius**2 + cutoff**2) ** (-beta / 2.0)
+    transfer[0, 0] = 0.0
+    white = rng.standard_normal((size, size), dtype=np.float32)
+    return _normalise(np.fft.irfft2(np.fft.rfft2(white) * transfer, s=(size, size)))
+
+
+def _coords(size: int) -> tuple[Array, Array]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return yy, xx
+
+
+def _smoothstep(edge0: float, edge1: float, x: Array) -> Array:
+    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _illumination(rng: np.random.Generator, size: int, strength: float) -> Array:
+    """Smooth multiplicative lighting field: gain, linear gradient and a soft vignette."""
+    yy, xx = _coords(size)
+    u, v = xx / size - 0.5, yy / size - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    gradient = (u * np.cos(angle) + v * np.sin(angle)) * rng.uniform(0.0, 2.0 * strength)
+    cy, cx = rng.uniform(-0.25, 0.25, size=2)
+    vignette = -((u - cx) ** 2 + (v - cy) ** 2) * rng.uniform(0.0, 1.5 * strength)
+    gain = rng.uniform(1.0 - strength, 1.0 + strength)
+    return (gain * (1.0 + gradient + vignette)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Textures: (rng, size) -> float32 RGB image in [0, 1], shape (size, size, 3)
+# --------------------------------------------------------------------------------------
+def _brushed_metal(rng: np.random.Generator, size: int) -> Array:
+    scale = size / 256.0
+    angle = np.deg2rad(rng.normal(0.0, 2.5))  # brushing direction jitter around horizontal
+    fine = _gaussian_noise(rng, size, 60.0 * scale, 0.55 * scale, angle)
+    medium = _gaussian_noise(rng, size, 120.0 * scale, 2.5 * scale, angle)
+    broad = _gaussian_noise(rng, size, 200.0 * scale, 12.0 * scale, angle)
+    grain = _gaussian_noise(rng, size, 0.6 * scale, 0.6 * scale, 0.0)
+    amp = rng.uniform(0.8, 1.2)
+    base = rng.uniform(0.50, 0.60)
+    surface = base + amp * (0.045 * fine + 0.03 * medium + 0.02 * broad) + 0.012 * grain
+
+    # Anisotropic highlight: a soft bright band across the brushing direction.
+    yy, xx = _coords(size)
+    along = xx * np.cos(angle) + yy * np.sin(angle)
+    centre = rng.uniform(0.15, 0.85) * size
+    width = rng.uniform(0.25, 0.45) * size
+    highlight = rng.uniform(0.04, 0.14) * np.exp(-(((along - centre) / width) ** 2))
+    lum = (surface + highlight) * _illumination(rng, size, 0.06)
+    tint = np.array([0.97, 1.0, 1.04], dtype=np.float32) + rng.normal(0.0, 0.01, 3).astype(np.float32)
+    return lum[..., None] * tint
+
+
+def _woven_fabric(rng: np.random.Generator, size: int) -> Array:
+    scale = size / 256.0
+    period = 11.0 * scale * rng.uniform(0.97, 1.03)
+    angle = np.deg2rad(rng.normal(0.0, 1.5))
+    yy, xx = _coords(size)
+    # Low-frequency waviness of the threads.
+    warp_x = 0.12 * period * _gaussian_noise(rng, size, 40.0 * scale, 40.0 * scale, 0.0)
+    warp_y = 0.12 * period * _gaussian_noise(rng, size, 40.0 * scale, 40.0 * scale, 0.0)
+    u = (xx * np.cos(angle) + yy * np.sin(angle) + warp_x) / period + rng.uniform(0, 1)
+    v = (-xx * np.sin(angle) + yy * np.cos(angle) + warp_y) / period + rng.uniform(0, 1)
+    iu, iv = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
+    fu, fv = u - iu, v - iv
+
+    # Cross-section profile of a round thread (dark gaps between threads).
+    prof_u = np.sin(np.pi * fu) ** 0.7
+    prof_v = np.sin(np.pi * fv) ** 0.7
+    warp_on_top = ((iu + iv) % 2) == 0  # plain weave
+    # Threads bulge where they pass over a crossing thread.
+    warp_shade = prof_u * (0.72 + 0.28 * np.sin(np.pi * fv))
+    weft_shade = prof_v * (0.72 + 0.28 * np.sin(np.pi * fu))
+
+    n_threads = 4 * int(np.ceil(size / period)) + 8
+    warp_jit = rng.normal(0.0, 0.035, n_threads).astype(np.float32)[iu % n_threads]
+    weft_jit = rng.normal(0.0, 0.035, n_threads).astype(np.float32)[iv % n_threads]
+    fibre_u = _gaussian_noise(rng, size, 0.5 * scale, 5.0 * scale, angle)  # fibres along the warp
+    fibre_v = _gaussian_noise(rng, size, 5.0 * scale, 0.5 * scale, angle)  # fibres along the weft
+
+    warp_lum = warp_shade * (1.0 + warp_jit + 0.05 * fibre_u)
+    weft_lum = weft_shade * (1.0 + weft_jit + 0.05 * fibre_v)
+    lum = np.where(warp_on_top, warp_lum, weft_lum)
+    lum = 0.35 + 0.65 * lum
+    hue = rng.normal(0.0, 0.006, 3).astype(np.float32)
+    warp_rgb = np.array([0.60, 0.56, 0.47], dtype=np.float32) + hue
+    weft_rgb = np.array([0.66, 0.62, 0.52], dtype=np.float32) + hue
+    rgb = np.where(warp_on_top[..., None], warp_rgb, weft_rgb)
+    return (lum * _illumination(rng, size, 0.07))[..., None] * rgb
+
+
+def _cast_stone(rng: np.random.Generator, size: int) -> Array:
+    scale = size / 256.0
+    mottling = _fractal_noise(rng, size, beta=2.2, cutoff=1.0 / (40.0 * scale))
+    fine = _gaussian_noise(rng, size, 0.7 * scale, 0.7 * scale, 0.0)
+    medium = _gaussian_noise(rng, size, 1.8 * scale, 1.8 * scale, 0.0)
+    lum = 0.6 + 0.028 * mottling + 0.035 * fine + 0.03 * medium
+
+    # Aggregate grains: sparse light and dark specks with their own colour.
+    grains = _gaussian_noise(rng, size, 1.3 * scale, 1.3 * scale, 0.0)
+    light = _smoothstep(2.0, 2.8, grains)
+    dark = _smoothstep(2.2, 3.0, -_gaussian_noise(rng, size, 1.1 * scale, 1.1 * scale, 0.0))
+    base_rgb = np.array([0.63, 0.61, 0.57], dtype=np.float32) * rng.uniform(0.94, 1.06)
+    base_rgb = base_rgb + rng.normal(0.0, 0.003, 3).astype(np.float32)
+    image = lum[..., None] * (base_rgb / 0.63)
+    image = image * (1.0 - light[..., None]) + light[..., None] * np.array([0.86, 0.84, 0.80], dtype=np.float32)
+    image = image * (1.0 - 0.22 * dark[..., None])
+    return image * _illumination(rng, size, 0.06)[..., None]
+
+
+_TEXTURES: dict[str, Callable[[np.random.Generator, int], Array]] = {
+    "brushed_metal": _brushed_metal,
+    "woven_fabric": _woven_fabric,
+    "cast_stone": _cast_stone,
+}
+
+
+def _finish(image: Array, rng: np.random.Generator) -> Array:
+    """Camera model: slight optical blur, sensor noise and 8-bit quantisation."""
+    size = image.shape[0]
+    sigma = 0.5 * size / 256.0
+    image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), sigmaX=sigma, sigmaY=sigma)
+    image = image + rng.normal(0.0, 0.006, image.shape).astype(np.float32)
+    return np.clip(image * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Defects: (image, rng, scale) -> (image, opacity in [0, 1])
+# --------------------------------------------------------------------------------------
+def _scratch(image: Array, rng: np.random.Generator, category: str) -> tuple[Array, Array]:
+    size = image.shape[0]
+    scale = size / 256.0
+    supersample = 4
+    length = rng.uniform(0.12, 0.55) * size
+    start = rng.uniform(0.1, 0.9, 2) * size
+    direction = rng.uniform(0, 2 * np.pi)
+    end = start + length * np.array([np.cos(direction), np.sin(direction)])
+    bend = rng.uniform(-0.35, 0.35) * length
+    control = (start + end) / 2 + bend * np.array([-np.sin(direction), np.cos(direction)])
+    t = np.linspace(0.0, 1.0, 96)[:, None]
+    curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end
+    wiggle = rng.normal(0.0, 0.25 * scale, curve.shape).cumsum(axis=0) * 0.15
+    points = (curve + wiggle) * supersample  # cv2 clips strokes that leave the canvas
+    thickness = max(
+        1, round(rng.uniform(0.9, 2.6) * (1.3 if category == "woven_fabric" else 1.0) * scale * supersample)
+    )
+    # Depth profile: fades in and out, with some variation along the stroke.
+    profile = np.sin(np.pi * t[:, 0]) ** 0.35 * rng.uniform(0.75, 1.0, len(t))
+
+    canvas = np.zeros((size * supersample, size * supersample), dtype=np.uint8)
+    pts = np.round(points).astype(np.int32)
+    for i in range(len(pts) - 1):  # ~100 strokes, not a per-pixel loop
+        level = int(255 * 0.5 * (profile[i] + profile[i + 1]))
+        cv2.line(canvas, tuple(pts[i]), tuple(pts[i + 1]), level, thickness, lineType=cv2.LINE_AA)
+    alpha = cv2.resize(canvas.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
+
+    bright = rng.random() < (0.65 if category == "brushed_metal" else 0.45)
+    contrast = rng.uniform(*_SCRATCH_CONTRAST[category])
+    delta = (1.0 if bright else -1.0) * contrast * alpha[..., None]
+    return image + delta * (1.0 - image if bright else image), alpha
+
+
+def _pit(image: Array, rng: np.random.Generator, category: str) -> tuple[Array, Array]:
+    size = image.shape[0]
+    scale = size / 256.0
+    yy, xx = _coords(size)
+    cy, cx = rng.uniform(0.08, 0.92, 2) * size
+    radius = rng.uniform(2.5, 9.0) * scale
+    aspect = rng.uniform(0.7, 1.0)
+    rot = rng.uniform(0, np.pi)
+    dy, dx = yy - cy, xx - cx
+    a = dx * np.cos(rot) + dy * np.sin(rot)
+    b = (-dx * np.sin(rot) + dy * np.cos(rot)) / aspect
+    dist = np.sqrt(a**2 + b**2)
+    phi = np.arctan2(b, a)
+    wobble = 1.0 + sum(rng.uniform(0.0, 0.12) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    edge = radius * wobble
+    softness = max(0.8 * scale, 0.35 * radius)
+    alpha = _smoothstep(-softness, softness, edge - dist)
+    # Shading: the side away from the light is darker inside the pit.
+    light = rng.uniform(0, 2 * np.pi)
+    shade = 1.0 - 0.35 * np.cos(phi - light) * np.clip(dist / (edge + 1e-6), 0, 1)
+    darkness = rng.uniform(0.3, 0.65)
+    factor = 1.0 - darkness * alpha * np.clip(shade, 0.0, 1.4)
+    return image * factor[..., None], alpha
+
+
+_SCRATCH_CONTRAST = {"brushed_metal": (0.15, 0.5), "woven_fabric": (0.3, 0.65), "cast_stone": (0.2, 0.5)}
+
+_STAIN_STRENGTH = {"brushed_metal": (0.07, 0.25), "woven_fabric": (0.09, 0.28), "cast_stone": (0.12, 0.3)}
+
+_STAIN_COLOURS = {
+    # Multiplicative per-channel attenuation: brown rust/oil, grey grease, yellow residue.
+    "brown": np.array([0.55, 0.8, 1.0], dtype=np.float32),
+    "grey": np.array([1.0, 1.0, 1.0], dtype=np.float32),
+    "yellow": np.array([0.05, 0.25, 1.0], dtype=np.float32),
+}
+
+
+def _stain(image: Array, rng: np.random.Generator, category: str) -> tuple[Array, Array]:
+    size = image.shape[0]
+    scale = size / 256.0
+    yy, xx = _coords(size)
+    radius = rng.uniform(10.0, 38.0) * scale
+    cy, cx = rng.uniform(0.12, 0.88, 2) * size
+    aspect = rng.uniform(0.45, 1.0)
+    rot = rng.uniform(0, np.pi)
+    dy, dx = yy - cy, xx - cx
+    a = (dx * np.cos(rot) + dy * np.sin(rot)) / radius
+    b = (-dx * np.sin(rot) + dy * np.cos(rot)) / (radius * aspect)
+    envelope = 1.0 - (a**2 + b**2)
+    blotch = _gaussian_noise(rng, size, max(2.0, radius / 4.0), max(2.0, radius / 4.0), 0.0)
+    field = envelope + 0.35 * blotch
+    alpha = _smoothstep(0.0, 0.25, field)
+    # Coffee-ring effect: slightly stronger near the boundary.
+    ring = np.exp(-(((field - 0.08) / 0.08) ** 2))
+    opacity = np.clip(alpha * (0.75 + 0.35 * ring), 0.0, 1.0)
+
+    colour = ("brown", "grey", "yellow")[int(rng.integers(3))]
+    strength = rng.uniform(*_STAIN_STRENGTH[category])
+    attenuation = 1.0 - strength * opacity[..., None] * _STAIN_COLOURS[colour]
+    return image * attenuation, alpha
+
+
+_DEFECTS: dict[str, Callable[[Array, np.random.Generator, str], tuple[Array, Array]]] = {
+    "scratch": _scratch,
+    "pit": _pit,
+    "stain": _stain,
+}
+
+
+def _add_defect(kind: str, image: Array, rng: np.random.Generator, category: str) -> tuple[Array, Array]:
+    """Paint one defect; retry (a few times) if it ends up too small to be annotated."""
+    size = image.shape[0]
+    min_pixels = max(4, round(_MIN_DEFECT_PIXELS * (size / 256.0) ** 2))
+    for _ in range(20):
+        painted, alpha = _DEFECTS[kind](image, rng, category)
+        mask = alpha >= _MASK_THRESHOLD
+        if mask.sum() >= min_pixels:
+            return painted.astype(np.float32), mask
+    msg = f"Could not place a visible {kind} defect on a {size}px image."  # pragma: no cover - practically unreachable
+    raise RuntimeError(msg)  # pragma: no cover

@@ -1,0 +1,134 @@
+"""Seeded selection and loading of the k normal support images.
+
+The same k images are chosen for the same ``(pool, k_shot, seed)`` on every machine: the pool is
+sorted by file path, then ``torch.randperm`` with a seeded generator picks k of them. Every
+support image goes through the model's pre-processing transform (resize *and* normalisation),
+exactly like the query images.
+
+Example:
+    >>> from anomalib_protorefine.few_shot import select_indices
+    >>> select_indices(10, k_shot=3, seed=0) == select_indices(10, k_shot=3, seed=0)
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from anomalib.data.utils import read_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class SupportSet:
+    """Pre-processed support images and where they came from.
+
+    Attributes:
+        images: ``(k, 3, H, W)`` float tensor, already transformed.
+        paths: The k source files, in selection order.
+    """
+
+    images: torch.Tensor
+    paths: tuple[str, ...]
+
+
+def validate_k_shot(k_shot: int | None, *, allow_none: bool = True) -> None:
+    """Raise a clear error unless ``k_shot`` is a positive int (or ``None`` when allowed)."""
+    if k_shot is None and allow_none:
+        return
+    if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 1:
+        hint = " or None to use the whole training set" if allow_none else ""
+        msg = f"k_shot must be a positive integer{hint}, got {k_shot!r}. Use e.g. k_shot=4."
+        raise ValueError(msg)
+
+
+def select_indices(pool_size: int, k_shot: int, seed: int) -> list[int]:
+    """Pick ``k_shot`` distinct indices out of ``pool_size``, deterministically for ``seed``.
+
+    Raises:
+        ValueError: If the pool is smaller than ``k_shot``.
+    """
+    validate_k_shot(k_shot, allow_none=False)
+    if pool_size < k_shot:
+        msg = (
+            f"k_shot={k_shot} but only {pool_size} normal support image(s) are available: lower k_shot or add "
+            "normal images to the training folder."
+        )
+        raise ValueError(msg)
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(pool_size, generator=generator)[:k_shot].tolist()
+
+
+def load_images(paths: Sequence[str | Path], transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Read images as float tensors in [0, 1], transform each, and stack them ``(k, 3, H, W)``."""
+    images = []
+    for path in paths:
+        image = read_image(str(path), as_tensor=True)
+        images.append(transform(image) if transform is not None else image)
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) > 1:
+        msg = f"support images have different sizes {sorted(shapes)}: give the model a pre-processor that resizes."
+        raise ValueError(msg)
+    return torch.stack(images)
+
+
+def _normal_paths(dataset: object) -> list[str]:
+    """Sorted paths of the normal images of an anomalib dataset."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        msg = f"the training set {type(dataset).__name__} has no `samples` table: use an anomalib datamodule."
+        raise TypeError(msg)
+    if "label_index" in samples:
+        samples = samples[samples.label_index == 0]
+    return sorted(str(path) for path in samples.image_path)
+
+
+def support_from_dataset(
+    dataset: object,
+    k_shot: int,
+    seed: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> SupportSet:
+    """Choose and load k normal images of an anomalib dataset (e.g. ``datamodule.train_data``)."""
+    pool = _normal_paths(dataset)
+    paths = tuple(pool[i] for i in select_indices(len(pool), k_shot, seed))
+    logger.info("Few-shot support (k=%d, seed=%d): %s", k_shot, seed, ", ".join(paths))
+    return SupportSet(images=load_images(paths, transform), paths=paths)
+
+
+def support_from_folder(
+    folder: str | Path,
+    k_shot: int,
+    seed: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> SupportSet:
+    """Choose and load k images from a folder of normal images (``few_shot_source``)."""
+    root = Path(folder)
+    if not root.is_dir():
+        msg = f"few_shot_source={str(folder)!r} is not a folder: point it to a folder of normal images."
+        raise FileNotFoundError(msg)
+    pool = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = tuple(pool[i] for i in select_indices(len(pool), k_shot, seed))
+    logger.info("Few-shot support from %s (k=%d, seed=%d): %s", root, k_shot, seed, ", ".join(paths))
+    return SupportSet(images=load_images(paths, transform), paths=paths)
+
+
+def train_dataset_of(trainer: object | None, model_name: str) -> object:
+    """Return ``trainer.datamodule.train_data`` (setting the datamodule up if needed) or explain the fix."""
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None:
+        msg = (
+            f"{model_name} needs k normal support images but no datamodule is attached: pass `datamodule=` to "
+            "Engine/Trainer, or call `model.fit_support(images)` yourself, or load a checkpoint."
+        )
+        raise RuntimeError(msg)
+    if getattr(datamodule, "train_data", None) is None:
+        datamodule.setup("fit")
+    return datamodule.train_data

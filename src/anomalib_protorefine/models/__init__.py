@@ -1,0 +1,9 @@
+"""Anomalib models with test-time prototype refinement.
+
+Importing this module registers the models with anomalib: they are direct subclasses of
+``AnomalibModule``, so ``anomalib.models.get_model("PatchCorePlus")`` and the ``anomalib`` CLI find them.
+"""
+
+from .patchcore_plus import PatchCorePlus, PatchcorePlusModel
+
+__all__ = ["PatchCorePlus", "PatchcorePlusModel"]

@@ -1,0 +1,284 @@
+"""PatchCorePlus: few-shot PatchCore with test-time prototype refinement (Lightning glue).
+
+A direct subclass of anomalib's ``AnomalibModule``, so ``anomalib test --model PatchCorePlus``,
+``anomalib.models.get_model("PatchCorePlus")``, ``Engine`` and a plain ``lightning.Trainer`` all
+work. With ``k_shot`` set the model is few-shot: it picks ``k_shot`` normal images of the
+datamodule's training set with ``few_shot_seed`` and builds its memory bank from them the first
+time it is needed, so no checkpoint and no training pass are required.
+
+Example:
+    >>> from anomalib_protorefine import PatchCorePlus
+    >>> model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, k_shot=2)
+    >>> model.learning_type.value
+    'few_shot'
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule, MemoryBankMixin
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_protorefine.backbones import normalization_for
+from anomalib_protorefine.few_shot import support_from_dataset, train_dataset_of, validate_k_shot
+from anomalib_protorefine.refinement import PrototypeRefiner
+
+from .torch_model import PatchcorePlusModel
+
+logger = logging.getLogger(__name__)
+
+#: Paper defaults of the PatchCore+ refiner (Euclidean distance, lambda = 0.3, N = 10).
+PATCHCORE_REFINER_DEFAULTS: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10, "distance": "euclidean"}
+
+
+def make_refiner(refiner: bool | PrototypeRefiner | dict[str, Any], defaults: dict[str, Any]) -> PrototypeRefiner | None:
+    """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
+
+    Args:
+        refiner: ``True`` (paper defaults), ``False`` (no refinement), a refiner, or a dict of
+            :class:`PrototypeRefiner` arguments (as stored in checkpoints).
+        defaults: The model's paper defaults, overridden by a dict's entries.
+
+    Returns:
+        The refiner or ``None``.
+    """
+    if isinstance(refiner, PrototypeRefiner):
+        return refiner
+    if isinstance(refiner, bool):
+        return PrototypeRefiner(**defaults) if refiner else None
+    if isinstance(refiner, dict):
+        return PrototypeRefiner(**{**defaults, **refiner})
+    msg = f"refiner must be True, False, a PrototypeRefiner or a dict of its arguments, got {type(refiner).__name__}."
+    raise TypeError(msg)
+
+
+class PatchCorePlus(MemoryBankMixin, AnomalibModule):
+    """PatchCore+ (paper Sec. 5.1): few-shot PatchCore whose prototypes are refined per query.
+
+    Args:
+        backbone: timm backbone. Paper: ``"wide_resnet50_2"``; offline: ``"tf_efficientnet_lite0"``
+            with the ``offline`` extra.
+        layers: Backbone layers. Paper: ``("layer2", "layer3")``.
+        pre_trained: Use pretrained backbone weights (explicit file, then installed package, then hub).
+        weights: Local backbone state-dict file (for air-gapped machines).
+        coreset_sampling_ratio: Coreset ratio alpha of the support features (paper: 0.05).
+        k_shot: Number of normal support images, or ``None`` for classic full-shot PatchCore
+            trained with ``Engine.fit``.
+        few_shot_seed: Seed of the support image draw.
+        refiner: ``True`` (paper defaults: Euclidean, lambda 0.3, N 10), ``False`` (plain
+            PatchCore scored with the same code: the baseline), a :class:`PrototypeRefiner`, or a
+            dict of its arguments.
+        online: "Online PatchCore+" (paper Table 6): refined prototypes join a bounded extra bank.
+        online_capacity: Size bound of the online bank (default: the support bank's size).
+        pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
+        post_processor: Post-processor or flag.
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, refiner=False)
+        >>> model.model.refiner is None
+        True
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        weights: str | None = None,
+        coreset_sampling_ratio: float = 0.05,
+        k_shot: int | None = 4,
+        few_shot_seed: int = 0,
+        refiner: bool | PrototypeRefiner | dict[str, Any] = True,
+        online: bool = False,
+        online_capacity: int | None = None,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        validate_k_shot(k_shot)
+        if isinstance(few_shot_seed, bool) or not isinstance(few_shot_seed, int):
+            msg = f"few_shot_seed must be an integer, got {few_shot_seed!r}. Use e.g. few_shot_seed=0."
+            raise TypeError(msg)
+        if not 0 < coreset_sampling_ratio <= 1:
+            msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: 0.05."
+            raise ValueError(msg)
+        if online_capacity is not None and (isinstance(online_capacity, bool) or online_capacity < 1):
+            msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}."
+            raise ValueError(msg)
+        layers = tuple(layers)
+        refiner_module = make_refiner(refiner, PATCHCORE_REFINER_DEFAULTS)
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
+        if pre_processor is True:
+            self.pre_processor = self.configure_pre_processor(backbone=backbone)
+        self.model: PatchcorePlusModel = PatchcorePlusModel(
+            layers=layers,
+            backbone=backbone,
+            pre_trained=pre_trained,
+            weights=weights,
+            refiner=refiner_module,
+            online=online,
+            online_capacity=online_capacity,
+            online_sampling_ratio=coreset_sampling_ratio,
+        )
+        self.coreset_sampling_ratio = coreset_sampling_ratio
+        self.k_shot = k_shot
+        self.few_shot_seed = few_shot_seed
+        self.support_paths: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ components
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "wide_resnet50_2",
+    ) -> PreProcessor:
+        """Resize to ``image_size`` (paper: 256 x 256) and normalise as the backbone's weights expect.
+
+        Example:
+            >>> PatchCorePlus.configure_pre_processor(backbone="tf_efficientnet_lite0").transform
+            Compose(
+                  Resize(size=[256, 256], interpolation=InterpolationMode.BILINEAR, antialias=True)
+                  Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=False)
+            )
+        """
+        mean, std = normalization_for(backbone)
+        return PreProcessor(
+            transform=Compose([Resize(image_size or (256, 256), antialias=True), Normalize(mean=mean, std=std)])
+        )
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """Default one-class post-processor (score normalisation and adaptive thresholds)."""
+        return PostProcessor()
+
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """Anomalib's component callbacks plus the refiner, which logs refinement statistics."""
+        callbacks = list(super().configure_callbacks())
+        if self.model.refiner is not None:
+            callbacks.append(self.model.refiner)
+        return callbacks
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """PatchCore+ has nothing to optimise."""
+        return
+
+    # ------------------------------------------------------------------ memory bank
+    def fit_support(self, images: torch.Tensor) -> None:
+        """Build the memory bank from pre-processed support images ``(k, 3, H, W)``.
+
+        Example:
+            >>> import torch
+            >>> model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False)
+            >>> model.fit_support(torch.rand(2, 3, 64, 64))
+            >>> model.model.memory_bank.shape[1]
+            128
+        """
+        if images.ndim != 4 or images.shape[0] == 0:
+            msg = f"images must be a non-empty batch (k, 3, H, W), got shape {tuple(images.shape)}."
+            raise ValueError(msg)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            embedding, _ = self.model.embed(images.to(self.device))
+        self.model.build_bank(embedding.reshape(-1, embedding.shape[-1]), self.coreset_sampling_ratio)
+        self.model.train(was_training)
+        self._is_fitted = torch.tensor([True], device=self.device)
+
+    def _ensure_bank(self) -> None:
+        """Build the bank if it is empty: from k seeded support images, or from collected embeddings."""
+        if self.model.memory_bank.numel():
+            return
+        if self.k_shot:
+            dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
+            transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+            support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
+            self.support_paths = support.paths
+            self.fit_support(support.images)
+        elif self.model.embedding_store:
+            logger.info("Applying core-set subsampling to the collected embeddings.")
+            self.model.subsample_embedding(self.coreset_sampling_ratio)
+            self._is_fitted = torch.tensor([True], device=self.device)
+        else:
+            msg = (
+                "PatchCorePlus has an empty memory bank and k_shot=None: run Engine.fit first, load a checkpoint, "
+                "or set k_shot (e.g. --model.k_shot 4) to build the bank from support images."
+            )
+            raise RuntimeError(msg)
+
+    def fit(self) -> None:
+        """Build the memory bank (called by anomalib at the end of the training epoch)."""
+        self._ensure_bank()
+
+    def on_validation_start(self) -> None:
+        """Make sure the bank exists before validation."""
+        self._ensure_bank()
+
+    def on_test_start(self) -> None:
+        """Make sure the bank exists before testing (``anomalib test`` without a checkpoint)."""
+        self._ensure_bank()
+
+    def on_predict_start(self) -> None:
+        """Make sure the bank exists before prediction."""
+        self._ensure_bank()
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:  # noqa: ANN002, ANN003
+        """Full-shot mode: collect embeddings. Few-shot mode: nothing (the bank comes from k images)."""
+        del args, kwargs
+        if self.k_shot:
+            return None
+        self.model(batch.image)
+        return torch.tensor(0.0, requires_grad=True, device=self.device)
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
+        """Score a batch (refined or plain) and attach ``pred_score`` and ``anomaly_map``."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """One epoch, no sanity check, one device; few-shot runs a single (skipped) training batch."""
+        arguments: dict[str, Any] = {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
+        if self.k_shot:
+            arguments["limit_train_batches"] = 1
+        return arguments
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``FEW_SHOT`` with ``k_shot`` (anomalib then validates before testing), else ``ONE_CLASS``."""
+        return LearningType.FEW_SHOT if self.k_shot else LearningType.ONE_CLASS
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the refiner as plain options (safe to load with ``weights_only``) and the support files."""
+        super().on_save_checkpoint(checkpoint)
+        refiner = self.model.refiner
+        checkpoint["hyper_parameters"]["refiner"] = refiner.options.as_dict() if refiner is not None else False
+        checkpoint["protorefine_support_paths"] = list(self.support_paths)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the support file list."""
+        super().on_load_checkpoint(checkpoint)
+        self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
+        self._is_fitted = torch.tensor([True])
+

@@ -1,0 +1,166 @@
+"""M-step: update the transform matrix W with the plan T fixed.
+
+Objective per query (coefficient space, see ``docs/method.md``)::
+
+    J(W) = 1/m ||F - W M||^2 + rho/m ||W||^2 + lambda * sum_ij T_ij ||M_i - (W M)_j||^2
+
+Two solvers:
+
+* :func:`closed_form_step`: the exact minimiser ``W = (F M^T + lambda m T^T G) ((1+lambda) G + rho I)^-1``
+  (exact when the columns of T sum to ``1/m``, which Sinkhorn enforces up to its tolerance).
+* :func:`gradient_step`: the paper's variant, a torch optimizer (SGD or Adam) for a few steps.
+
+Example:
+    >>> import torch
+    >>> from anomalib_protorefine.refinement.bank import BankFactors
+    >>> from anomalib_protorefine.refinement.m_step import QueryTerms, closed_form_step
+    >>> factors = BankFactors.from_bank(torch.randn(5, 8), lambda_=0.3, ridge=1e-3, normalize=False)
+    >>> terms = QueryTerms.from_features(torch.randn(1, 7, 8), factors)
+    >>> plan = torch.full((1, 5, 7), 1 / 35)
+    >>> closed_form_step(terms, factors, plan, lambda_=0.3).shape
+    torch.Size([1, 7, 5])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .bank import BankFactors
+
+
+@dataclass(frozen=True)
+class QueryTerms:
+    """The query-dependent products that the EM needs.
+
+    Attributes:
+        cross: ``F M^T``, ``(B, m, n)``.
+        sq_norms: ``||F_j||^2``, ``(B, m)``.
+    """
+
+    cross: torch.Tensor
+    sq_norms: torch.Tensor
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, factors: BankFactors) -> QueryTerms:
+        """Compute the products for float32 query features ``(B, m, c)`` (normalised if cosine)."""
+        return cls(cross=features @ factors.bank.T, sq_norms=features.pow(2).sum(-1))
+
+
+def prototype_sq_norms(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Squared norms ``||(W M)_j||^2 = (W G W^T)_jj`` of the refined prototypes, ``(B, m)``."""
+    return ((weights @ gram) * weights).sum(-1)
+
+
+def transport_cost(
+    weights: torch.Tensor, factors: BankFactors, weighted_gram: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Squared Euclidean cost ``C_ij = ||M_i - (W M)_j||^2``, ``(B, n, m)``, from coefficients only.
+
+    Args:
+        weights: ``W``, ``(B, m, n)``.
+        factors: Bank factors.
+        weighted_gram: ``W G`` if already known (saves a matmul).
+    """
+    if weighted_gram is None:
+        weighted_gram = weights @ factors.gram  # (B, m, n): row j holds (W M)_j . M_i
+    proto_sq = (weighted_gram * weights).sum(-1)
+    cost = factors.sq_norms[None, :, None] + proto_sq[:, None, :] - 2.0 * weighted_gram.transpose(1, 2)
+    return cost.clamp_min(0.0)
+
+
+def objective(
+    weights: torch.Tensor,
+    terms: QueryTerms,
+    factors: BankFactors,
+    plan: torch.Tensor | None,
+    lambda_: float,
+) -> torch.Tensor:
+    """Value of ``J(W)`` per query, ``(B,)`` (the entropy term is constant in W and left out)."""
+    num_patches = weights.shape[1]
+    proto_sq = prototype_sq_norms(weights, factors.gram)
+    fidelity = (terms.sq_norms - 2.0 * (terms.cross * weights).sum(-1) + proto_sq).mean(-1)
+    value = fidelity + factors.ridge * weights.pow(2).sum((-1, -2)) / num_patches
+    if plan is not None and lambda_ > 0:
+        value = value + lambda_ * (plan * transport_cost(weights, factors)).sum((-1, -2))
+    return value
+
+
+class ClosedFormStep:
+    """Exact minimiser of ``J`` for a fixed plan, with the plan-independent part precomputed.
+
+    ``W = F M^T H^-1 + lambda m T^T G H^-1`` and ``W G = F M^T H^-1 G + lambda m T^T G H^-1 G``:
+    one ``(m x n) @ (n x 2n)`` product per EM iteration gives both W and the ``W G`` that the next
+    E-step's cost needs.
+
+    Args:
+        terms: Query products.
+        factors: Bank factors.
+        lambda_: Weight of the transport term.
+    """
+
+    def __init__(self, terms: QueryTerms, factors: BankFactors, lambda_: float) -> None:
+        self.fixed = terms.cross @ factors.em_pair  # (B, m, 2n)
+        self.factors = factors
+        self.lambda_ = lambda_
+
+    def __call__(self, plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(W, W G)`` for the plan ``(B, n, m)``."""
+        num_bank, num_patches = plan.shape[-2:]
+        both = torch.baddbmm(
+            self.fixed,
+            plan.transpose(1, 2),
+            self.factors.gram_em_pair.expand(plan.shape[0], -1, -1),
+            alpha=self.lambda_ * num_patches,
+        )
+        return both[..., :num_bank], both[..., num_bank:]
+
+
+def closed_form_step(terms: QueryTerms, factors: BankFactors, plan: torch.Tensor, lambda_: float) -> torch.Tensor:
+    """Exact minimiser of ``J`` for a fixed plan, ``(B, m, n)`` (one-off form of :class:`ClosedFormStep`)."""
+    return ClosedFormStep(terms, factors, lambda_)(plan)[0]
+
+
+def _autograd_ready(tensor: torch.Tensor) -> torch.Tensor:
+    """Return a normal copy of an inference-mode tensor (call with inference mode disabled)."""
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
+def gradient_step(
+    weights: torch.Tensor,
+    terms: QueryTerms,
+    factors: BankFactors,
+    plan: torch.Tensor,
+    lambda_: float,
+    optimizer: str,
+    lr: float,
+    steps: int,
+) -> torch.Tensor:
+    """Run ``steps`` optimizer steps on ``J`` from ``weights`` with the plan fixed.
+
+    The step size is scale-free: for SGD ``lr / L`` with ``L = 2 ((1 + lambda) max_eig(G) + rho) / m``
+    the Lipschitz constant of the gradient, for Adam ``lr`` times 1% of the mean ``|W|`` entry.
+    Works inside Lightning's ``torch.inference_mode()``.
+
+    Returns:
+        The updated weights, detached, ``(B, m, n)``.
+    """
+    num_patches = weights.shape[1]
+    with torch.inference_mode(False), torch.enable_grad():
+        # Lightning evaluates under inference_mode, whose tensors autograd cannot save: copy them.
+        terms = QueryTerms(*(_autograd_ready(t) for t in (terms.cross, terms.sq_norms)))
+        factors = replace(factors, gram=_autograd_ready(factors.gram), sq_norms=_autograd_ready(factors.sq_norms))
+        plan = _autograd_ready(plan)
+        variable = weights.detach().clone().requires_grad_(True)
+        if optimizer == "sgd":
+            lipschitz = 2.0 * ((1.0 + lambda_) * factors.gram_max_eig + factors.ridge) / num_patches
+            opt: torch.optim.Optimizer = torch.optim.SGD([variable], lr=lr / lipschitz)
+        else:
+            scale = float(weights.abs().mean()) or 1.0
+            opt = torch.optim.Adam([variable], lr=lr * 0.01 * scale)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            objective(variable, terms, factors, plan, lambda_).sum().backward()
+            opt.step()
+    return variable.detach()

@@ -1,0 +1,143 @@
+"""Validated options of the prototype refiner.
+
+All checks run in :class:`RefinerOptions.__post_init__`, before any heavy work, and every error
+names the parameter and says how to fix it. Nothing is silently clamped.
+
+Example:
+    >>> from anomalib_protorefine.refinement.options import RefinerOptions
+    >>> RefinerOptions(lambda_=0.3, epsilon=0.05).m_step
+    'closed_form'
+    >>> RefinerOptions(epsilon=0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: epsilon must be > 0 (it is the Sinkhorn entropy weight relative to the mean transport cost), got 0.0. Use e.g. epsilon=0.05.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Distance = Literal["euclidean", "cosine"]
+MStep = Literal["closed_form", "gradient"]
+Optimizer = Literal["sgd", "adam"]
+CostNormalization = Literal["mean", "max", "none"]
+SinkhornMethod = Literal["auto", "sinkhorn", "sinkhorn_log"]
+ScoringBank = Literal["refined", "matched", "union"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "distance": ("euclidean", "cosine"),
+    "m_step": ("closed_form", "gradient"),
+    "optimizer": ("sgd", "adam"),
+    "cost_normalization": ("mean", "max", "none"),
+    "sinkhorn_method": ("auto", "sinkhorn", "sinkhorn_log"),
+    "scoring_bank": ("refined", "matched", "union"),
+}
+
+
+def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, example: str) -> None:  # noqa: ANN401
+    """Raise a ``ValueError``/``TypeError`` unless ``value`` is a finite real number above ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"{name} must be a number, got {type(value).__name__} {value!r}. Use e.g. {name}={example}."
+        raise TypeError(msg)
+    ok = value >= minimum if inclusive else value > minimum
+    if not math.isfinite(value) or not ok:
+        bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        msg = f"{name} must be finite and {bound}, got {value!r}. Use e.g. {name}={example}."
+        raise ValueError(msg)
+
+
+def _check_int(name: str, value: Any, *, minimum: int, example: str) -> None:  # noqa: ANN401
+    """Raise unless ``value`` is an ``int`` (not a bool) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"{name} must be an integer, got {type(value).__name__} {value!r}. Use e.g. {name}={example}."
+        raise TypeError(msg)
+    if value < minimum:
+        msg = f"{name} must be >= {minimum}, got {value}. Use e.g. {name}={example}."
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class RefinerOptions:
+    """Hyper-parameters of the EM prototype refinement (see ``docs/method.md``).
+
+    Args:
+        lambda_: Weight of the optimal-transport term. The fidelity term is the *mean* squared
+            distance over the m query patches, so ``lambda_`` does not depend on m. Paper:
+            0.3 (PatchCore+), 0.1 (WinCLIP+).
+        num_iterations: Maximum number of EM iterations N (paper: 10).
+        em_tol: Stop the EM early once no query's plan moves by more than this in total
+            variation (plans sum to 1); ``0`` always runs ``num_iterations``.
+        epsilon: Sinkhorn entropy weight, relative to the transport-cost scale chosen by
+            ``cost_normalization`` (so it does not depend on the feature scale).
+        transport: ``False`` drops the OT term: the "W only" ablation, whose minimiser is the
+            ridge least-squares projection ``W0``.
+        distance: ``"euclidean"`` (PatchCore+) or ``"cosine"`` (WinCLIP+; features are
+            L2-normalised and the chordal form of the objective is used).
+        m_step: ``"closed_form"`` (exact minimiser with T fixed) or ``"gradient"`` (the paper:
+            a torch optimizer on W with T fixed).
+        optimizer: Optimizer of the gradient M-step, ``"sgd"`` or ``"adam"``.
+        lr: Step size of the gradient M-step, in units of 1/L (L: Lipschitz constant of the
+            gradient), so ``lr=1`` is the classical safe step for SGD.
+        gradient_steps: Optimizer steps per M-step.
+        ridge: Tikhonov weight added to ``M M^T``, relative to its mean diagonal. Must be > 0:
+            ``M M^T`` is singular whenever the bank has duplicate rows or more rows than channels.
+        cost_normalization: Scale the transport cost by its ``"mean"`` or ``"max"`` at the
+            initial W (per query), or ``"none"`` (then ``epsilon`` is in feature units).
+        sinkhorn_method: ``"sinkhorn_log"`` (log domain, always stable), ``"sinkhorn"`` (fast
+            scaling iterations) or ``"auto"`` (scaling iterations when ``max(C)/epsilon`` is small
+            enough that no kernel entry underflows in float32, else log domain).
+        sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step.
+        sinkhorn_tol: Stop when the L2 marginal violation, relative to the marginal's norm,
+            is below this value.
+        scoring_bank: Which prototypes a query patch is scored against: ``"refined"`` (nearest
+            of the m refined prototypes, paper Eq. 6), ``"matched"`` (its own refined prototype
+            only) or ``"union"`` (nearest of the refined prototypes and the original bank).
+
+    Example:
+        >>> opts = RefinerOptions(distance="cosine", lambda_=0.1)
+        >>> opts.as_dict()["distance"]
+        'cosine'
+    """
+
+    lambda_: float = 0.3
+    num_iterations: int = 10
+    em_tol: float = 0.0
+    epsilon: float = 0.05
+    transport: bool = True
+    distance: Distance = "euclidean"
+    m_step: MStep = "closed_form"
+    optimizer: Optimizer = "sgd"
+    lr: float = 1.0
+    gradient_steps: int = 5
+    ridge: float = 1e-3
+    cost_normalization: CostNormalization = "mean"
+    sinkhorn_method: SinkhornMethod = "auto"
+    sinkhorn_max_iter: int = 1000
+    sinkhorn_tol: float = 1e-3
+    scoring_bank: ScoringBank = "refined"
+
+    def __post_init__(self) -> None:
+        """Validate every field; raise with the parameter name and a fix."""
+        _check_number("lambda_", self.lambda_, minimum=0.0, inclusive=True, example="0.3")
+        _check_int("num_iterations", self.num_iterations, minimum=1, example="10")
+        _check_number("em_tol", self.em_tol, minimum=0.0, inclusive=True, example="1e-3")
+        _check_number("epsilon", self.epsilon, minimum=0.0, inclusive=False, example="0.05")
+        if not isinstance(self.transport, bool):
+            msg = f"transport must be True or False, got {self.transport!r}."
+            raise TypeError(msg)
+        _check_number("lr", self.lr, minimum=0.0, inclusive=False, example="1.0")
+        _check_int("gradient_steps", self.gradient_steps, minimum=1, example="5")
+        _check_number("ridge", self.ridge, minimum=0.0, inclusive=False, example="1e-3")
+        _check_int("sinkhorn_max_iter", self.sinkhorn_max_iter, minimum=1, example="1000")
+        _check_number("sinkhorn_tol", self.sinkhorn_tol, minimum=0.0, inclusive=False, example="1e-3")
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                msg = f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}."
+                raise ValueError(msg)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the options as a plain dictionary (for logging and hyper-parameters)."""
+        return asdict(self)

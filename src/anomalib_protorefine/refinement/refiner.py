@@ -1,0 +1,345 @@
+"""Test-time prototype refinement: an ``nn.Module`` that is also a Lightning ``Callback``.
+
+For every query image with patch features ``F`` (m x c) and a memory bank ``M`` (n x c) the
+refiner finds refined prototypes ``P = W M`` (m x c) by the EM algorithm of the paper:
+
+* init ``W0 = F M^T (M M^T + rho I)^-1``;
+* E-step: entropic OT plan ``T`` between ``M`` (mass 1/n) and ``P`` (mass 1/m) with POT;
+* M-step: W with T fixed, closed form (default) or a torch optimizer (the paper).
+
+Patch scores are the distances of the query patches to the refined prototypes (paper Eq. 6).
+Everything runs batched over B queries on the tensors' device, in float32 whatever the input
+dtype, in the bank's n-dimensional coefficient space.
+
+As a Lightning callback (returned by the model's ``configure_callbacks``) it logs the refinement
+statistics of every validation/test batch: EM iterations, Sinkhorn iterations, OT cost, time.
+
+Example:
+    >>> import torch
+    >>> from anomalib_protorefine.refinement import PrototypeRefiner
+    >>> refiner = PrototypeRefiner(lambda_=0.3, num_iterations=3)
+    >>> queries, bank = torch.randn(2, 16, 8), torch.randn(10, 8)
+    >>> refiner(queries, bank).shape
+    torch.Size([2, 16, 8])
+    >>> refiner.patch_scores(queries, bank).shape
+    torch.Size([2, 16])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from .bank import BankFactors, bank_key
+from .m_step import ClosedFormStep, QueryTerms, gradient_step, objective, prototype_sq_norms, transport_cost
+from .options import RefinerOptions
+from .transport import TransportState, solve_plan
+
+logger = logging.getLogger(__name__)
+
+_CACHE_SIZE = 8
+
+
+@dataclass
+class RefinementResult:
+    """Output of :meth:`PrototypeRefiner.refine`.
+
+    Attributes:
+        weights: Transform matrices ``W``, ``(B, m, n)``.
+        plan: Transport plans ``T``, ``(B, n, m)``, or ``None`` when ``transport=False``.
+        terms: Query products ``F M^T`` and ``||F||^2`` used for scoring.
+        factors: The bank factors.
+        stats: Refinement statistics (iterations, OT cost, objective, seconds).
+    """
+
+    weights: torch.Tensor
+    plan: torch.Tensor | None
+    terms: QueryTerms
+    factors: BankFactors
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """Refined prototypes ``P = W M``, ``(B, m, c)`` (in the normalised space for cosine)."""
+        return self.weights @ self.factors.bank
+
+
+class PrototypeRefiner(nn.Module, Callback):
+    """EM refinement of a memory bank for each query (paper Sec. 4, Algorithm 1).
+
+    Args:
+        lambda_: Weight of the OT term (paper: 0.3 PatchCore+, 0.1 WinCLIP+).
+        num_iterations: Maximum EM iterations N (paper: 10).
+        em_tol: Early stop on the plan's total-variation change (0: always N iterations).
+        epsilon: Sinkhorn entropy weight relative to the mean transport cost.
+        transport: ``False`` gives the "W only" ablation (no OT term).
+        distance: ``"euclidean"`` or ``"cosine"``.
+        m_step: ``"closed_form"`` or ``"gradient"``.
+        optimizer: ``"sgd"`` or ``"adam"`` for the gradient M-step.
+        lr: Gradient M-step size in units of 1/L.
+        gradient_steps: Optimizer steps per gradient M-step.
+        ridge: Relative ridge on ``M M^T`` (> 0).
+        cost_normalization: ``"mean"``, ``"max"`` or ``"none"``.
+        sinkhorn_method: ``"auto"``, ``"sinkhorn"`` or ``"sinkhorn_log"``.
+        sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step.
+        sinkhorn_tol: Relative marginal tolerance of Sinkhorn.
+        scoring_bank: ``"refined"``, ``"matched"`` or ``"union"``.
+
+    See :class:`~anomalib_protorefine.refinement.options.RefinerOptions` for details.
+
+    Example:
+        >>> import torch
+        >>> refiner = PrototypeRefiner(distance="cosine", lambda_=0.1)
+        >>> result = refiner.refine(torch.randn(1, 9, 4), torch.randn(6, 4))
+        >>> result.plan.shape, result.weights.shape
+        (torch.Size([1, 6, 9]), torch.Size([1, 9, 6]))
+    """
+
+    def __init__(
+        self,
+        lambda_: float = 0.3,
+        num_iterations: int = 10,
+        em_tol: float = 0.0,
+        epsilon: float = 0.05,
+        transport: bool = True,
+        distance: str = "euclidean",
+        m_step: str = "closed_form",
+        optimizer: str = "sgd",
+        lr: float = 1.0,
+        gradient_steps: int = 5,
+        ridge: float = 1e-3,
+        cost_normalization: str = "mean",
+        sinkhorn_method: str = "auto",
+        sinkhorn_max_iter: int = 1000,
+        sinkhorn_tol: float = 1e-3,
+        scoring_bank: str = "refined",
+    ) -> None:
+        super().__init__()
+        self.options = RefinerOptions(
+            lambda_=lambda_,
+            num_iterations=num_iterations,
+            em_tol=em_tol,
+            epsilon=epsilon,
+            transport=transport,
+            distance=distance,  # type: ignore[arg-type]
+            m_step=m_step,  # type: ignore[arg-type]
+            optimizer=optimizer,  # type: ignore[arg-type]
+            lr=lr,
+            gradient_steps=gradient_steps,
+            ridge=ridge,
+            cost_normalization=cost_normalization,  # type: ignore[arg-type]
+            sinkhorn_method=sinkhorn_method,  # type: ignore[arg-type]
+            sinkhorn_max_iter=sinkhorn_max_iter,
+            sinkhorn_tol=sinkhorn_tol,
+            scoring_bank=scoring_bank,  # type: ignore[arg-type]
+        )
+        self._factor_cache: OrderedDict[tuple, BankFactors] = OrderedDict()
+        self.last_stats: dict[str, float] = {}
+
+    def extra_repr(self) -> str:
+        """Show the options in ``print(model)``."""
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items())
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _validate_inputs(queries: torch.Tensor, bank: torch.Tensor) -> None:
+        """Check shapes, dtypes and finiteness before any heavy work."""
+        if not isinstance(queries, torch.Tensor) or queries.ndim != 3:
+            shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+            msg = f"queries must be a tensor of shape (B, m, c) (batch, patches, channels), got {shape}."
+            raise ValueError(msg)
+        if not isinstance(bank, torch.Tensor) or bank.ndim != 2:
+            shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
+            msg = f"bank must be a tensor of shape (n, c) (prototypes, channels), got {shape}."
+            raise ValueError(msg)
+        if bank.shape[0] == 0:
+            msg = "bank is empty (n = 0): build the memory bank from support images before refining."
+            raise ValueError(msg)
+        if queries.shape[1] == 0:
+            msg = "queries has no patches (m = 0): pass features of shape (B, m, c) with m >= 1."
+            raise ValueError(msg)
+        if queries.shape[-1] != bank.shape[-1]:
+            msg = (
+                f"queries and bank must have the same number of channels c, got {queries.shape[-1]} and "
+                f"{bank.shape[-1]}: extract both with the same backbone and layers."
+            )
+            raise ValueError(msg)
+        for name, tensor in (("queries", queries), ("bank", bank)):
+            if not tensor.is_floating_point():
+                msg = f"{name} must be a floating-point tensor, got {tensor.dtype}: cast it with .float()."
+                raise TypeError(msg)
+            if not torch.isfinite(tensor).all():
+                msg = f"{name} contains NaN or Inf values: check the feature extractor and its input."
+                raise ValueError(msg)
+        if queries.device != bank.device:
+            msg = f"queries ({queries.device}) and bank ({bank.device}) must be on the same device."
+            raise ValueError(msg)
+
+    # ------------------------------------------------------------------ core
+    def bank_factors(self, bank: torch.Tensor) -> BankFactors:
+        """Return the cached factors of ``bank`` (computed on first use)."""
+        key = (*bank_key(bank), self.options.lambda_, self.options.ridge, self.options.distance)
+        factors = self._factor_cache.get(key)
+        if factors is None:
+            factors = BankFactors.from_bank(
+                bank, self.options.lambda_, self.options.ridge, normalize=self.options.distance == "cosine"
+            )
+            self._factor_cache[key] = factors
+            while len(self._factor_cache) > _CACHE_SIZE:
+                self._factor_cache.popitem(last=False)
+        else:
+            self._factor_cache.move_to_end(key)
+        return factors
+
+    def _cost_scale(self, cost: torch.Tensor) -> torch.Tensor:
+        """Per-query cost scale ``s`` (B,), fixed at the first E-step."""
+        mode = self.options.cost_normalization
+        if mode == "none":
+            return torch.ones(cost.shape[0], dtype=cost.dtype, device=cost.device)
+        scale = cost.mean((-1, -2)) if mode == "mean" else cost.amax((-1, -2))
+        # A zero cost means the refined prototypes coincide with the bank: any positive scale works.
+        return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+    def refine(self, queries: torch.Tensor, bank: torch.Tensor) -> RefinementResult:
+        """Refine ``bank`` for each query.
+
+        Args:
+            queries: Query patch features ``(B, m, c)``.
+            bank: Memory bank ``(n, c)``.
+
+        Returns:
+            The transform matrices, plans and statistics.
+        """
+        self._validate_inputs(queries, bank)
+        opts = self.options
+        start = time.perf_counter()
+        factors = self.bank_factors(bank)
+        features = queries.detach().float()
+        if opts.distance == "cosine":
+            features = F.normalize(features, dim=-1)
+        terms = QueryTerms.from_features(features, factors)
+        weights = terms.cross @ factors.init_solve
+        plan: torch.Tensor | None = None
+        sinkhorn_iterations = em_iterations = 0
+        if opts.transport:
+            states: list[TransportState | None] = [None] * queries.shape[0]
+            scale: torch.Tensor | None = None
+            closed_form = ClosedFormStep(terms, factors, opts.lambda_) if opts.m_step == "closed_form" else None
+            weighted_gram = weights @ factors.gram
+            for _ in range(opts.num_iterations):
+                cost = transport_cost(weights, factors, weighted_gram)
+                if scale is None:
+                    scale = self._cost_scale(cost)
+                previous = plan
+                plan = self._e_step(cost / scale[:, None, None], states)
+                em_iterations += 1
+                if closed_form is not None:
+                    weights, weighted_gram = closed_form(plan)
+                else:
+                    weights = gradient_step(
+                        weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps
+                    )
+                    weighted_gram = weights @ factors.gram
+                if previous is not None and opts.em_tol > 0:
+                    # Total-variation change of the plans (each sums to 1): stop once no query moves.
+                    if float((plan - previous).abs().sum((-1, -2)).amax()) / 2 < opts.em_tol:
+                        break
+            sinkhorn_iterations = sum(state.iterations_total for state in states if state is not None)
+        stats = {
+            "em_iterations": float(em_iterations),
+            "sinkhorn_iterations": sinkhorn_iterations / max(queries.shape[0], 1),
+            "objective": float(objective(weights, terms, factors, plan, opts.lambda_).mean()),
+            "ot_cost": float((plan * transport_cost(weights, factors)).sum((-1, -2)).mean()) if plan is not None else 0.0,
+            "seconds": time.perf_counter() - start,
+        }
+        self.last_stats = stats
+        return RefinementResult(weights=weights, plan=plan, terms=terms, factors=factors, stats=stats)
+
+    def _e_step(self, costs: torch.Tensor, states: list[TransportState | None]) -> torch.Tensor:
+        """Sinkhorn for each query's normalised cost ``(B, n, m)``, warm-started from ``states`` (updated)."""
+        opts = self.options
+        plans = []
+        for index, cost in enumerate(costs):
+            plan, states[index] = solve_plan(
+                cost, opts.epsilon, opts.sinkhorn_method, opts.sinkhorn_max_iter, opts.sinkhorn_tol, states[index]
+            )
+            plans.append(plan)
+        return torch.stack(plans)
+
+    def forward(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """Return the refined prototypes ``P = W M``, ``(B, m, c)``, in the input dtype."""
+        return self.refine(queries, bank).prototypes.to(queries.dtype)
+
+    # ------------------------------------------------------------------ scoring
+    def score_result(self, result: RefinementResult) -> torch.Tensor:
+        """Distance of every query patch to its scoring bank, ``(B, m)``, float32.
+
+        Euclidean: ``||f_j - p||``; cosine: ``(1 - cos(f_j, p)) / 2``; ``p`` ranges over the
+        prototypes chosen by ``scoring_bank``.
+        """
+        terms, factors, weights = result.terms, result.factors, result.weights
+        proto_sq = prototype_sq_norms(weights, factors.gram)  # (B, m)
+        cosine = self.options.distance == "cosine"
+        mode = self.options.scoring_bank
+        if mode == "matched":
+            dots = (terms.cross * weights).sum(-1)  # f_j . p_j
+            refined = self._distance(dots, terms.sq_norms, proto_sq, cosine=cosine)
+        else:
+            dots = terms.cross @ weights.transpose(1, 2)  # (B, m, m): f_j . p_k
+            refined = self._distance(dots, terms.sq_norms[..., None], proto_sq[:, None, :], cosine=cosine).amin(-1)
+        if mode == "union":
+            bank_dist = self._distance(terms.cross, terms.sq_norms[..., None], factors.sq_norms[None, None], cosine=cosine)
+            refined = torch.minimum(refined, bank_dist.amin(-1))
+        return refined
+
+    @staticmethod
+    def _distance(dots: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, *, cosine: bool) -> torch.Tensor:
+        """Euclidean or cosine distance from dot products and squared norms (broadcasting)."""
+        if cosine:
+            denom = (sq_a * sq_b).clamp_min(torch.finfo(dots.dtype).tiny).sqrt()
+            return (1.0 - dots / denom) / 2.0
+        return (sq_a + sq_b - 2.0 * dots).clamp_min(0.0).sqrt()
+
+    def patch_scores(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """Refine, then score every query patch: ``(B, m)`` in the input dtype."""
+        return self.score_result(self.refine(queries, bank)).to(queries.dtype)
+
+    # ------------------------------------------------------------------ Lightning callback
+    def _log_stats(self, pl_module: LightningModule, batch_size: int) -> None:
+        """Log the statistics of the last refinement (no-op before the first one)."""
+        for name, value in self.last_stats.items():
+            pl_module.log(f"refinement/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,  # noqa: ANN401
+        batch: Any,  # noqa: ANN401
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Log refinement statistics of the validation batch."""
+        del trainer, outputs, batch_idx, dataloader_idx
+        self._log_stats(pl_module, len(batch))
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,  # noqa: ANN401
+        batch: Any,  # noqa: ANN401
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Log refinement statistics of the test batch."""
+        del trainer, outputs, batch_idx, dataloader_idx
+        self._log_stats(pl_module, len(batch))

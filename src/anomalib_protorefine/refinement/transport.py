@@ -1,0 +1,122 @@
+"""E-step: entropic optimal transport between the bank and the refined prototypes (POT).
+
+The plan ``T`` (n x m) couples the n original prototypes (uniform mass ``1/n``) with the m refined
+prototypes (uniform mass ``1/m``). It is the minimiser of ``<C, T> - epsilon * s * H(T)`` where
+``s`` is the cost scale fixed at the first E-step of each query, i.e. POT's Sinkhorn on ``C / s``
+with regularisation ``epsilon``. POT's torch backend keeps everything on the tensors' device.
+
+Example:
+    >>> import torch
+    >>> from anomalib_protorefine.refinement.transport import solve_plan
+    >>> cost = torch.rand(4, 6)
+    >>> plan, state = solve_plan(cost, epsilon=0.1, method="auto", max_iter=500, tol=1e-6)
+    >>> torch.allclose(plan.sum(1), torch.full((4,), 1 / 4), atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import ot
+import torch
+
+# exp(-50) ~ 2e-22: well above float32's smallest normal number (1e-38), so the scaling
+# iterations cannot underflow to a zero row or column when max(C) / epsilon stays below this.
+_MAX_EXPONENT_FOR_SCALING = 50.0
+
+
+@dataclass
+class TransportState:
+    """Sinkhorn duals (log scalings) kept between EM iterations for a warm start.
+
+    Attributes:
+        log_u: Log row scaling, shape ``(n,)``.
+        log_v: Log column scaling, shape ``(m,)``.
+        iterations: Sinkhorn iterations spent by the last solve.
+        iterations_total: Sinkhorn iterations spent by all solves of this query so far.
+    """
+
+    log_u: torch.Tensor
+    log_v: torch.Tensor
+    iterations: int
+    iterations_total: int = 0
+
+
+def pick_method(cost: torch.Tensor, epsilon: float, method: str) -> str:
+    """Choose POT's Sinkhorn variant for a (normalised) cost matrix.
+
+    Args:
+        cost: Cost matrix ``(n, m)`` already divided by its scale.
+        epsilon: Entropy weight.
+        method: ``"auto"``, ``"sinkhorn"`` or ``"sinkhorn_log"``.
+
+    Returns:
+        The POT method name to use.
+    """
+    if method != "auto":
+        return method
+    exponent = float(cost.max() - cost.min()) / epsilon
+    return "sinkhorn" if exponent < _MAX_EXPONENT_FOR_SCALING else "sinkhorn_log"
+
+
+def solve_plan(
+    cost: torch.Tensor,
+    epsilon: float,
+    method: str,
+    max_iter: int,
+    tol: float,
+    warm_start: TransportState | None = None,
+) -> tuple[torch.Tensor, TransportState]:
+    """Solve one entropic OT problem with uniform marginals.
+
+    Args:
+        cost: Cost matrix ``(n, m)`` (float32 or float64), already normalised.
+        epsilon: Entropy weight (> 0).
+        method: ``"auto"``, ``"sinkhorn"`` or ``"sinkhorn_log"`` (see :func:`pick_method`).
+        max_iter: Maximum number of Sinkhorn iterations.
+        tol: Relative tolerance on the L2 violation of the column marginal.
+        warm_start: Duals of a previous solve of a nearby problem.
+
+    Returns:
+        The plan ``T`` ``(n, m)`` and the duals for the next warm start.
+    """
+    n, m = cost.shape
+    a = torch.full((n,), 1.0 / n, dtype=cost.dtype, device=cost.device)
+    b = torch.full((m,), 1.0 / m, dtype=cost.dtype, device=cost.device)
+    # The row minimum is a per-row constant: it changes the duals, not the plan, and keeps
+    # exp(-C/eps) away from underflow in the scaling iterations.
+    shifted = cost - cost.min(dim=1, keepdim=True).values
+    chosen = pick_method(shifted, epsilon, method)
+    start = None if warm_start is None else (warm_start.log_u, warm_start.log_v)
+    with warnings.catch_warnings():
+        # Non-convergence within max_iter is reported through TransportState.iterations.
+        warnings.simplefilter("ignore")
+        plan, log = ot.sinkhorn(
+            a,
+            b,
+            shifted,
+            epsilon,
+            method=chosen,
+            numItermax=max_iter,
+            stopThr=tol / m**0.5,
+            log=True,
+            warn=False,
+            warmstart=start,
+        )
+    if chosen == "sinkhorn_log":
+        log_u, log_v = log["log_u"], log["log_v"]
+    else:
+        log_u, log_v = torch.log(log["u"]), torch.log(log["v"])
+    if not torch.isfinite(plan).all():
+        # A warm start from a far-away problem can overflow the scaling iterations: restart cold
+        # in the log domain, which cannot overflow.
+        plan, log = ot.sinkhorn(
+            a, b, shifted, epsilon, method="sinkhorn_log", numItermax=max_iter, stopThr=tol / m**0.5, log=True,
+            warn=False,
+        )  # fmt: skip
+        log_u, log_v = log["log_u"], log["log_v"]
+    iterations = int(log["niter"]) + 1
+    total = iterations + (warm_start.iterations_total if warm_start is not None else 0)
+    return plan, TransportState(log_u=log_u, log_v=log_v, iterations=iterations, iterations_total=total)
