@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PatchCorePlus": "anomalib_protorefine.models",
     "PatchcorePlusModel": "anomalib_protorefine.models",
+    "WinClipPlus": "anomalib_protorefine.models",
+    "WinClipPlusModel": "anomalib_protorefine.models",
     "PrototypeRefiner": "anomalib_protorefine.refinement",
     "RefinerOptions": "anomalib_protorefine.refinement",
 }

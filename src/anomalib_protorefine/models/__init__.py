@@ -5,5 +5,7 @@ Importing this module registers the models with anomalib: they are direct subcla
 """
 
 from .patchcore_plus import PatchCorePlus, PatchcorePlusModel
+from .winclip_plus import WinClipPlus, WinClipPlusModel
 
 __all__ = ["PatchCorePlus", "PatchcorePlusModel"]
+__all__ += ["WinClipPlus", "WinClipPlusModel"]

@@ -199,7 +199,9 @@ class PatchCorePlus(MemoryBankMixin, AnomalibModule):
         self.model.eval()
         with torch.no_grad():
             embedding, _ = self.model.embed(images.to(self.device))
-        self.model.build_bank(embedding.reshape(-1, embedding.shape[-1]), self.coreset_sampling_ratio)
+        self.model.build_bank(
+            embedding.reshape(-1, embedding.shape[-1]), self.coreset_sampling_ratio, seed=self.few_shot_seed
+        )
         self.model.train(was_training)
         self._is_fitted = torch.tensor([True], device=self.device)
 

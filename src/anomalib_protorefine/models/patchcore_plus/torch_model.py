@@ -159,7 +159,16 @@ class PatchcorePlusModel(PatchcoreModel):
         anomaly_map = self.anomaly_map_generator(patch_scores.reshape(-1, 1, height, width), output_size)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
-    def build_bank(self, embeddings: torch.Tensor, sampling_ratio: float) -> None:
-        """Set the memory bank to a coreset of ``embeddings`` ``(N, c)`` (resets the online bank)."""
-        self.memory_bank = KCenterGreedy(embedding=embeddings, sampling_ratio=sampling_ratio).sample_coreset()
+    def build_bank(self, embeddings: torch.Tensor, sampling_ratio: float, seed: int = 0) -> None:
+        """Set the memory bank to a coreset of ``embeddings`` ``(N, c)`` (resets the online bank).
+
+        The greedy coreset starts from a random point (torch RNG, forked and seeded with ``seed``, so
+        the global state is left untouched) and uses a sparse random projection (seeded with ``seed``).
+        """
+        devices = [embeddings.device] if embeddings.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            sampler = KCenterGreedy(embedding=embeddings, sampling_ratio=sampling_ratio)
+            sampler.model.random_state = seed  # the sparse projection draws with sklearn/numpy
+            self.memory_bank = sampler.sample_coreset()
         self.online_bank = torch.empty(0, device=self.memory_bank.device)

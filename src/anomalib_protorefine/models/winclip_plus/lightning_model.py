@@ -1,0 +1,285 @@
+"""WinClipPlus: few-shot WinCLIP+ with cosine prototype refinement (Lightning glue).
+
+A direct subclass of anomalib's ``AnomalibModule``, so ``anomalib test --model WinClipPlus``,
+``anomalib.models.get_model("WinClipPlus")``, ``Engine`` and a plain ``lightning.Trainer`` all
+work, without a checkpoint. With ``k_shot`` set, ``k_shot`` normal reference images are chosen
+with ``few_shot_seed`` from the datamodule's training set (or from the folder ``few_shot_source``),
+pre-processed exactly like the query images (resize *and* CLIP normalisation), and embedded the
+first time they are needed. Unlike anomalib 2.7.0's ``WinClip``, train-loader shots are
+normalised and ``few_shot_source`` works.
+
+Example:
+    >>> from anomalib_protorefine import WinClipPlus
+    >>> model = WinClipPlus(k_shot=2, pretrained=None)  # doctest: +SKIP
+    >>> model.learning_type.value  # doctest: +SKIP
+    'few_shot'
+
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import AnomalibDataModule, Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
+from anomalib_protorefine.few_shot import (
+    SupportSet,
+    support_from_dataset,
+    support_from_folder,
+    train_dataset_of,
+    validate_k_shot,
+)
+from anomalib_protorefine.models.patchcore_plus.lightning_model import make_refiner
+from anomalib_protorefine.refinement import PrototypeRefiner
+
+from .torch_model import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, WinClipPlusModel
+
+logger = logging.getLogger(__name__)
+
+#: Paper defaults of the WinCLIP+ refiner (cosine distance, lambda = 0.1, N = 10).
+WINCLIP_REFINER_DEFAULTS: dict[str, Any] = {"lambda_": 0.1, "num_iterations": 10, "distance": "cosine"}
+#: CLIP's normalisation (OpenAI / open_clip image mean and std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class WinClipPlus(AnomalibModule):
+    """WinCLIP+ (paper Sec. 5.2): few-shot WinCLIP whose visual references are refined per query.
+
+    Args:
+        class_name: Object name of the prompt ensemble. Default: the datamodule's ``category``,
+            else ``"object"`` (as upstream).
+        k_shot: Number of normal reference images; ``0`` or ``None`` is zero-shot WinCLIP.
+        few_shot_seed: Seed of the reference draw (and of the coreset start).
+        few_shot_source: Folder of normal images to draw the references from instead of the
+            datamodule's training set.
+        scales: Window sizes in patches (WinCLIP: ``(2, 3)``).
+        backbone: open_clip model name (WinCLIP: ``"ViT-B-16-plus-240"``) or the path of an
+            open_clip model-config JSON.
+        pretrained: open_clip tag (``"laion400m_e31"``), the path of a local checkpoint file (for
+            offline machines), or ``None`` for random weights.
+        coreset_sampling_ratio: Coreset ratio alpha of each reference set before refinement
+            (paper: 0.5 MVTec, 0.3 VisA, 0.2 MPDD).
+        refiner: ``True`` (paper defaults: cosine, lambda 0.1, N 10), ``False`` (plain WinCLIP with
+            the same code: the baseline), a cosine :class:`PrototypeRefiner`, or a dict of its
+            arguments.
+        pre_processor: Pre-processor, ``True`` for the default (240 px bicubic, CLIP normalisation).
+        post_processor: Post-processor or flag.
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> model = WinClipPlus(k_shot=2, refiner=False, pretrained=None)  # doctest: +SKIP
+        >>> model.model.refiner is None  # doctest: +SKIP
+        True
+
+    """
+
+    def __init__(
+        self,
+        class_name: str | None = None,
+        k_shot: int | None = 4,
+        few_shot_seed: int = 0,
+        few_shot_source: str | Path | None = None,
+        scales: Sequence[int] = (2, 3),
+        backbone: str = DEFAULT_BACKBONE,
+        pretrained: str | None = DEFAULT_PRETRAINED,
+        coreset_sampling_ratio: float = 0.5,
+        refiner: bool | PrototypeRefiner | dict[str, Any] = True,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        k_shot = k_shot or None  # 0 means zero-shot, as in upstream WinClip
+        validate_k_shot(k_shot)
+        if isinstance(few_shot_seed, bool) or not isinstance(few_shot_seed, int):
+            msg = f"few_shot_seed must be an integer, got {few_shot_seed!r}. Use e.g. few_shot_seed=0."
+            raise TypeError(msg)
+        if not 0 < coreset_sampling_ratio <= 1:
+            msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: 0.5 on MVTec."
+            raise ValueError(msg)
+        refiner_module = make_refiner(refiner, WINCLIP_REFINER_DEFAULTS)
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
+        self.model: WinClipPlusModel = WinClipPlusModel(
+            scales=tuple(scales),
+            backbone=backbone,
+            pretrained=pretrained,
+            refiner=refiner_module,
+            coreset_sampling_ratio=coreset_sampling_ratio,
+            coreset_seed=few_shot_seed,
+        )
+        image_size = tuple(self.model.clip.visual.image_size)
+        if pre_processor is True and image_size != (240, 240):
+            self.pre_processor = self.configure_pre_processor(image_size=image_size)
+        self.class_name = class_name
+        self.k_shot = k_shot
+        self.few_shot_seed = few_shot_seed
+        self.few_shot_source = Path(few_shot_source) if few_shot_source else None
+        self.support_paths: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ components
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to the CLIP input size (WinCLIP: 240 x 240, bicubic) and apply CLIP's normalisation.
+
+        Example:
+            >>> transform = WinClipPlus.configure_pre_processor().transform
+            >>> transform.transforms[0]
+            Resize(size=[240, 240], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            >>> transform.transforms[1].mean == list(CLIP_MEAN)
+            True
+
+        """
+        transform = Compose(
+            [
+                Resize(image_size or (240, 240), antialias=True, interpolation=InterpolationMode.BICUBIC),
+                Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+            ]
+        )
+        return PreProcessor(transform=transform)
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """Default one-class post-processor (score normalisation and adaptive thresholds)."""
+        return PostProcessor()
+
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """Anomalib's component callbacks plus the refiner, which logs refinement statistics."""
+        callbacks = list(super().configure_callbacks())
+        if self.model.refiner is not None:
+            callbacks.append(self.model.refiner)
+        return callbacks
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """WinCLIP+ has nothing to optimise."""
+        return
+
+    # ------------------------------------------------------------------ text and references
+    def _get_class_name(self) -> str:
+        """Class name of the prompts: init argument, else the datamodule's ``category``, else ``"object"``."""
+        if self.class_name is not None:
+            return self.class_name
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        category = getattr(datamodule, "category", None)
+        return str(category) if category else "object"
+
+    def select_support(self, datamodule: AnomalibDataModule | None = None) -> SupportSet:
+        """Choose and pre-process the ``k_shot`` reference images, deterministically for ``few_shot_seed``.
+
+        They come from ``few_shot_source`` when set, else from the training set of ``datamodule``
+        (default: the trainer's), and go through the pre-processor's transform (resize and CLIP
+        normalisation) exactly like the query images.
+
+        Args:
+            datamodule: Datamodule to draw from; default: the attached trainer's.
+
+        Returns:
+            The pre-processed images and their paths.
+
+        Example:
+            >>> support = model.select_support(datamodule)  # doctest: +SKIP
+            >>> model.fit_support(support.images)  # doctest: +SKIP
+
+        """
+        if not self.k_shot:
+            msg = "select_support needs k_shot >= 1 (the model is zero-shot): set e.g. k_shot=2."
+            raise RuntimeError(msg)
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+        if self.few_shot_source is not None:
+            return support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
+        if datamodule is not None:
+            if getattr(datamodule, "train_data", None) is None:
+                datamodule.setup("fit")
+            dataset = datamodule.train_data
+        else:
+            dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
+        return support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
+
+    def fit_support(self, images: torch.Tensor) -> None:
+        """Embed pre-processed reference images ``(k, 3, H, W)`` (and build the refinement banks).
+
+        Example:
+            >>> model = WinClipPlus(k_shot=2, pretrained=None)  # doctest: +SKIP
+            >>> model.fit_support(torch.randn(2, 3, 240, 240))  # doctest: +SKIP
+            >>> model.model.k_shot  # doctest: +SKIP
+            2
+
+        """
+        if images.ndim != 4 or images.shape[0] == 0:
+            msg = f"images must be a non-empty batch (k, 3, H, W), got shape {tuple(images.shape)}."
+            raise ValueError(msg)
+        self.model.setup(reference_images=images.to(self.device))
+
+    def _ensure_setup(self) -> None:
+        """Text embeddings for the class name (cached per name) and, few-shot, the reference embeddings."""
+        self.model.setup(self._get_class_name())
+        if self.k_shot and not self.model.has_references:
+            support = self.select_support()
+            self.support_paths = support.paths
+            self.fit_support(support.images)
+
+    def on_validation_start(self) -> None:
+        """Prepare text and references before validation."""
+        self._ensure_setup()
+
+    def on_test_start(self) -> None:
+        """Prepare text and references before testing (``anomalib test`` without a checkpoint)."""
+        self._ensure_setup()
+
+    def on_predict_start(self) -> None:
+        """Prepare text and references before prediction."""
+        self._ensure_setup()
+
+    # ------------------------------------------------------------------ steps
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
+        """Score a batch (refined or plain) and attach ``pred_score`` and ``anomaly_map``."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No training; one device."""
+        return {"devices": 1}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``FEW_SHOT`` with ``k_shot``, else ``ZERO_SHOT`` (anomalib validates before testing either way)."""
+        return LearningType.FEW_SHOT if self.k_shot else LearningType.ZERO_SHOT
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the refiner as plain options and the reference files.
+
+        The CLIP weights are in the state dict, so ``pretrained`` is saved as ``None``: reloading
+        needs no download.
+        """
+        super().on_save_checkpoint(checkpoint)
+        refiner = self.model.refiner
+        hyper_parameters = checkpoint["hyper_parameters"]
+        hyper_parameters["refiner"] = refiner.options.as_dict() if refiner is not None else False
+        hyper_parameters["pretrained"] = None
+        checkpoint["protorefine_support_paths"] = list(self.support_paths)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the reference file list."""
+        super().on_load_checkpoint(checkpoint)
+        self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))

@@ -1,0 +1,429 @@
+"""PyTorch model of WinCLIP+: anomalib's ``WinClipModel`` with test-time prototype refinement.
+
+Pure torch (plus POT inside the refiner), no Lightning logic. Compared with the upstream model:
+
+* ``backbone`` and ``pretrained`` are constructor arguments (upstream reads module globals). A
+  path to a local checkpoint file is accepted as ``pretrained``, a path to an open_clip model
+  configuration (``.json``) as ``backbone``, and a missing download says which file to fetch;
+* the few-shot visual memory (patch embeddings and the window embeddings of every scale of the
+  k reference images) is refined for each query with the cosine form of the objective (paper
+  Eq. 8) when a :class:`~anomalib_protorefine.refinement.PrototypeRefiner` is given, each
+  reference set reduced to a k-center coreset of ratio ``coreset_sampling_ratio`` first. With
+  ``refiner=None`` the very same code computes upstream WinCLIP's visual association scores on
+  the full reference sets, so the baseline is exactly upstream WinCLIP;
+* the image score is fused explicitly as ``s* = (s0 + max_j s_j) / 2`` (paper Eq. 9);
+* the text embeddings are computed once per class name; the class name is stored beside them
+  in the state dict, so a reloaded model needs no text-encoder pass for the same class.
+
+Example:
+    >>> import torch
+    >>> from anomalib_protorefine.models.winclip_plus.torch_model import fuse_image_scores
+    >>> fuse_image_scores(torch.tensor([0.2]), torch.tensor([[[0.1, 0.6], [0.3, 0.0]]]))
+    tensor([0.4000])
+
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components import KCenterGreedy
+from anomalib.models.image.winclip.torch_model import TEMPERATURE, WinClipModel
+from anomalib.models.image.winclip.utils import class_scores, harmonic_aggregation, visual_association_score
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_protorefine.refinement import PrototypeRefiner
+
+logger = logging.getLogger(__name__)
+
+#: The CLIP architecture of WinCLIP (paper Sec. 6: ViT-B/16+ at 240 x 240 pixels).
+DEFAULT_BACKBONE = "ViT-B-16-plus-240"
+#: The open_clip pretrained tag of the WinCLIP weights.
+DEFAULT_PRETRAINED = "laion400m_e31"
+#: File suffixes taken as local checkpoint files when given as ``pretrained``.
+CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz", ".ckpt")
+
+
+def _import_open_clip() -> Any:
+    """Import open_clip or explain how to install it."""
+    try:
+        import open_clip
+    except ImportError as error:  # pragma: no cover - open_clip is a dependency of the clip extra
+        msg = "WinClipPlus needs open_clip: install it with `pip install 'anomalib-protorefine[clip]'`."
+        raise ImportError(msg) from error
+    return open_clip
+
+
+def resolve_backbone(backbone: str | Path) -> str:
+    """Return the open_clip model name of ``backbone``, registering a configuration file if given one.
+
+    Args:
+        backbone: An open_clip model name (e.g. ``"ViT-B-16-plus-240"``) or the path of an open_clip
+            model configuration JSON (registered with ``open_clip.add_model_config``; its file stem is
+            the model name).
+
+    Returns:
+        The model name.
+
+    Raises:
+        FileNotFoundError: A ``.json`` path that does not exist.
+        ValueError: An unknown model name.
+
+    Example:
+        >>> resolve_backbone("ViT-B-16-plus-240")
+        'ViT-B-16-plus-240'
+
+    """
+    open_clip = _import_open_clip()
+    text = str(backbone)
+    if text.lower().endswith(".json"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            msg = f"backbone={text!r} is not a file: pass an open_clip model name or an existing model-config JSON."
+            raise FileNotFoundError(msg)
+        open_clip.add_model_config(path)
+        return path.stem
+    if text not in open_clip.list_models():
+        msg = (
+            f"backbone={text!r} is not an open_clip model. WinCLIP uses backbone={DEFAULT_BACKBONE!r}; "
+            "for a custom architecture pass the path of an open_clip model-config JSON."
+        )
+        raise ValueError(msg)
+    return text
+
+
+def pretrained_source(backbone: str, tag: str) -> tuple[str, str]:
+    """Where open_clip downloads the weights ``tag`` of ``backbone`` from: ``(url, file name)``.
+
+    Example:
+        >>> url, name = pretrained_source("ViT-B-16-plus-240", "laion400m_e31")
+        >>> name.endswith((".pt", ".bin"))
+        True
+
+    """
+    open_clip = _import_open_clip()
+    cfg = open_clip.pretrained.get_pretrained_cfg(backbone, tag)
+    if cfg.get("url"):
+        return cfg["url"], os.path.basename(cfg["url"])
+    hub = cfg.get("hf_hub", "")
+    repo, filename = os.path.split(hub)
+    filename = filename or "open_clip_pytorch_model.bin"
+    return f"https://huggingface.co/{repo}/resolve/main/{filename}", filename
+
+
+def resolve_pretrained(backbone: str, pretrained: str | Path | None, cache_dir: str | None = None) -> str | None:
+    """Turn ``pretrained`` into a local checkpoint file, downloading a tag if needed (and possible).
+
+    Args:
+        backbone: open_clip model name (see :func:`resolve_backbone`).
+        pretrained: ``None`` (random weights), an open_clip pretrained tag of ``backbone`` (e.g.
+            ``"laion400m_e31"``) or the path of a local checkpoint file.
+        cache_dir: open_clip download cache (default: open_clip's).
+
+    Returns:
+        The checkpoint path, or ``None`` for random weights.
+
+    Raises:
+        FileNotFoundError: A checkpoint path that does not exist.
+        ValueError: A tag that open_clip does not know for ``backbone``.
+        RuntimeError: The tag could not be downloaded (offline); the message names the file to
+            download and how to pass it.
+
+    """
+    if pretrained is None or str(pretrained).strip().lower() in {"", "none", "null", "random"}:
+        return None
+    open_clip = _import_open_clip()
+    text = str(pretrained)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return str(path)
+    looks_like_path = os.sep in text or text.startswith(("~", ".")) or text.lower().endswith(CHECKPOINT_SUFFIXES)
+    cfg = open_clip.pretrained.get_pretrained_cfg(backbone, text)
+    if not cfg:
+        if looks_like_path:
+            msg = f"pretrained={text!r} does not exist: pass the path of an existing open_clip checkpoint file."
+            raise FileNotFoundError(msg)
+        tags = open_clip.pretrained.list_pretrained_tags_by_model(backbone)
+        msg = (
+            f"pretrained={text!r} is neither a file nor an open_clip tag of {backbone}: use one of {tags}, "
+            "a local checkpoint path, or None for random weights."
+        )
+        raise ValueError(msg)
+    try:
+        return open_clip.pretrained.download_pretrained(cfg, cache_dir=cache_dir)
+    except Exception as error:
+        url, filename = pretrained_source(backbone, text)
+        msg = (
+            f"Could not get the CLIP weights {backbone!r} / pretrained={text!r} ({type(error).__name__}: {error}). "
+            f"Offline? Download {url} (file {filename!r}) on a machine with internet access, copy it here and pass "
+            f'its path: pretrained="/path/to/{filename}" (CLI: --model.pretrained /path/to/{filename}).'
+        )
+        raise RuntimeError(msg) from error
+
+
+def create_clip(
+    backbone: str | Path = DEFAULT_BACKBONE,
+    pretrained: str | Path | None = DEFAULT_PRETRAINED,
+    cache_dir: str | None = None,
+) -> tuple[nn.Module, Any, str]:
+    """Build an open_clip model offline-first: ``(clip, eval transform, model name)``.
+
+    Example:
+        >>> clip, _, name = create_clip("ViT-B-16-plus-240", pretrained=None)  # doctest: +SKIP
+
+    """
+    open_clip = _import_open_clip()
+    name = resolve_backbone(backbone)
+    checkpoint = resolve_pretrained(name, pretrained, cache_dir)
+    if checkpoint is None:
+        logger.warning("WinClipPlus: %s with RANDOM weights (pretrained=None): scores are meaningless.", name)
+    clip, _, transform = open_clip.create_model_and_transforms(name, pretrained=checkpoint)
+    return clip, transform, name
+
+
+def fuse_image_scores(zero_shot: torch.Tensor, few_shot_map: torch.Tensor) -> torch.Tensor:
+    """Image score of WinCLIP+ (paper Eq. 9): ``s* = (s0 + max_j s_j) / 2``.
+
+    Args:
+        zero_shot: Zero-shot CLIP image scores ``s0``, ``(B,)``.
+        few_shot_map: Few-shot score maps ``s``, ``(B, h, w)``.
+
+    Returns:
+        ``(B,)`` fused scores.
+
+    Example:
+        >>> fuse_image_scores(torch.tensor([0.0, 1.0]), torch.tensor([[[0.5]], [[0.0]]]))
+        tensor([0.2500, 0.5000])
+
+    """
+    return (zero_shot + few_shot_map.amax(dim=(-2, -1))) / 2
+
+
+def _encode_name(name: str | None) -> torch.Tensor:
+    """UTF-8 bytes of a class name as a uint8 tensor (so it lives in the state dict)."""
+    return torch.tensor(list((name or "").encode()), dtype=torch.uint8)
+
+
+def coreset(embeddings: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """K-center-greedy coreset (anomalib's ``KCenterGreedy``) of ``(N, c)`` embeddings in cosine geometry.
+
+    Selection runs on L2-normalised rows (WinCLIP compares embeddings by cosine) with a seeded
+    random start; the selected original rows are returned. ``ratio=1`` returns all rows.
+
+    Example:
+        >>> coreset(torch.randn(10, 4), 0.5, seed=0).shape
+        torch.Size([5, 4])
+
+    """
+    if ratio >= 1:
+        return embeddings
+    size = max(int(embeddings.shape[0] * ratio), 1)
+    devices = [embeddings.device] if embeddings.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        sampler = KCenterGreedy(F.normalize(embeddings.float(), dim=-1), sampling_ratio=size / embeddings.shape[0])
+        indices = sampler.select_coreset_idxs()
+    return embeddings[indices]
+
+
+class WinClipPlusModel(WinClipModel):
+    """WinCLIP with per-query refinement of its visual reference sets (paper Sec. 5.2).
+
+    Args:
+        class_name: Object name of the prompt ensemble (text embeddings are computed once per name).
+        reference_images: Pre-processed normal reference images ``(k, 3, H, W)``.
+        scales: Window sizes in patches (WinCLIP: ``(2, 3)``).
+        apply_transform: Apply open_clip's own transform to inputs (upstream flag; the Lightning
+            model pre-processes instead).
+        backbone: open_clip model name or model-config JSON path.
+        pretrained: open_clip tag, local checkpoint path, or ``None`` (random weights).
+        refiner: Cosine :class:`PrototypeRefiner`, or ``None`` for plain WinCLIP.
+        coreset_sampling_ratio: Coreset ratio alpha of each reference set before refinement
+            (paper: 0.5 MVTec, 0.3 VisA, 0.2 MPDD). Plain WinCLIP keeps the full sets.
+        coreset_seed: Seed of the coreset's random start.
+        cache_dir: open_clip download cache.
+
+    Example:
+        >>> model = WinClipPlusModel(backbone="ViT-B-16-plus-240", pretrained=None)  # doctest: +SKIP
+        >>> model.setup("bottle", torch.rand(2, 3, 240, 240))  # doctest: +SKIP
+        >>> model(torch.rand(1, 3, 240, 240)).anomaly_map.shape  # doctest: +SKIP
+        torch.Size([1, 240, 240])
+
+    """
+
+    def __init__(
+        self,
+        class_name: str | None = None,
+        reference_images: torch.Tensor | None = None,
+        scales: tuple[int, ...] = (2, 3),
+        apply_transform: bool = False,
+        backbone: str | Path = DEFAULT_BACKBONE,
+        pretrained: str | Path | None = DEFAULT_PRETRAINED,
+        refiner: PrototypeRefiner | None = None,
+        coreset_sampling_ratio: float = 0.5,
+        coreset_seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        # Upstream's constructor builds CLIP from module globals (and downloads); skip it and
+        # build the same attributes and buffers with the CLIP given by the arguments.
+        super(WinClipModel, self).__init__()
+        if refiner is not None and refiner.options.distance != "cosine":
+            msg = (
+                f"WinClipPlus scores by cosine distance (paper Eq. 8): the refiner needs distance='cosine', got "
+                f"{refiner.options.distance!r}."
+            )
+            raise ValueError(msg)
+        if not 0 < coreset_sampling_ratio <= 1:
+            msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: 0.5 on MVTec."
+            raise ValueError(msg)
+        self.clip, self._transform, self.backbone = create_clip(backbone, pretrained, cache_dir)
+        self.pretrained = pretrained
+        self.temperature = TEMPERATURE
+        self.class_name = class_name
+        self.reference_images = reference_images
+        self.scales = tuple(scales)
+        self.apply_transform = apply_transform
+        self.k_shot = 0
+        self.refiner = refiner
+        self.coreset_sampling_ratio = coreset_sampling_ratio
+        self.coreset_seed = coreset_seed
+
+        self.clip.visual.output_tokens = True
+        self.grid_size = self.clip.visual.grid_size
+
+        self.register_buffer_list("masks", self._generate_masks(), persistent=False)
+        self.register_buffer("_text_embeddings", torch.empty(0))
+        self.register_buffer("_text_class_name", torch.empty(0, dtype=torch.uint8))
+        self.register_buffer_list("_visual_embeddings", [torch.empty(0) for _ in self.scales])
+        self.register_buffer("_patch_embeddings", torch.empty(0))
+        self.register_buffer("_patch_bank", torch.empty(0))
+        self.register_buffer_list("_window_banks", [torch.empty(0) for _ in self.scales])
+        self.setup(class_name, reference_images)
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def text_class_name(self) -> str | None:
+        """The class name the stored text embeddings belong to (``None`` before any)."""
+        if self._text_class_name.numel() == 0:
+            return None
+        return bytes(self._text_class_name.cpu().tolist()).decode()
+
+    @property
+    def has_references(self) -> bool:
+        """Whether few-shot reference embeddings are stored (also true after loading a state dict)."""
+        return self._patch_embeddings.numel() > 0
+
+    @torch.no_grad()
+    def _collect_text_embeddings(self, class_name: str) -> None:
+        """Encode the prompt ensemble of ``class_name``, unless it is already stored for that name."""
+        if self._text_embeddings.numel() and self.text_class_name == class_name:
+            return
+        super()._collect_text_embeddings(class_name)
+        self._text_class_name = _encode_name(class_name).to(self._text_embeddings.device)
+
+    @torch.no_grad()
+    def _collect_visual_embeddings(self, images: torch.Tensor) -> None:
+        """Embed the reference images, then build the refinement banks (when refining)."""
+        super()._collect_visual_embeddings(images)
+        self.build_banks()
+
+    def build_banks(self) -> None:
+        """Set the refinement banks: a coreset of each reference set (patches, then each window scale).
+
+        Without a refiner the banks are cleared: plain WinCLIP scores against the full sets.
+        """
+        if self.refiner is None or not self.has_references:
+            self._patch_bank = torch.empty(0, device=self._patch_embeddings.device)
+            self._window_banks = [torch.empty(0, device=self._patch_embeddings.device) for _ in self.scales]
+            return
+        ratio, seed = self.coreset_sampling_ratio, self.coreset_seed
+        self._patch_bank = coreset(self.patch_embeddings.reshape(-1, self.patch_embeddings.shape[-1]), ratio, seed)
+        self._window_banks = [
+            coreset(reference.reshape(-1, reference.shape[-1]), ratio, seed) for reference in self.visual_embeddings
+        ]
+
+    # ------------------------------------------------------------------ scoring
+    def _reference_scores(
+        self,
+        embeddings: torch.Tensor,
+        references: torch.Tensor,
+        bank: torch.Tensor,
+    ) -> torch.Tensor:
+        """Few-shot scores ``(B, m)`` of query embeddings ``(B, m, c)`` against one reference set.
+
+        Refined: ``min_p (1 - cos(f_j, p)) / 2`` over the prototypes refined for this query (paper
+        Eq. 8). Plain: upstream's visual association score ``min_r (1 - cos(f_j, r)) / 2`` over
+        the full reference set.
+        """
+        if self.refiner is None:
+            return visual_association_score(embeddings, references)
+        return self.refiner.patch_scores(embeddings, bank)
+
+    def _compute_few_shot_scores(
+        self,
+        patch_embeddings: torch.Tensor,
+        window_embeddings: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Multi-scale few-shot score maps ``(B, h, w)``, as upstream, on refined or plain references.
+
+        Patch scores form the finest map, window scores are harmonically aggregated onto the
+        patch grid per scale, and the maps of all scales are averaged.
+        """
+        if self.refiner is not None and self._patch_bank.numel() == 0:
+            self.build_banks()
+        stats: list[dict[str, float]] = []
+        scores = self._reference_scores(patch_embeddings, self.patch_embeddings, self._patch_bank)
+        stats.append(self._last_refiner_stats())
+        multi_scale_scores = [scores.reshape((-1, *self.grid_size))]
+        for window_embedding, references, bank, mask in zip(
+            window_embeddings,
+            self.visual_embeddings,
+            self._window_banks,
+            self.masks,
+            strict=True,
+        ):
+            scores = self._reference_scores(window_embedding, references, bank)
+            stats.append(self._last_refiner_stats())
+            multi_scale_scores.append(harmonic_aggregation(scores, self.grid_size, mask))
+        if self.refiner is not None:
+            # One log entry per batch for all reference sets: total time, mean of the rest.
+            self.refiner.last_stats = {
+                key: sum(s[key] for s in stats) if key == "seconds" else sum(s[key] for s in stats) / len(stats)
+                for key in stats[0]
+            }
+        return torch.stack(multi_scale_scores).mean(dim=0)
+
+    def _last_refiner_stats(self) -> dict[str, float]:
+        """Statistics of the refiner's last call (empty without a refiner)."""
+        return dict(self.refiner.last_stats) if self.refiner is not None else {}
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> InferenceBatch:
+        """Image scores and anomaly maps of pre-processed images ``(B, 3, H, W)``.
+
+        Zero-shot: CLIP text scores of the image (``s0``) and of every window. Few-shot (with
+        references): the few-shot map joins the zero-shot map (mean), and the image score is
+        ``(s0 + max few-shot map) / 2`` (Eq. 9).
+
+        Returns:
+            ``InferenceBatch(pred_score (B,), anomaly_map (B, H, W))``.
+
+        """
+        image_embeddings, window_embeddings, patch_embeddings = self.encode_image(batch)
+        zero_shot = class_scores(image_embeddings, self.text_embeddings, self.temperature, target_class=1)
+        multi_scale_scores = self._compute_zero_shot_scores(zero_shot, window_embeddings)
+        image_scores = zero_shot
+        if self.has_references:
+            few_shot_map = self._compute_few_shot_scores(patch_embeddings, window_embeddings)
+            multi_scale_scores = (multi_scale_scores + few_shot_map) / 2
+            image_scores = fuse_image_scores(zero_shot, few_shot_map)
+        pixel_scores = nn.functional.interpolate(
+            multi_scale_scores.unsqueeze(1), size=batch.shape[-2:], mode="bilinear"
+        )
+        return InferenceBatch(pred_score=image_scores, anomaly_map=pixel_scores.squeeze(1))

