@@ -175,6 +175,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-root", type=Path, default=DATA)
     parser.add_argument("--json", type=Path, default=None, help="also write all raw results here")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 is fastest for these small ops on a shared CPU"
+    )
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -183,13 +186,14 @@ def main() -> None:
         if not (args.data_root / name).is_dir():
             parser.error(f"dataset folder {args.data_root / name} not found (see ../shared/data/README.md)")
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(args.threads)
     model = make_model(args)
     rows: dict[tuple[str, int, str], list[dict[str, float]]] = defaultdict(list)
     for dataset in args.datasets:
         start = time.perf_counter()
         split = load_split(model, args.data_root / dataset, args.max_test, args.batch_size)
-        print(f"[{dataset}] {len(split['labels'])} test images embedded in {time.perf_counter() - start:.0f}s", flush=True)
+        elapsed = time.perf_counter() - start
+        print(f"[{dataset}] {len(split['labels'])} test images embedded in {elapsed:.0f}s", flush=True)
         for k in args.k:
             for seed in args.seeds:
                 model.few_shot_seed = seed
@@ -218,7 +222,10 @@ def _mean_std(values: list[float]) -> str:
 
 def print_table(rows: dict[tuple[str, int, str], list[dict[str, float]]]) -> None:
     """Print a markdown table of mean +- std over seeds."""
-    print("\n| dataset | k | variant | image AUROC | pixel AUROC | image F1-max | pixel F1-max | ms/img (scoring) | seeds |")
+    header = (
+        "| dataset | k | variant | image AUROC | pixel AUROC | image F1-max | pixel F1-max | ms/img (scoring) | seeds |"
+    )
+    print("\n" + header)
     print("|---|---|---|---|---|---|---|---|---|")
     for (dataset, k, variant), runs in rows.items():
         cells = [_mean_std([r[m] for r in runs]) for m in ("image_auroc", "pixel_auroc", "image_f1max", "pixel_f1max")]

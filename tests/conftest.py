@@ -135,6 +135,4 @@ def quick_datamodule(quick_synthetic_root: Path) -> Callable[..., object]:
 def deeppcb_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 train/good, 6 test/good and 6 test/defect DeepPCB images (+ masks) copied into a temporary folder."""
     source = shared_dataset_path("deeppcb")
-    return make_folder_subset(
-        source, tmp_path_factory.mktemp("deeppcb_subset"), num_train=8, num_good=6, num_defect=6
-    )
+    return make_folder_subset(source, tmp_path_factory.mktemp("deeppcb_subset"), num_train=8, num_good=6, num_defect=6)

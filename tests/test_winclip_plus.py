@@ -419,3 +419,4 @@ def test_anomalib_cli_without_checkpoint(tiny_json: str, dataset_root: Path, tmp
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "image_AUROC" in output
+    assert "refinement/em_iterations" in output  # the refiner ran (and logged through its callback)

@@ -28,11 +28,11 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from .models import PatchCorePlus, PatchcorePlusModel
-    from .refinement import PrototypeRefiner, RefinerOptions
+    from .models import PatchCorePlus, PatchcorePlusModel, WinClipPlus, WinClipPlusModel  # noqa: F401
+    from .refinement import PrototypeRefiner, RefinerOptions  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401
+def __getattr__(name: str) -> Any:
     """Import public names lazily (PEP 562)."""
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)

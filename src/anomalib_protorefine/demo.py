@@ -188,9 +188,9 @@ def _datamodule(root: Path, category: str, quick: bool) -> Folder:
 # ---------------------------------------------------------------------------------------------- runs
 def _run(k: int, refiner: bool, datamodule: Folder, seed: int, engine_root: Path) -> tuple[RunResult, PatchCorePlus]:
     """Test one model with anomalib's Engine and collect its metrics and timing."""
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
-    from anomalib.callbacks.checkpoint import ModelCheckpoint
 
     from anomalib_protorefine.models import PatchCorePlus
 

@@ -10,7 +10,7 @@ Example:
     >>> RefinerOptions(epsilon=0.0)
     Traceback (most recent call last):
     ...
-    ValueError: epsilon must be > 0 (it is the Sinkhorn entropy weight relative to the mean transport cost), got 0.0. Use e.g. epsilon=0.05.
+    ValueError: epsilon must be finite and > 0.0, got 0.0. Use e.g. epsilon=0.05.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, example: str) -> None:  # noqa: ANN401
+def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, example: str) -> None:
     """Raise a ``ValueError``/``TypeError`` unless ``value`` is a finite real number above ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         msg = f"{name} must be a number, got {type(value).__name__} {value!r}. Use e.g. {name}={example}."
@@ -48,7 +48,7 @@ def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, exa
         raise ValueError(msg)
 
 
-def _check_int(name: str, value: Any, *, minimum: int, example: str) -> None:  # noqa: ANN401
+def _check_int(name: str, value: Any, *, minimum: int, example: str) -> None:
     """Raise unless ``value`` is an ``int`` (not a bool) that is at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
         msg = f"{name} must be an integer, got {type(value).__name__} {value!r}. Use e.g. {name}={example}."

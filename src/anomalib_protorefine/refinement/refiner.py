@@ -248,20 +248,24 @@ class PrototypeRefiner(nn.Module, Callback):
                         weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps
                     )
                     weighted_gram = weights @ factors.gram
-                if previous is not None and opts.em_tol > 0:
-                    # Total-variation change of the plans (each sums to 1): stop once no query moves.
-                    if float((plan - previous).abs().sum((-1, -2)).amax()) / 2 < opts.em_tol:
-                        break
+                # Total-variation change of the plans (each sums to 1): stop once no query moves.
+                if previous is not None and opts.em_tol > 0 and float(self._plan_change(plan, previous)) < opts.em_tol:
+                    break
             sinkhorn_iterations = sum(state.iterations_total for state in states if state is not None)
         stats = {
             "em_iterations": float(em_iterations),
             "sinkhorn_iterations": sinkhorn_iterations / max(queries.shape[0], 1),
             "objective": float(objective(weights, terms, factors, plan, opts.lambda_).mean()),
-            "ot_cost": float((plan * transport_cost(weights, factors)).sum((-1, -2)).mean()) if plan is not None else 0.0,
+            "ot_cost": 0.0 if plan is None else float((plan * transport_cost(weights, factors)).sum((-1, -2)).mean()),
             "seconds": time.perf_counter() - start,
         }
         self.last_stats = stats
         return RefinementResult(weights=weights, plan=plan, terms=terms, factors=factors, stats=stats)
+
+    @staticmethod
+    def _plan_change(plan: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Largest total-variation distance between consecutive plans over the batch."""
+        return (plan - previous).abs().sum((-1, -2)).amax() / 2
 
     def _e_step(self, costs: torch.Tensor, states: list[TransportState | None]) -> torch.Tensor:
         """Sinkhorn for each query's normalised cost ``(B, n, m)``, warm-started from ``states`` (updated)."""
@@ -296,8 +300,8 @@ class PrototypeRefiner(nn.Module, Callback):
             dots = terms.cross @ weights.transpose(1, 2)  # (B, m, m): f_j . p_k
             refined = self._distance(dots, terms.sq_norms[..., None], proto_sq[:, None, :], cosine=cosine).amin(-1)
         if mode == "union":
-            bank_dist = self._distance(terms.cross, terms.sq_norms[..., None], factors.sq_norms[None, None], cosine=cosine)
-            refined = torch.minimum(refined, bank_dist.amin(-1))
+            bank = self._distance(terms.cross, terms.sq_norms[..., None], factors.sq_norms[None, None], cosine=cosine)
+            refined = torch.minimum(refined, bank.amin(-1))
         return refined
 
     @staticmethod
@@ -322,8 +326,8 @@ class PrototypeRefiner(nn.Module, Callback):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        outputs: Any,  # noqa: ANN401
-        batch: Any,  # noqa: ANN401
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
@@ -335,8 +339,8 @@ class PrototypeRefiner(nn.Module, Callback):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        outputs: Any,  # noqa: ANN401
-        batch: Any,  # noqa: ANN401
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:

@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 PATCHCORE_REFINER_DEFAULTS: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10, "distance": "euclidean"}
 
 
-def make_refiner(refiner: bool | PrototypeRefiner | dict[str, Any], defaults: dict[str, Any]) -> PrototypeRefiner | None:
+def make_refiner(
+    refiner: bool | PrototypeRefiner | dict[str, Any], defaults: dict[str, Any]
+) -> PrototypeRefiner | None:
     """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
 
     Args:
@@ -283,4 +285,3 @@ class PatchCorePlus(MemoryBankMixin, AnomalibModule):
         super().on_load_checkpoint(checkpoint)
         self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
         self._is_fitted = torch.tensor([True])
-
