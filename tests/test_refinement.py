@@ -311,11 +311,11 @@ def test_small_epsilon_is_finite(distance: str, method: str, epsilon: float) -> 
     result = refiner.refine(queries, bank)
     _assert_finite(result, refiner.score_result(result))
     if method != "sinkhorn":
-        # The log domain keeps the row marginal (exact after each row update) even when Sinkhorn has
-        # not converged within sinkhorn_max_iter. (Not asserted for the scaling iterations: see the
-        # report on silently wrong plans at small epsilon.)
+        # The log domain keeps the row marginal (exact after each row update, up to the float32 rounding
+        # of C / epsilon ~ 1e6) even when Sinkhorn has not converged within sinkhorn_max_iter. Not
+        # asserted for method="sinkhorn": at small epsilon it currently returns plans with wrong marginals.
         rows = result.plan.double().sum(-1)
-        torch.testing.assert_close(rows, torch.full_like(rows, 1 / N_BANK), rtol=0, atol=1e-3 / N_BANK)
+        torch.testing.assert_close(rows, torch.full_like(rows, 1 / N_BANK), rtol=0, atol=1e-2 / N_BANK)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)

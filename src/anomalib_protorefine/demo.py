@@ -68,6 +68,9 @@ DEFAULT_OUTPUT = Path("results/demo")
 FULL_SIZES: dict[str, int] = {}
 #: ``--quick``: a smaller data set (for tests and smoke runs).
 QUICK_SIZES: dict[str, int] = {"num_train": 6, "num_test_good": 4, "num_test_defect": 6, "image_size": 128}
+#: Model input size (the paper's 256 px; ``--quick`` runs the models at 128 px, 4x fewer patches).
+INPUT_SIZE = 256
+QUICK_INPUT_SIZE = 128
 #: Number of defective test images drawn as heat maps per k.
 NUM_HEATMAPS = 4
 #: Test metrics: threshold-free, so they do not depend on the validation split (see ``_datamodule``).
@@ -186,7 +189,9 @@ def _datamodule(root: Path, category: str, quick: bool) -> Folder:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def _run(k: int, refiner: bool, datamodule: Folder, seed: int, engine_root: Path) -> tuple[RunResult, PatchCorePlus]:
+def _run(
+    k: int, refiner: bool, datamodule: Folder, seed: int, engine_root: Path, input_size: int = INPUT_SIZE
+) -> tuple[RunResult, PatchCorePlus]:
     """Test one model with anomalib's Engine and collect its metrics and timing."""
     from anomalib.callbacks.checkpoint import ModelCheckpoint
     from anomalib.engine import Engine
@@ -204,6 +209,7 @@ def _run(k: int, refiner: bool, datamodule: Folder, seed: int, engine_root: Path
         k_shot=k,
         few_shot_seed=seed,
         refiner=refiner,
+        pre_processor=PatchCorePlus.configure_pre_processor(image_size=(input_size, input_size), backbone=BACKBONE),
         evaluator=build_evaluator(),
         visualizer=False,  # we draw our own heat maps
     )
@@ -246,7 +252,7 @@ def render_table(results: Sequence[RunResult], title: str = "Few-shot PatchCore 
 
     table = Table(title=title, title_justify="left")
     table.add_column("k", justify="right")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True, min_width=10)
     for metric in METRICS:
         table.add_column(metric.replace("_", " ").replace("F1Max", "F1-max"), justify="right")
     table.add_column("ms / image", justify="right")
@@ -392,7 +398,11 @@ def run_demo(
 
     from anomalib_protorefine.data import default_cache_dir
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # e.g. piped into a file: rich would assume 80 columns
+            console = Console(width=max(console.width, 120))
+    input_size = QUICK_INPUT_SIZE if quick else INPUT_SIZE
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     root = Path(root) if root is not None else default_cache_dir()
@@ -401,7 +411,8 @@ def run_demo(
     datamodule.setup()
     console.print(
         f"Data: synthetic [bold]{category}[/bold] in {datamodule.root} ({len(datamodule.train_data)} normal "
-        f"train images, {len(datamodule.test_data)} test images); backbone {BACKBONE} {list(LAYERS)}"
+        f"train images, {len(datamodule.test_data)} test images); backbone {BACKBONE} {list(LAYERS)} at "
+        f"{input_size} px"
     )
     results: list[RunResult] = []
     heatmaps: list[Path] = []
@@ -409,7 +420,7 @@ def run_demo(
         models = {}
         for refiner in (False, True):
             tic = time.perf_counter()
-            result, models[refiner] = _run(k, refiner, datamodule, seed, output / "engine")
+            result, models[refiner] = _run(k, refiner, datamodule, seed, output / "engine", input_size)
             results.append(result)
             auroc = result.metrics.get("pixel_AUROC")
             console.print(
@@ -428,6 +439,7 @@ def run_demo(
         "quick": quick,
         "backbone": BACKBONE,
         "layers": list(LAYERS),
+        "input_size": input_size,
         "dataset": str(datamodule.root),
         "seconds": time.perf_counter() - start,
         "runs": [asdict(result) for result in results],

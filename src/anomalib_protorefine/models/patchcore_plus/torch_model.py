@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import KCenterGreedy
 from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_protorefine.backbones import build_feature_extractor
+from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 
@@ -129,7 +129,7 @@ class PatchcorePlusModel(PatchcoreModel):
         capacity = self.online_capacity if self.online_capacity is not None else self.memory_bank.shape[0]
         if capacity <= 0:
             return
-        added = [KCenterGreedy(p, sampling_ratio=self.online_sampling_ratio).sample_coreset() for p in prototypes]
+        added = [seeded_coreset(p, self.online_sampling_ratio, seed=0) for p in prototypes]
         bank = torch.cat([self.online_bank.to(prototypes.dtype).reshape(-1, prototypes.shape[-1]), *added])
         self.online_bank = bank[-capacity:].detach().clone()
 
@@ -162,13 +162,7 @@ class PatchcorePlusModel(PatchcoreModel):
     def build_bank(self, embeddings: torch.Tensor, sampling_ratio: float, seed: int = 0) -> None:
         """Set the memory bank to a coreset of ``embeddings`` ``(N, c)`` (resets the online bank).
 
-        The greedy coreset starts from a random point (torch RNG, forked and seeded with ``seed``, so
-        the global state is left untouched) and uses a sparse random projection (seeded with ``seed``).
+        The greedy coreset is seeded with ``seed`` (see :func:`anomalib_protorefine.coreset.seeded_coreset`).
         """
-        devices = [embeddings.device] if embeddings.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            sampler = KCenterGreedy(embedding=embeddings, sampling_ratio=sampling_ratio)
-            sampler.model.random_state = seed  # the sparse projection draws with sklearn/numpy
-            self.memory_bank = sampler.sample_coreset()
+        self.memory_bank = seeded_coreset(embeddings, sampling_ratio, seed)
         self.online_bank = torch.empty(0, device=self.memory_bank.device)

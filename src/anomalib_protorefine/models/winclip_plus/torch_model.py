@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import KCenterGreedy
 from anomalib.models.image.winclip.torch_model import TEMPERATURE, WinClipModel
 from anomalib.models.image.winclip.utils import class_scores, harmonic_aggregation, visual_association_score
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
+from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 logger = logging.getLogger(__name__)
@@ -210,28 +209,6 @@ def _encode_name(name: str | None) -> torch.Tensor:
     return torch.tensor(list((name or "").encode()), dtype=torch.uint8)
 
 
-def coreset(embeddings: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
-    """K-center-greedy coreset (anomalib's ``KCenterGreedy``) of ``(N, c)`` embeddings in cosine geometry.
-
-    Selection runs on L2-normalised rows (WinCLIP compares embeddings by cosine) with a seeded
-    random start; the selected original rows are returned. ``ratio=1`` returns all rows.
-
-    Example:
-        >>> coreset(torch.randn(10, 4), 0.5, seed=0).shape
-        torch.Size([5, 4])
-
-    """
-    if ratio >= 1:
-        return embeddings
-    size = max(int(embeddings.shape[0] * ratio), 1)
-    devices = [embeddings.device] if embeddings.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        sampler = KCenterGreedy(F.normalize(embeddings.float(), dim=-1), sampling_ratio=size / embeddings.shape[0])
-        indices = sampler.select_coreset_idxs()
-    return embeddings[indices]
-
-
 class WinClipPlusModel(WinClipModel):
     """WinCLIP with per-query refinement of its visual reference sets (paper Sec. 5.2).
 
@@ -343,9 +320,12 @@ class WinClipPlusModel(WinClipModel):
             self._window_banks = [torch.empty(0, device=self._patch_embeddings.device) for _ in self.scales]
             return
         ratio, seed = self.coreset_sampling_ratio, self.coreset_seed
-        self._patch_bank = coreset(self.patch_embeddings.reshape(-1, self.patch_embeddings.shape[-1]), ratio, seed)
+        self._patch_bank = seeded_coreset(
+            self.patch_embeddings.reshape(-1, self.patch_embeddings.shape[-1]), ratio, seed, normalize=True
+        )
         self._window_banks = [
-            coreset(reference.reshape(-1, reference.shape[-1]), ratio, seed) for reference in self.visual_embeddings
+            seeded_coreset(reference.reshape(-1, reference.shape[-1]), ratio, seed, normalize=True)
+            for reference in self.visual_embeddings
         ]
 
     # ------------------------------------------------------------------ scoring
