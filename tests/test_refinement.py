@@ -134,7 +134,7 @@ def test_gradient_step_converges_to_closed_form(optimizer: str, lr: float, steps
     """With the plan fixed, many optimizer steps reach the closed-form minimiser's objective and prototypes."""
     queries, bank, factors, terms = _setup()
     plan = PrototypeRefiner(lambda_=0.3, num_iterations=2, sinkhorn_tol=1e-6).refine(queries, bank).plan
-    start = terms.cross @ factors.init_solve
+    start = terms.initial_weights(factors)
     exact = closed_form_step(terms, factors, plan, 0.3)
     j_exact = objective(exact, terms, factors, plan, 0.3)
     # The start is far enough from the optimum for the comparison to mean something.
@@ -151,7 +151,7 @@ def test_sgd_step_decreases_objective() -> None:
     """One SGD step of size 1/L (L: Lipschitz constant of the gradient) never increases J."""
     queries, bank, factors, terms = _setup()
     plan = PrototypeRefiner(lambda_=0.3, num_iterations=1).refine(queries, bank).plan
-    weights = terms.cross @ factors.init_solve
+    weights = terms.initial_weights(factors)
     values = [objective(weights, terms, factors, plan, 0.3)]
     for _ in range(3):
         weights = gradient_step(weights, terms, factors, plan, 0.3, "sgd", 1.0, 1)
@@ -648,3 +648,57 @@ def test_callback_logs_statistics(hook: str) -> None:
     queries64, bank64 = queries.double(), bank.double()
     expected_objective = _objective64(result.weights, queries64, bank64, result.plan, 0.3, _rho(bank64, 1e-3))
     assert result.stats["objective"] == pytest.approx(float(expected_objective.mean()), rel=1e-5)
+
+
+# ---------------------------------------------------------------- regressions found in review
+
+
+def test_scaling_sinkhorn_recovers_from_numerical_breakdown() -> None:
+    """POT's scaling iterations stop at a stale iterate on underflow; the plan must still be valid."""
+    queries, bank = _data(seed=3, batch=1, m=50, n=20, c=16)
+    result = PrototypeRefiner(sinkhorn_method="sinkhorn", epsilon=1e-3).refine(queries, bank)
+    n, m = result.plan.shape[-2:]
+    assert torch.allclose(result.plan.sum((-1, -2)), torch.ones(1), atol=1e-3)
+    assert torch.allclose(result.plan.sum(-1), torch.full((1, n), 1 / n), rtol=1e-2)
+
+
+def test_in_place_row_swap_invalidates_cache_and_keeps_old_results() -> None:
+    queries, bank = _data(seed=4)
+    bank = bank.round()  # integer values: a row swap keeps every checksum
+    refiner = PrototypeRefiner()
+    first = refiner.refine(queries, bank)
+    old_prototypes = first.prototypes.clone()
+    bank[[0, 1]] = bank[[1, 0]]
+    second = refiner.refine(queries, bank)
+    fresh = PrototypeRefiner().refine(queries, bank.clone())
+    assert torch.equal(first.prototypes, old_prototypes)  # factors hold their own copy of the bank
+    assert torch.allclose(second.prototypes, fresh.prototypes, atol=1e-5)
+
+
+def test_wide_bank_projection_is_exact_in_float32() -> None:
+    """n > c makes G singular; the solves then run in feature space and stay accurate."""
+    queries, bank = _data(seed=5, batch=2, m=30, n=64, c=16)
+    result = PrototypeRefiner(transport=False, ridge=1e-6).refine(queries, bank)
+    assert result.factors.feature_space
+    assert _rel(result.prototypes, queries) < 1e-4
+
+
+def test_em_tol_result_does_not_depend_on_the_batch() -> None:
+    queries, bank = _data(seed=6, batch=2)
+    queries[1] = queries[1] * 5 + 3  # a harder query that keeps moving longer
+    refiner = PrototypeRefiner(em_tol=1e-2, num_iterations=10)
+    alone = refiner.patch_scores(queries[:1], bank)
+    together = refiner.patch_scores(queries, bank)[:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_empty_batch_is_rejected() -> None:
+    _, bank = _data()
+    with pytest.raises(ValueError, match="queries"):
+        PrototypeRefiner().refine(torch.empty(0, 5, bank.shape[1]), bank)
+
+
+def test_numpy_scalars_are_accepted_as_options() -> None:
+    np = pytest.importorskip("numpy")
+    options = RefinerOptions(lambda_=np.float64(0.3), num_iterations=np.int64(3))
+    assert options.num_iterations == 3

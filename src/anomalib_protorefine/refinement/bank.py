@@ -9,8 +9,8 @@ Example:
     >>> import torch
     >>> from anomalib_protorefine.refinement.bank import BankFactors
     >>> factors = BankFactors.from_bank(torch.randn(8, 16), lambda_=0.3, ridge=1e-3, normalize=False)
-    >>> factors.gram.shape, factors.init_solve.shape
-    (torch.Size([8, 8]), torch.Size([8, 8]))
+    >>> factors.gram.shape, factors.init_map.shape, factors.feature_space
+    (torch.Size([8, 8]), torch.Size([8, 8]), False)
 """
 
 from __future__ import annotations
@@ -25,25 +25,35 @@ from torch.nn import functional as F  # noqa: N812
 class BankFactors:
     """Cached linear algebra of one memory bank.
 
+    The two solves that the EM applies to every query, ``W0 = F M^T (G + rho I)^-1`` and the fixed
+    part ``F M^T [H^-1 | H^-1 G]`` of the closed-form M-step, run through whichever of c and n is
+    smaller: for ``n <= c`` as ``(F M^T) @ solve`` (n x n matrices), for ``n > c`` as ``F @ (M^T solve)``
+    (c x n matrices). The second form is also the numerically safe one when ``G`` is singular
+    (``n > c``): ``(G + rho I)^-1`` then has eigenvalues ``1/rho`` whose float32 cancellation in
+    ``(F M^T) @ solve`` would swamp the result.
+
     Attributes:
+        source: Exact copy of the bank as given (to verify cache hits).
         bank: The bank in float32 (L2-normalised rows for the cosine distance), ``(n, c)``.
         gram: ``G = M M^T``, ``(n, n)``.
         sq_norms: Squared row norms ``diag(G)``, ``(n,)``.
         ridge: Absolute ridge ``rho = ridge * mean(diag(G))``.
-        init_solve: ``(G + rho I)^-1``: ``W0 = F M^T init_solve``.
-        em_solve: ``H^-1 = ((1 + lambda) G + rho I)^-1``: closed-form M-step.
-        em_pair: ``[H^-1 | H^-1 G]``, ``(n, 2n)``: ``F M^T em_pair`` gives the fixed part of W and of W G.
+        feature_space: Whether the query-side solves take ``F`` (``n > c``) or ``F M^T``.
+        init_map: ``(G + rho I)^-1`` ``(n, n)``, or ``M^T (G + rho I)^-1`` ``(c, n)``.
+        em_map: ``[H^-1 | H^-1 G]`` ``(n, 2n)``, or ``M^T [H^-1 | H^-1 G]`` ``(c, 2n)``, with
+            ``H = (1 + lambda) G + rho I``.
         gram_em_pair: ``[G H^-1 | G H^-1 G]``, ``(n, 2n)``: ``T^T gram_em_pair`` gives the plan part.
         gram_max_eig: Largest eigenvalue of ``G`` (step size of the gradient M-step).
     """
 
+    source: torch.Tensor
     bank: torch.Tensor
     gram: torch.Tensor
     sq_norms: torch.Tensor
     ridge: float
-    init_solve: torch.Tensor
-    em_solve: torch.Tensor
-    em_pair: torch.Tensor
+    feature_space: bool
+    init_map: torch.Tensor
+    em_map: torch.Tensor
     gram_em_pair: torch.Tensor
     gram_max_eig: float
 
@@ -60,35 +70,42 @@ class BankFactors:
         Returns:
             The factors, float32, on the bank's device.
         """
-        bank32 = bank.detach().float()
+        bank64 = bank.detach().double()
         if normalize:
-            bank32 = F.normalize(bank32, dim=-1)
-        bank64 = bank32.double()
+            bank64 = F.normalize(bank64, dim=-1)
         gram64 = bank64 @ bank64.T
-        eye = torch.eye(gram64.shape[0], dtype=gram64.dtype, device=gram64.device)
+        num_bank, channels = bank64.shape
+        eye = torch.eye(num_bank, dtype=gram64.dtype, device=gram64.device)
         # A bank of all-zero rows has a zero Gram matrix: fall back to an absolute ridge.
         rho = ridge * float(gram64.diagonal().mean()) or ridge
         init_solve = torch.cholesky_inverse(torch.linalg.cholesky(gram64 + rho * eye))
         em_solve = torch.cholesky_inverse(torch.linalg.cholesky((1.0 + lambda_) * gram64 + rho * eye))
+        em_pair = torch.cat((em_solve, em_solve @ gram64), dim=1)
+        feature_space = num_bank > channels
+        if feature_space:
+            init_solve, em_pair = bank64.T @ init_solve, bank64.T @ em_pair
         return cls(
-            bank=bank32,
+            source=bank.detach().clone(),
+            bank=bank64.float(),
             gram=gram64.float(),
             sq_norms=gram64.diagonal().float(),
             ridge=rho,
-            init_solve=init_solve.float(),
-            em_solve=em_solve.float(),
-            em_pair=torch.cat((em_solve, em_solve @ gram64), dim=1).float(),
+            feature_space=feature_space,
+            init_map=init_solve.float(),
+            em_map=em_pair.float(),
             gram_em_pair=torch.cat((gram64 @ em_solve, gram64 @ em_solve @ gram64), dim=1).float(),
             gram_max_eig=float(torch.linalg.eigvalsh(gram64)[-1]),
         )
 
+    def solve_input(self, features: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """The query-side input of :attr:`init_map` and :attr:`em_map`: ``F`` or ``F M^T``."""
+        return features if self.feature_space else cross
+
+    def matches(self, bank: torch.Tensor) -> bool:
+        """Whether ``bank`` still holds exactly the values these factors were computed from."""
+        return self.source.shape == bank.shape and self.source.dtype == bank.dtype and torch.equal(self.source, bank)
+
 
 def bank_key(bank: torch.Tensor) -> tuple:
-    """Identify a bank's content for caching: storage, shape, dtype, device and two checksums.
-
-    Inference-mode tensors (Lightning's val/test loops) have no version counter, so in-place
-    edits are detected through the checksums instead.
-    """
-    with torch.no_grad():
-        checksums = torch.stack((bank.double().sum(), bank.double().abs().sum())).tolist()
-    return (bank.data_ptr(), tuple(bank.shape), str(bank.device), bank.dtype, *checksums)
+    """Cache key of a bank: storage, shape, dtype and device (hits are verified with :meth:`BankFactors.matches`)."""
+    return (bank.data_ptr(), tuple(bank.shape), str(bank.device), bank.dtype)

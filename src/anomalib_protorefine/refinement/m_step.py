@@ -35,17 +35,23 @@ class QueryTerms:
     """The query-dependent products that the EM needs.
 
     Attributes:
+        features: Float32 query features ``(B, m, c)`` (L2-normalised for the cosine distance).
         cross: ``F M^T``, ``(B, m, n)``.
         sq_norms: ``||F_j||^2``, ``(B, m)``.
     """
 
+    features: torch.Tensor
     cross: torch.Tensor
     sq_norms: torch.Tensor
 
     @classmethod
     def from_features(cls, features: torch.Tensor, factors: BankFactors) -> QueryTerms:
         """Compute the products for float32 query features ``(B, m, c)`` (normalised if cosine)."""
-        return cls(cross=features @ factors.bank.T, sq_norms=features.pow(2).sum(-1))
+        return cls(features=features, cross=features @ factors.bank.T, sq_norms=features.pow(2).sum(-1))
+
+    def initial_weights(self, factors: BankFactors) -> torch.Tensor:
+        """``W0 = F M^T (G + rho I)^-1``, the minimiser without the transport term, ``(B, m, n)``."""
+        return factors.solve_input(self.features, self.cross) @ factors.init_map
 
 
 def prototype_sq_norms(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,7 @@ class ClosedFormStep:
     """
 
     def __init__(self, terms: QueryTerms, factors: BankFactors, lambda_: float) -> None:
-        self.fixed = terms.cross @ factors.em_pair  # (B, m, 2n)
+        self.fixed = factors.solve_input(terms.features, terms.cross) @ factors.em_map  # (B, m, 2n)
         self.factors = factors
         self.lambda_ = lambda_
 
@@ -149,7 +155,7 @@ def gradient_step(
     num_patches = weights.shape[1]
     with torch.inference_mode(False), torch.enable_grad():
         # Lightning evaluates under inference_mode, whose tensors autograd cannot save: copy them.
-        terms = QueryTerms(*(_autograd_ready(t) for t in (terms.cross, terms.sq_norms)))
+        terms = QueryTerms(*(_autograd_ready(t) for t in (terms.features, terms.cross, terms.sq_norms)))
         factors = replace(factors, gram=_autograd_ready(factors.gram), sq_norms=_autograd_ready(factors.sq_norms))
         plan = _autograd_ready(plan)
         variable = weights.detach().clone().requires_grad_(True)

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, example: str) -> None:
     """Raise a ``ValueError``/``TypeError`` unless ``value`` is a finite real number above ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         msg = f"{name} must be a number, got {type(value).__name__} {value!r}. Use e.g. {name}={example}."
         raise TypeError(msg)
     ok = value >= minimum if inclusive else value > minimum
@@ -50,7 +51,7 @@ def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, exa
 
 def _check_int(name: str, value: Any, *, minimum: int, example: str) -> None:
     """Raise unless ``value`` is an ``int`` (not a bool) that is at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         msg = f"{name} must be an integer, got {type(value).__name__} {value!r}. Use e.g. {name}={example}."
         raise TypeError(msg)
     if value < minimum:

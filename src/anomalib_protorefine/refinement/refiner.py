@@ -163,6 +163,9 @@ class PrototypeRefiner(nn.Module, Callback):
         if bank.shape[0] == 0:
             msg = "bank is empty (n = 0): build the memory bank from support images before refining."
             raise ValueError(msg)
+        if queries.shape[0] == 0:
+            msg = "queries is an empty batch (B = 0): pass features of shape (B, m, c) with B >= 1."
+            raise ValueError(msg)
         if queries.shape[1] == 0:
             msg = "queries has no patches (m = 0): pass features of shape (B, m, c) with m >= 1."
             raise ValueError(msg)
@@ -188,7 +191,7 @@ class PrototypeRefiner(nn.Module, Callback):
         """Return the cached factors of ``bank`` (computed on first use)."""
         key = (*bank_key(bank), self.options.lambda_, self.options.ridge, self.options.distance)
         factors = self._factor_cache.get(key)
-        if factors is None:
+        if factors is None or not factors.matches(bank):
             factors = BankFactors.from_bank(
                 bank, self.options.lambda_, self.options.ridge, normalize=self.options.distance == "cosine"
             )
@@ -226,7 +229,7 @@ class PrototypeRefiner(nn.Module, Callback):
         if opts.distance == "cosine":
             features = F.normalize(features, dim=-1)
         terms = QueryTerms.from_features(features, factors)
-        weights = terms.cross @ factors.init_solve
+        weights = terms.initial_weights(factors)
         plan: torch.Tensor | None = None
         sinkhorn_iterations = em_iterations = 0
         if opts.transport:
@@ -234,23 +237,31 @@ class PrototypeRefiner(nn.Module, Callback):
             scale: torch.Tensor | None = None
             closed_form = ClosedFormStep(terms, factors, opts.lambda_) if opts.m_step == "closed_form" else None
             weighted_gram = weights @ factors.gram
+            # Queries whose plan stopped moving (em_tol) are frozen, so a query's result never
+            # depends on the other queries of its batch.
+            active = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
             for _ in range(opts.num_iterations):
                 cost = transport_cost(weights, factors, weighted_gram)
                 if scale is None:
                     scale = self._cost_scale(cost)
                 previous = plan
-                plan = self._e_step(cost / scale[:, None, None], states)
+                plan = self._e_step(cost / scale[:, None, None], states, active, previous)
                 em_iterations += 1
                 if closed_form is not None:
-                    weights, weighted_gram = closed_form(plan)
+                    new_weights, new_weighted_gram = closed_form(plan)
                 else:
-                    weights = gradient_step(
+                    new_weights = gradient_step(
                         weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps
                     )
-                    weighted_gram = weights @ factors.gram
-                # Total-variation change of the plans (each sums to 1): stop once no query moves.
-                if previous is not None and opts.em_tol > 0 and float(self._plan_change(plan, previous)) < opts.em_tol:
-                    break
+                    new_weighted_gram = new_weights @ factors.gram
+                keep = active[:, None, None]
+                weights = torch.where(keep, new_weights, weights)
+                weighted_gram = torch.where(keep, new_weighted_gram, weighted_gram)
+                if previous is not None and opts.em_tol > 0:
+                    # Total-variation change of each query's plan (plans sum to 1).
+                    active &= (plan - previous).abs().sum((-1, -2)) / 2 >= opts.em_tol
+                    if not active.any():
+                        break
             sinkhorn_iterations = sum(state.iterations_total for state in states if state is not None)
         stats = {
             "em_iterations": float(em_iterations),
@@ -262,16 +273,23 @@ class PrototypeRefiner(nn.Module, Callback):
         self.last_stats = stats
         return RefinementResult(weights=weights, plan=plan, terms=terms, factors=factors, stats=stats)
 
-    @staticmethod
-    def _plan_change(plan: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        """Largest total-variation distance between consecutive plans over the batch."""
-        return (plan - previous).abs().sum((-1, -2)).amax() / 2
+    def _e_step(
+        self,
+        costs: torch.Tensor,
+        states: list[TransportState | None],
+        active: torch.Tensor,
+        previous: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Sinkhorn for each active query's normalised cost ``(B, n, m)``, warm-started from ``states``.
 
-    def _e_step(self, costs: torch.Tensor, states: list[TransportState | None]) -> torch.Tensor:
-        """Sinkhorn for each query's normalised cost ``(B, n, m)``, warm-started from ``states`` (updated)."""
+        Frozen (converged) queries keep their previous plan. ``states`` is updated in place.
+        """
         opts = self.options
         plans = []
         for index, cost in enumerate(costs):
+            if previous is not None and not active[index]:
+                plans.append(previous[index])
+                continue
             plan, states[index] = solve_plan(
                 cost, opts.epsilon, opts.sinkhorn_method, opts.sinkhorn_max_iter, opts.sinkhorn_tol, states[index]
             )
@@ -309,7 +327,8 @@ class PrototypeRefiner(nn.Module, Callback):
         """Euclidean or cosine distance from dot products and squared norms (broadcasting)."""
         if cosine:
             denom = (sq_a * sq_b).clamp_min(torch.finfo(dots.dtype).tiny).sqrt()
-            return (1.0 - dots / denom) / 2.0
+            # |cos| <= 1 exactly; rounding can overshoot by ~1e-7, which would give a score below 0.
+            return ((1.0 - dots / denom) / 2.0).clamp(0.0, 1.0)
         return (sq_a + sq_b - 2.0 * dots).clamp_min(0.0).sqrt()
 
     def patch_scores(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,13 @@ def pick_method(cost: torch.Tensor, epsilon: float, method: str) -> str:
     return "sinkhorn" if exponent < _MAX_EXPONENT_FOR_SCALING else "sinkhorn_log"
 
 
+def _is_valid_plan(plan: torch.Tensor, row_marginal: torch.Tensor) -> bool:
+    """A finite plan whose rows carry their mass (rows are exact after every completed update)."""
+    if not torch.isfinite(plan).all():
+        return False
+    return bool(((plan.sum(1) - row_marginal).abs() <= 1e-2 * row_marginal).all())
+
+
 def solve_plan(
     cost: torch.Tensor,
     epsilon: float,
@@ -109,9 +116,9 @@ def solve_plan(
         log_u, log_v = log["log_u"], log["log_v"]
     else:
         log_u, log_v = torch.log(log["u"]), torch.log(log["v"])
-    if not torch.isfinite(plan).all():
-        # A warm start from a far-away problem can overflow the scaling iterations: restart cold
-        # in the log domain, which cannot overflow.
+    if not _is_valid_plan(plan, a):
+        # POT's scaling iterations stop at the last finite iterate when they hit a numerical error,
+        # and a warm start from a far-away problem can overflow: restart cold in the log domain.
         plan, log = ot.sinkhorn(
             a, b, shifted, epsilon, method="sinkhorn_log", numItermax=max_iter, stopThr=tol / m**0.5, log=True,
             warn=False,
