@@ -657,7 +657,7 @@ def test_scaling_sinkhorn_recovers_from_numerical_breakdown() -> None:
     """POT's scaling iterations stop at a stale iterate on underflow; the plan must still be valid."""
     queries, bank = _data(seed=3, batch=1, m=50, n=20, c=16)
     result = PrototypeRefiner(sinkhorn_method="sinkhorn", epsilon=1e-3).refine(queries, bank)
-    n, m = result.plan.shape[-2:]
+    n = result.plan.shape[-2]
     assert torch.allclose(result.plan.sum((-1, -2)), torch.ones(1), atol=1e-3)
     assert torch.allclose(result.plan.sum(-1), torch.full((1, n), 1 / n), rtol=1e-2)
 
