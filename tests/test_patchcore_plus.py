@@ -356,7 +356,7 @@ def test_engine_on_deeppcb_subset(deeppcb_subset: Path, folder_layout: dict[str,
         seed=0,
     )
     seed_everything(0, verbose=False)
-    model = make_model(k_shot=2, pre_trained=True)
+    model = make_model(k_shot=2, pre_trained=True, pre_processor=True)  # the default 256 px
     results = Engine(default_root_dir=tmp_path, **QUIET).test(model, datamodule=datamodule, verbose=False)
     metrics = finite_metrics(results, "image_AUROC", "pixel_AUROC")
     assert metrics["pixel_AUROC"] > 0.5, metrics
@@ -397,8 +397,8 @@ def test_offline_config_runs(repo_root: Path, deeppcb_subset: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_paper_config_parses(repo_root: Path, tmp_path: Path) -> None:
-    """The paper config (wide_resnet50_2 needs the hub) parses; its values are the paper defaults."""
+def test_paper_config(repo_root: Path, deeppcb_subset: Path, tmp_path: Path) -> None:
+    """The paper config parses with the paper defaults, and runs (random weights: wide_resnet50_2 needs the hub)."""
     import yaml
 
     config = repo_root / "configs" / "patchcore_plus.yaml"
@@ -416,9 +416,14 @@ def test_paper_config_parses(repo_root: Path, tmp_path: Path) -> None:
     assert (refiner["lambda_"], refiner["num_iterations"], refiner["distance"]) == (0.3, 10, "euclidean")
     assert parsed["data"]["init_args"]["root"] == "../shared/data/deeppcb"
 
+    args = ["test", "--config", str(config), "--data.root", str(deeppcb_subset), "--data.num_workers", "0"]
+    args += ["--model.pre_trained", "false", "--default_root_dir", str(tmp_path / "results")]
+    result = _anomalib(args, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    assert "pixel_AUROC" in result.stdout + result.stderr
+
 
 # ------------------------------------------------------------------------------------------ demo
-@pytest.mark.slow
 def test_demo_quick_smoke(tmp_path: Path) -> None:
     env = child_env(COLUMNS="160")
     command = [sys.executable, "-m", "anomalib_protorefine.demo", "--quick", "--k", "1"]

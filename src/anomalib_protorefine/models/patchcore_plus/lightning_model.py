@@ -24,16 +24,15 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_protorefine.backbones import normalization_for
 from anomalib_protorefine.few_shot import support_from_dataset, train_dataset_of, validate_k_shot
+from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 from .torch_model import PatchcorePlusModel
@@ -44,30 +43,7 @@ logger = logging.getLogger(__name__)
 PATCHCORE_REFINER_DEFAULTS: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10, "distance": "euclidean"}
 
 
-def make_refiner(
-    refiner: bool | PrototypeRefiner | dict[str, Any], defaults: dict[str, Any]
-) -> PrototypeRefiner | None:
-    """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
-
-    Args:
-        refiner: ``True`` (paper defaults), ``False`` (no refinement), a refiner, or a dict of
-            :class:`PrototypeRefiner` arguments (as stored in checkpoints).
-        defaults: The model's paper defaults, overridden by a dict's entries.
-
-    Returns:
-        The refiner or ``None``.
-    """
-    if isinstance(refiner, PrototypeRefiner):
-        return refiner
-    if isinstance(refiner, bool):
-        return PrototypeRefiner(**defaults) if refiner else None
-    if isinstance(refiner, dict):
-        return PrototypeRefiner(**{**defaults, **refiner})
-    msg = f"refiner must be True, False, a PrototypeRefiner or a dict of its arguments, got {type(refiner).__name__}."
-    raise TypeError(msg)
-
-
-class PatchCorePlus(MemoryBankMixin, AnomalibModule):
+class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
     """PatchCore+ (paper Sec. 5.1): few-shot PatchCore whose prototypes are refined per query.
 
     Args:
@@ -166,23 +142,6 @@ class PatchCorePlus(MemoryBankMixin, AnomalibModule):
             transform=Compose([Resize(image_size or (256, 256), antialias=True), Normalize(mean=mean, std=std)])
         )
 
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Default one-class post-processor (score normalisation and adaptive thresholds)."""
-        return PostProcessor()
-
-    def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        """Anomalib's component callbacks plus the refiner, which logs refinement statistics."""
-        callbacks = list(super().configure_callbacks())
-        if self.model.refiner is not None:
-            callbacks.append(self.model.refiner)
-        return callbacks
-
-    @staticmethod
-    def configure_optimizers() -> None:
-        """PatchCore+ has nothing to optimise."""
-        return
-
     # ------------------------------------------------------------------ memory bank
     def fit_support(self, images: torch.Tensor) -> None:
         """Build the memory bank from pre-processed support images ``(k, 3, H, W)``.
@@ -207,7 +166,7 @@ class PatchCorePlus(MemoryBankMixin, AnomalibModule):
         self.model.train(was_training)
         self._is_fitted = torch.tensor([True], device=self.device)
 
-    def _ensure_bank(self) -> None:
+    def _ensure_ready(self) -> None:
         """Build the bank if it is empty: from k seeded support images, or from collected embeddings."""
         if self.model.memory_bank.numel():
             return
@@ -230,19 +189,7 @@ class PatchCorePlus(MemoryBankMixin, AnomalibModule):
 
     def fit(self) -> None:
         """Build the memory bank (called by anomalib at the end of the training epoch)."""
-        self._ensure_bank()
-
-    def on_validation_start(self) -> None:
-        """Make sure the bank exists before validation."""
-        self._ensure_bank()
-
-    def on_test_start(self) -> None:
-        """Make sure the bank exists before testing (``anomalib test`` without a checkpoint)."""
-        self._ensure_bank()
-
-    def on_predict_start(self) -> None:
-        """Make sure the bank exists before prediction."""
-        self._ensure_bank()
+        self._ensure_ready()
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:  # noqa: ANN002, ANN003
@@ -252,12 +199,6 @@ class PatchCorePlus(MemoryBankMixin, AnomalibModule):
             return None
         self.model(batch.image)
         return torch.tensor(0.0, requires_grad=True, device=self.device)
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
-        """Score a batch (refined or plain) and attach ``pred_score`` and ``anomaly_map``."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -272,16 +213,7 @@ class PatchCorePlus(MemoryBankMixin, AnomalibModule):
         """``FEW_SHOT`` with ``k_shot`` (anomalib then validates before testing), else ``ONE_CLASS``."""
         return LearningType.FEW_SHOT if self.k_shot else LearningType.ONE_CLASS
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the refiner as plain options (safe to load with ``weights_only``) and the support files."""
-        super().on_save_checkpoint(checkpoint)
-        refiner = self.model.refiner
-        checkpoint["hyper_parameters"]["refiner"] = refiner.options.as_dict() if refiner is not None else False
-        checkpoint["protorefine_support_paths"] = list(self.support_paths)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the support file list."""
+        """Restore the support file list; a loaded bank counts as fitted."""
         super().on_load_checkpoint(checkpoint)
-        self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
         self._is_fitted = torch.tensor([True])

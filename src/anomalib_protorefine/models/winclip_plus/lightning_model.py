@@ -25,14 +25,11 @@ from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import AnomalibDataModule, Batch
+from anomalib.data import AnomalibDataModule
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch import Callback
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
@@ -43,7 +40,7 @@ from anomalib_protorefine.few_shot import (
     train_dataset_of,
     validate_k_shot,
 )
-from anomalib_protorefine.models.patchcore_plus.lightning_model import make_refiner
+from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 from .torch_model import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, WinClipPlusModel
@@ -57,7 +54,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class WinClipPlus(AnomalibModule):
+class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
     """WinCLIP+ (paper Sec. 5.2): few-shot WinCLIP whose visual references are refined per query.
 
     Args:
@@ -155,23 +152,6 @@ class WinClipPlus(AnomalibModule):
         )
         return PreProcessor(transform=transform)
 
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Default one-class post-processor (score normalisation and adaptive thresholds)."""
-        return PostProcessor()
-
-    def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        """Anomalib's component callbacks plus the refiner, which logs refinement statistics."""
-        callbacks = list(super().configure_callbacks())
-        if self.model.refiner is not None:
-            callbacks.append(self.model.refiner)
-        return callbacks
-
-    @staticmethod
-    def configure_optimizers() -> None:
-        """WinCLIP+ has nothing to optimise."""
-        return
-
     # ------------------------------------------------------------------ text and references
     def _get_class_name(self) -> str:
         """Class name of the prompts: init argument, else the datamodule's ``category``, else ``"object"``."""
@@ -228,32 +208,13 @@ class WinClipPlus(AnomalibModule):
             raise ValueError(msg)
         self.model.setup(reference_images=images.to(self.device))
 
-    def _ensure_setup(self) -> None:
+    def _ensure_ready(self) -> None:
         """Text embeddings for the class name (cached per name) and, few-shot, the reference embeddings."""
         self.model.setup(self._get_class_name())
         if self.k_shot and not self.model.has_references:
             support = self.select_support()
             self.support_paths = support.paths
             self.fit_support(support.images)
-
-    def on_validation_start(self) -> None:
-        """Prepare text and references before validation."""
-        self._ensure_setup()
-
-    def on_test_start(self) -> None:
-        """Prepare text and references before testing (``anomalib test`` without a checkpoint)."""
-        self._ensure_setup()
-
-    def on_predict_start(self) -> None:
-        """Prepare text and references before prediction."""
-        self._ensure_setup()
-
-    # ------------------------------------------------------------------ steps
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
-        """Score a batch (refined or plain) and attach ``pred_score`` and ``anomaly_map``."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -267,19 +228,6 @@ class WinClipPlus(AnomalibModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the refiner as plain options and the reference files.
-
-        The CLIP weights are in the state dict, so ``pretrained`` is saved as ``None``: reloading
-        needs no download.
-        """
+        """Also save ``pretrained`` as ``None``: the CLIP weights are in the state dict (no download on reload)."""
         super().on_save_checkpoint(checkpoint)
-        refiner = self.model.refiner
-        hyper_parameters = checkpoint["hyper_parameters"]
-        hyper_parameters["refiner"] = refiner.options.as_dict() if refiner is not None else False
-        hyper_parameters["pretrained"] = None
-        checkpoint["protorefine_support_paths"] = list(self.support_paths)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the reference file list."""
-        super().on_load_checkpoint(checkpoint)
-        self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
+        checkpoint["hyper_parameters"]["pretrained"] = None

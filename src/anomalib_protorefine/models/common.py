@@ -1,0 +1,105 @@
+"""Lightning glue shared by the refined few-shot models (PatchCorePlus, WinClipPlus).
+
+Example:
+    >>> from anomalib_protorefine.models.common import RefinedFewShotMixin
+    >>> from anomalib_protorefine import PatchCorePlus
+    >>> issubclass(PatchCorePlus, RefinedFewShotMixin)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from anomalib.data import Batch
+from anomalib.post_processing import PostProcessor
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from anomalib_protorefine.refinement import PrototypeRefiner
+
+
+def make_refiner(
+    refiner: bool | PrototypeRefiner | dict[str, Any], defaults: dict[str, Any]
+) -> PrototypeRefiner | None:
+    """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
+
+    Args:
+        refiner: ``True`` (paper defaults), ``False`` (no refinement), a refiner, or a dict of
+            :class:`PrototypeRefiner` arguments (as stored in checkpoints).
+        defaults: The model's paper defaults, overridden by a dict's entries.
+
+    Returns:
+        The refiner or ``None``.
+    """
+    if isinstance(refiner, PrototypeRefiner):
+        return refiner
+    if isinstance(refiner, bool):
+        return PrototypeRefiner(**defaults) if refiner else None
+    if isinstance(refiner, dict):
+        return PrototypeRefiner(**{**defaults, **refiner})
+    msg = f"refiner must be True, False, a PrototypeRefiner or a dict of its arguments, got {type(refiner).__name__}."
+    raise TypeError(msg)
+
+
+class RefinedFewShotMixin:
+    """Hooks shared by models whose torch model has a ``refiner`` and that build support data on demand.
+
+    Subclasses list it before ``AnomalibModule`` in their bases and implement :meth:`_ensure_ready`
+    (build the memory bank / reference embeddings from ``k_shot`` seeded support images if needed).
+    """
+
+    model: Any
+    support_paths: tuple[str, ...]
+
+    def _ensure_ready(self) -> None:
+        """Prepare the support data before evaluation (implemented by the model)."""
+        raise NotImplementedError
+
+    def on_validation_start(self) -> None:
+        """Prepare the support data before validation."""
+        self._ensure_ready()
+
+    def on_test_start(self) -> None:
+        """Prepare the support data before testing (``anomalib test`` without a checkpoint)."""
+        self._ensure_ready()
+
+    def on_predict_start(self) -> None:
+        """Prepare the support data before prediction."""
+        self._ensure_ready()
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
+        """Score a batch (refined or plain) and attach ``pred_score`` and ``anomaly_map``."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """Anomalib's component callbacks plus the refiner, which logs refinement statistics."""
+        callbacks = list(super().configure_callbacks())  # type: ignore[misc]
+        if self.model.refiner is not None:
+            callbacks.append(self.model.refiner)
+        return callbacks
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """Nothing to optimise: the models are training-free."""
+        return
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """Default post-processor (score normalisation and adaptive thresholds)."""
+        return PostProcessor()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the refiner as plain options (loadable with ``weights_only``) and the support files."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        refiner = self.model.refiner
+        checkpoint["hyper_parameters"]["refiner"] = refiner.options.as_dict() if refiner is not None else False
+        checkpoint["protorefine_support_paths"] = list(self.support_paths)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the support file list."""
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
