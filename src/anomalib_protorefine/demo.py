@@ -117,6 +117,9 @@ def _quiet() -> None:
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # anomalib warns about "hidden files" whenever any folder of the absolute path starts with a dot,
+    # which is always the case for the default cache (~/.cache/anomalib_protorefine/datasets).
+    logging.getLogger("anomalib.data.utils.path").setLevel(logging.ERROR)
 
 
 def build_evaluator() -> Evaluator:
@@ -198,8 +201,8 @@ def _run(
 
     from anomalib_protorefine.models import PatchCorePlus
 
-    # Same global seed for both methods at a given k: the core-set sampler starts from a random
-    # patch, so this gives the baseline and PatchCore+ the very same memory bank.
+    # The support draw and the core-set are seeded by few_shot_seed, so the baseline and PatchCore+
+    # get the very same memory bank at a given k; the global seed covers anything else random.
     seed_everything(seed, verbose=False)
     model = PatchCorePlus(
         backbone=BACKBONE,

@@ -178,7 +178,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             self.fit_support(support.images)
         elif self.model.embedding_store:
             logger.info("Applying core-set subsampling to the collected embeddings.")
-            self.model.subsample_embedding(self.coreset_sampling_ratio)
+            self.model.subsample_embedding(self.coreset_sampling_ratio, seed=self.few_shot_seed)
             self._is_fitted = torch.tensor([True], device=self.device)
         else:
             msg = (

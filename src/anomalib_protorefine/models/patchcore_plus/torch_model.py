@@ -159,6 +159,15 @@ class PatchcorePlusModel(PatchcoreModel):
         anomaly_map = self.anomaly_map_generator(patch_scores.reshape(-1, 1, height, width), output_size)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
+    def subsample_embedding(self, sampling_ratio: float, seed: int = 0) -> None:  # type: ignore[override]
+        """Full-shot mode: build the bank from the embeddings collected in training (seeded coreset)."""
+        if not self.embedding_store:
+            msg = "Embedding store is empty: run a training epoch (Engine.fit) before building the bank."
+            raise ValueError(msg)
+        embeddings = torch.vstack(self.embedding_store)
+        self.embedding_store.clear()
+        self.build_bank(embeddings, sampling_ratio, seed)
+
     def build_bank(self, embeddings: torch.Tensor, sampling_ratio: float, seed: int = 0) -> None:
         """Set the memory bank to a coreset of ``embeddings`` ``(N, c)`` (resets the online bank).
 
