@@ -49,6 +49,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "lam1": {"lambda_": 1.0},
     "lam3": {"lambda_": 3.0},
     "lam0.1": {"lambda_": 0.1},
+    "lam10": {"lambda_": 10.0},
+    "lam3eps0.01": {"lambda_": 3.0, "epsilon": 0.01},
+    "lam3union": {"lambda_": 3.0, "scoring_bank": "union"},
+    "lam3matched": {"lambda_": 3.0, "scoring_bank": "matched"},
+    "lam3grad": {"lambda_": 3.0, "m_step": "gradient"},
     "emtol": {"em_tol": 1e-3},
     "online": {"__online__": True},
 }
