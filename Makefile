@@ -40,6 +40,7 @@ format: $(VENV)/.deps
 bench: install
 	$(PY) benchmarks/patchcore_accuracy.py
 	$(PY) benchmarks/patchcore_speed.py
+	$(PY) benchmarks/winclip_speed.py
 
 clean:
 	rm -rf $(VENV) build dist results .pytest_cache
