@@ -86,9 +86,10 @@ class RefinerOptions:
             ``M M^T`` is singular whenever the bank has duplicate rows or more rows than channels.
         cost_normalization: Scale the transport cost by its ``"mean"`` or ``"max"`` at the
             initial W (per query), or ``"none"`` (then ``epsilon`` is in feature units).
-        sinkhorn_method: ``"sinkhorn_log"`` (log domain, always stable), ``"sinkhorn"`` (fast
-            scaling iterations) or ``"auto"`` (scaling iterations when ``max(C)/epsilon`` is small
-            enough that no kernel entry underflows in float32, else log domain).
+        sinkhorn_method: ``"auto"`` (default) and ``"sinkhorn"`` run POT's fast scaling iterations,
+            ``"sinkhorn_log"`` the log-domain solver. In every mode a plan that comes back
+            non-finite or far from its marginals (underflow for a tiny ``epsilon``) is recomputed
+            in the log domain, so no mode returns NaN.
         sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step.
         sinkhorn_tol: Stop when the L2 marginal violation, relative to the marginal's norm,
             is below this value.

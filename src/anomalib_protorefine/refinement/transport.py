@@ -22,10 +22,6 @@ from dataclasses import dataclass
 import ot
 import torch
 
-# exp(-50) ~ 2e-22: well above float32's smallest normal number (1e-38), so the scaling
-# iterations cannot underflow to a zero row or column when max(C) / epsilon stays below this.
-_MAX_EXPONENT_FOR_SCALING = 50.0
-
 
 @dataclass
 class TransportState:
@@ -44,28 +40,17 @@ class TransportState:
     iterations_total: int = 0
 
 
-def pick_method(cost: torch.Tensor, epsilon: float, method: str) -> str:
-    """Choose POT's Sinkhorn variant for a (normalised) cost matrix.
+def _is_valid_plan(plan: torch.Tensor, row_marginal: torch.Tensor, col_marginal: torch.Tensor) -> bool:
+    """A finite plan whose rows carry their mass and whose columns are not far off.
 
-    Args:
-        cost: Cost matrix ``(n, m)`` already divided by its scale.
-        epsilon: Entropy weight.
-        method: ``"auto"``, ``"sinkhorn"`` or ``"sinkhorn_log"``.
-
-    Returns:
-        The POT method name to use.
+    Rows are exact after every completed scaling update; a numerical breakdown (underflow of
+    ``exp(-C / epsilon)`` for a small epsilon) leaves a stale iterate whose marginals are far off.
     """
-    if method != "auto":
-        return method
-    exponent = float(cost.max() - cost.min()) / epsilon
-    return "sinkhorn" if exponent < _MAX_EXPONENT_FOR_SCALING else "sinkhorn_log"
-
-
-def _is_valid_plan(plan: torch.Tensor, row_marginal: torch.Tensor) -> bool:
-    """A finite plan whose rows carry their mass (rows are exact after every completed update)."""
     if not torch.isfinite(plan).all():
         return False
-    return bool(((plan.sum(1) - row_marginal).abs() <= 1e-2 * row_marginal).all())
+    rows_ok = ((plan.sum(1) - row_marginal).abs() <= 1e-2 * row_marginal).all()
+    cols_ok = ((plan.sum(0) - col_marginal).abs() <= 0.1 * col_marginal).all()
+    return bool(rows_ok and cols_ok)
 
 
 def solve_plan(
@@ -81,7 +66,9 @@ def solve_plan(
     Args:
         cost: Cost matrix ``(n, m)`` (float32 or float64), already normalised.
         epsilon: Entropy weight (> 0).
-        method: ``"auto"``, ``"sinkhorn"`` or ``"sinkhorn_log"`` (see :func:`pick_method`).
+        method: ``"auto"``, ``"sinkhorn"`` or ``"sinkhorn_log"``. Whatever the method, a plan that is
+            not finite or misses its marginals (numerical breakdown) is recomputed cold in the
+            log domain, which cannot underflow.
         max_iter: Maximum number of Sinkhorn iterations.
         tol: Relative tolerance on the L2 violation of the column marginal.
         warm_start: Duals of a previous solve of a nearby problem.
@@ -95,7 +82,7 @@ def solve_plan(
     # The row minimum is a per-row constant: it changes the duals, not the plan, and keeps
     # exp(-C/eps) away from underflow in the scaling iterations.
     shifted = cost - cost.min(dim=1, keepdim=True).values
-    chosen = pick_method(shifted, epsilon, method)
+    chosen = "sinkhorn" if method == "auto" else method  # auto: fast scaling first, log domain if it breaks
     start = None if warm_start is None else (warm_start.log_u, warm_start.log_v)
     with warnings.catch_warnings():
         # Non-convergence within max_iter is reported through TransportState.iterations.
@@ -116,7 +103,7 @@ def solve_plan(
         log_u, log_v = log["log_u"], log["log_v"]
     else:
         log_u, log_v = torch.log(log["u"]), torch.log(log["v"])
-    if not _is_valid_plan(plan, a):
+    if not _is_valid_plan(plan, a, b):
         # POT's scaling iterations stop at the last finite iterate when they hit a numerical error,
         # and a warm start from a far-away problem can overflow: restart cold in the log domain.
         plan, log = ot.sinkhorn(
