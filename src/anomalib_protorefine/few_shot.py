@@ -49,6 +49,17 @@ def validate_k_shot(k_shot: int | None, *, allow_none: bool = True) -> None:
         raise ValueError(msg)
 
 
+def validate_support_options(k_shot: int | None, few_shot_seed: int, coreset_sampling_ratio: float, paper: str) -> None:
+    """Validate the support options shared by the models (``paper``: the paper's alpha, for the message)."""
+    validate_k_shot(k_shot)
+    if isinstance(few_shot_seed, bool) or not isinstance(few_shot_seed, int):
+        msg = f"few_shot_seed must be an integer, got {few_shot_seed!r}. Use e.g. few_shot_seed=0."
+        raise TypeError(msg)
+    if not 0 < coreset_sampling_ratio <= 1:
+        msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: {paper}."
+        raise ValueError(msg)
+
+
 def select_indices(pool_size: int, k_shot: int, seed: int) -> list[int]:
     """Pick ``k_shot`` distinct indices out of ``pool_size``, deterministically for ``seed``.
 

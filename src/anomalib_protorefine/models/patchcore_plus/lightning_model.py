@@ -31,7 +31,7 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_protorefine.backbones import normalization_for
-from anomalib_protorefine.few_shot import support_from_dataset, train_dataset_of, validate_k_shot
+from anomalib_protorefine.few_shot import support_from_dataset, train_dataset_of, validate_support_options
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -89,13 +89,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        validate_k_shot(k_shot)
-        if isinstance(few_shot_seed, bool) or not isinstance(few_shot_seed, int):
-            msg = f"few_shot_seed must be an integer, got {few_shot_seed!r}. Use e.g. few_shot_seed=0."
-            raise TypeError(msg)
-        if not 0 < coreset_sampling_ratio <= 1:
-            msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: 0.05."
-            raise ValueError(msg)
+        validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.05")
         if online_capacity is not None and (isinstance(online_capacity, bool) or online_capacity < 1):
             msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}."
             raise ValueError(msg)

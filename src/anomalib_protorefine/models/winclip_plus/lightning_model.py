@@ -38,7 +38,7 @@ from anomalib_protorefine.few_shot import (
     support_from_dataset,
     support_from_folder,
     train_dataset_of,
-    validate_k_shot,
+    validate_support_options,
 )
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.refinement import PrototypeRefiner
@@ -103,13 +103,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         k_shot = k_shot or None  # 0 means zero-shot, as in upstream WinClip
-        validate_k_shot(k_shot)
-        if isinstance(few_shot_seed, bool) or not isinstance(few_shot_seed, int):
-            msg = f"few_shot_seed must be an integer, got {few_shot_seed!r}. Use e.g. few_shot_seed=0."
-            raise TypeError(msg)
-        if not 0 < coreset_sampling_ratio <= 1:
-            msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: 0.5 on MVTec."
-            raise ValueError(msg)
+        validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.5 on MVTec")
         refiner_module = make_refiner(refiner, WINCLIP_REFINER_DEFAULTS)
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
