@@ -15,6 +15,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import warnings
 from types import ModuleType
 
 _TRIGGER = "anomalib.models"
@@ -32,9 +33,21 @@ class _RegisteringLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        """Execute ``anomalib.models`` and register our subclasses after it."""
+        """Execute ``anomalib.models`` and register our subclasses after it.
+
+        A failure to import our models (a broken or partial install) must never break anomalib
+        itself: it becomes a warning that says how to see the full error.
+        """
         self._loader.exec_module(module)
-        importlib.import_module(_TARGET)
+        try:
+            importlib.import_module(_TARGET)
+        except Exception as error:  # noqa: BLE001
+            warnings.warn(
+                f"anomalib-protorefine: could not register PatchCorePlus/WinClipPlus with anomalib ({error!r}); "
+                f"run `python -c 'import {_TARGET}'` for the full traceback.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 class _AnomalibModelsHook(importlib.abc.MetaPathFinder):
