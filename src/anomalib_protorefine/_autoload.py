@@ -41,7 +41,7 @@ class _RegisteringLoader(importlib.abc.Loader):
         self._loader.exec_module(module)
         try:
             importlib.import_module(_TARGET)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             warnings.warn(
                 f"anomalib-protorefine: could not register PatchCorePlus/WinClipPlus with anomalib ({error!r}); "
                 f"run `python -c 'import {_TARGET}'` for the full traceback.",
