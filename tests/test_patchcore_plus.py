@@ -438,3 +438,24 @@ def test_demo_quick_smoke(tmp_path: Path) -> None:
     assert [run["method"] for run in summary["runs"]] == ["PatchCore", "PatchCore+"]
     assert all(math.isfinite(run["metrics"]["pixel_AUROC"]) for run in summary["runs"])
     assert not list(tmp_path.glob("out/**/*.ckpt")), "the demo must not write checkpoints"
+
+
+def test_online_bank_grows_bounded_and_changes_later_scores() -> None:
+    """Online PatchCore+ (paper Table 6): refined prototypes join a bounded extra bank."""
+    torch.manual_seed(0)
+    model = PatchCorePlus(
+        backbone="resnet18", layers=("layer2",), pre_trained=False, online=True, online_capacity=30, k_shot=1
+    )
+    model.fit_support(torch.rand(1, 3, 64, 64))
+    model.eval()
+    queries = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        first = model.model(queries).pred_score
+        grown = model.model.online_bank.shape[0]
+        second = model.model(queries).pred_score
+        for _ in range(3):
+            model.model(queries)
+    assert grown > 0
+    assert model.model.online_bank.shape[0] == 30  # bounded by online_capacity, oldest dropped
+    assert model.model.scoring_bank().shape[0] == model.model.memory_bank.shape[0] + 30
+    assert not torch.equal(first, second)  # later queries see the grown bank
