@@ -459,3 +459,16 @@ def test_online_bank_grows_bounded_and_changes_later_scores() -> None:
     assert model.model.online_bank.shape[0] == 30  # bounded by online_capacity, oldest dropped
     assert model.model.scoring_bank().shape[0] == model.model.memory_bank.shape[0] + 30
     assert not torch.equal(first, second)  # later queries see the grown bank
+
+
+def test_half_precision_model_gives_finite_scores() -> None:
+    """A float16 model (anomalib's ``precision="float16"`` path) refines in float32 and returns finite float16."""
+    torch.manual_seed(0)
+    model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, k_shot=1).half()
+    model.fit_support(torch.rand(1, 3, 64, 64).half())
+    model.eval()
+    with torch.inference_mode():
+        output = model.model(torch.rand(2, 3, 64, 64))  # float32 input is cast to the model's dtype
+    assert output.pred_score.dtype == torch.float16
+    assert torch.isfinite(output.pred_score).all()
+    assert torch.isfinite(output.anomaly_map).all()

@@ -98,7 +98,7 @@ class PatchcorePlusModel(PatchcoreModel):
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch embeddings ``(B, h*w, c)`` of a batch of pre-processed images, and ``(h, w)``."""
-        images = images.type(self.memory_bank.dtype if self.memory_bank.numel() else images.dtype)
+        images = images.type(next(self.feature_extractor.parameters()).dtype)  # e.g. a half-precision model
         with torch.no_grad():
             features = self.feature_extractor(images)
         features = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
