@@ -131,9 +131,14 @@ def support_from_folder(
     return SupportSet(images=load_images(paths, transform), paths=paths)
 
 
-def train_dataset_of(trainer: object | None, model_name: str) -> object:
-    """Return ``trainer.datamodule.train_data`` (setting the datamodule up if needed) or explain the fix."""
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+def train_dataset_of(trainer: object | None, model_name: str, datamodule: object | None = None) -> object:
+    """Return the training set of ``datamodule`` (default: ``trainer.datamodule``), set up if needed.
+
+    Raises:
+        RuntimeError: No datamodule is given or attached; the message says how to fix it.
+    """
+    if datamodule is None and trainer is not None:
+        datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None:
         msg = (
             f"{model_name} needs k normal support images but no datamodule is attached: pass `datamodule=` to "

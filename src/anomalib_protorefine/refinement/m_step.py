@@ -82,14 +82,26 @@ def objective(
     factors: BankFactors,
     plan: torch.Tensor | None,
     lambda_: float,
+    transport: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Value of ``J(W)`` per query, ``(B,)`` (the entropy term is constant in W and left out)."""
+    """Value of ``J(W)`` per query, ``(B,)`` (the entropy term is constant in W and left out).
+
+    Args:
+        weights: ``W``, ``(B, m, n)``.
+        terms: Query products.
+        factors: Bank factors.
+        plan: Transport plan ``(B, n, m)``, or ``None`` (no transport term).
+        lambda_: Weight of the transport term.
+        transport: ``<C(W), T>`` per query if already known (saves recomputing the cost).
+    """
     num_patches = weights.shape[1]
     proto_sq = prototype_sq_norms(weights, factors.gram)
     fidelity = (terms.sq_norms - 2.0 * (terms.cross * weights).sum(-1) + proto_sq).mean(-1)
     value = fidelity + factors.ridge * weights.pow(2).sum((-1, -2)) / num_patches
     if plan is not None and lambda_ > 0:
-        value = value + lambda_ * (plan * transport_cost(weights, factors)).sum((-1, -2))
+        if transport is None:
+            transport = (plan * transport_cost(weights, factors)).sum((-1, -2))
+        value = value + lambda_ * transport
     return value
 
 

@@ -263,11 +263,13 @@ class PrototypeRefiner(nn.Module, Callback):
                     if not active.any():
                         break
             sinkhorn_iterations = sum(state.iterations_total for state in states if state is not None)
+        # The final transport cost serves both statistics (it reuses the last iteration's W G).
+        transport = None if plan is None else (plan * transport_cost(weights, factors, weighted_gram)).sum((-1, -2))
         stats = {
             "em_iterations": float(em_iterations),
             "sinkhorn_iterations": sinkhorn_iterations / max(queries.shape[0], 1),
-            "objective": float(objective(weights, terms, factors, plan, opts.lambda_).mean()),
-            "ot_cost": 0.0 if plan is None else float((plan * transport_cost(weights, factors)).sum((-1, -2)).mean()),
+            "objective": float(objective(weights, terms, factors, plan, opts.lambda_, transport).mean()),
+            "ot_cost": 0.0 if transport is None else float(transport.mean()),
             "seconds": time.perf_counter() - start,
         }
         self.last_stats = stats

@@ -179,12 +179,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
         if self.few_shot_source is not None:
             return support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
-        if datamodule is not None:
-            if getattr(datamodule, "train_data", None) is None:
-                datamodule.setup("fit")
-            dataset = datamodule.train_data
-        else:
-            dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
+        dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__, datamodule)
         return support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
 
     def fit_support(self, images: torch.Tensor) -> None:
