@@ -54,6 +54,7 @@ __all__ = [
     "CATEGORIES",
     "DATASET_VERSION",
     "DEFECT_TYPES",
+    "add_defect",
     "default_cache_dir",
     "folder_kwargs",
     "generate_dataset",
@@ -697,3 +698,35 @@ def _add_defect(kind: str, image: Array, rng: np.random.Generator, category: str
             return painted.astype(np.float32), mask
     msg = f"Could not place a visible {kind} defect on a {size}px image."  # pragma: no cover - practically unreachable
     raise RuntimeError(msg)  # pragma: no cover
+
+
+def add_defect(
+    kind: str, image: Array, rng: np.random.Generator, category: str = "brushed_metal"
+) -> tuple[Array, Array]:
+    """Paint one synthetic defect of ``kind`` into a square float image ``(S, S, 3)`` in ``[0, 1]``.
+
+    Used by the generator and by self-calibration (:mod:`anomalib_protorefine.calibration`) to paste
+    defects into real support images.
+
+    Args:
+        kind: One of :data:`DEFECT_TYPES` (``"scratch"``, ``"pit"``, ``"stain"``).
+        image: Square float image, values in ``[0, 1]``.
+        rng: Random generator (the defect's position, size and appearance).
+        category: Sets the defect contrast range (``"brushed_metal"``, ``"woven_fabric"``, ``"cast_stone"``).
+
+    Returns:
+        The painted image (float32) and the defect's boolean mask ``(S, S)``.
+
+    Example:
+        >>> import numpy as np
+        >>> painted, mask = add_defect("pit", np.full((64, 64, 3), 0.5, np.float32), np.random.default_rng(0))
+        >>> painted.shape, bool(mask.any())
+        ((64, 64, 3), True)
+    """
+    if kind not in _DEFECTS:
+        msg = f"kind must be one of {', '.join(DEFECT_TYPES)}, got {kind!r}."
+        raise ValueError(msg)
+    if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3:
+        msg = f"image must be a square (S, S, 3) array, got shape {image.shape}."
+        raise ValueError(msg)
+    return _add_defect(kind, image, rng, category)

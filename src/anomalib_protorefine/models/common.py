@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from anomalib.data import Batch
@@ -21,25 +21,44 @@ from anomalib_protorefine.refinement import PrototypeRefiner
 
 
 def make_refiner(
-    refiner: bool | PrototypeRefiner | dict[str, Any], defaults: dict[str, Any]
+    refiner: bool | str | PrototypeRefiner | dict[str, Any],
+    presets: Mapping[str, dict[str, Any]],
+    default: str,
 ) -> PrototypeRefiner | None:
     """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
 
     Args:
-        refiner: ``True`` (paper defaults), ``False`` (no refinement), a refiner, or a dict of
-            :class:`PrototypeRefiner` arguments (as stored in checkpoints).
-        defaults: The model's paper defaults, overridden by a dict's entries.
+        refiner: ``True`` (the model's ``default`` preset), ``False`` or ``"off"`` (no refinement),
+            a preset name (e.g. ``"paper"``), a refiner, or a dict of :class:`PrototypeRefiner`
+            arguments that override the default preset (checkpoints store the full dict).
+        presets: The model's named settings (preset name -> refiner arguments).
+        default: The preset used for ``True`` and as the base of a dict.
 
     Returns:
         The refiner or ``None``.
+
+    Example:
+        >>> make_refiner("paper", {"paper": {"lambda_": 0.3}}, default="paper").options.lambda_
+        0.3
     """
     if isinstance(refiner, PrototypeRefiner):
         return refiner
     if isinstance(refiner, bool):
-        return PrototypeRefiner(**defaults) if refiner else None
+        return PrototypeRefiner(**presets[default]) if refiner else None
+    if isinstance(refiner, str):
+        if refiner == "off":
+            return None
+        if refiner not in presets:
+            names = ", ".join(repr(name) for name in (*presets, "off"))
+            msg = f"refiner={refiner!r} is not a preset: use one of {names}, True, False or a dict of options."
+            raise ValueError(msg)
+        return PrototypeRefiner(**presets[refiner])
     if isinstance(refiner, dict):
-        return PrototypeRefiner(**{**defaults, **refiner})
-    msg = f"refiner must be True, False, a PrototypeRefiner or a dict of its arguments, got {type(refiner).__name__}."
+        return PrototypeRefiner(**{**presets[default], **refiner})
+    msg = (
+        "refiner must be True, False, a preset name, a PrototypeRefiner or a dict of its arguments, "
+        f"got {type(refiner).__name__}."
+    )
     raise TypeError(msg)
 
 

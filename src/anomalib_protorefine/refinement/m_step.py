@@ -135,6 +135,70 @@ class ClosedFormStep:
         return both[..., :num_bank], both[..., num_bank:]
 
 
+class LocalClosedFormStep:
+    """Exact M-step with each row of W restricted to the query patch's K nearest bank prototypes.
+
+    Row ``j`` of ``W`` is non-zero only on ``I_j``, the indices of the ``K`` bank prototypes nearest
+    to ``f_j``. With ``G_j = G[I_j, I_j]`` the minimiser of ``J`` over such rows is, per patch,
+
+    ``w_j = (f_j M_{I_j}^T + lambda m (T^T G)_{j, I_j}) ((1 + lambda) G_j + rho I)^-1``
+
+    (``lambda = 0`` gives the initial ``W0``), and with ``affine=True`` the same under the constraint
+    ``sum(w_j) = 1`` (one Lagrange multiplier per patch), so that ``P_j`` lies on the affine hull of
+    its neighbours and ``K = 1`` is exactly plain PatchCore. The ``K x K`` inverses are computed once
+    per query in float64; each EM iteration is then one ``(m x n) @ (n x n)`` product for ``T^T G``
+    and batched ``K x K`` mat-vecs.
+
+    Args:
+        terms: Query products.
+        factors: Bank factors.
+        lambda_: Weight of the transport term.
+        neighbors: ``K`` (at most n).
+        affine: Constrain each row of W to sum to one.
+    """
+
+    def __init__(self, terms: QueryTerms, factors: BankFactors, lambda_: float, neighbors: int, affine: bool) -> None:
+        num_bank = factors.gram.shape[0]
+        # ||f - M_i||^2 up to the per-patch constant ||f||^2.
+        distance = factors.sq_norms - 2.0 * terms.cross
+        self.index = distance.topk(min(neighbors, num_bank), dim=-1, largest=False).indices  # (B, m, K)
+        self.mask = torch.zeros_like(terms.cross, dtype=torch.bool).scatter_(-1, self.index, True)
+        gram64 = factors.gram.double()
+        local = gram64[self.index[..., :, None], self.index[..., None, :]]  # (B, m, K, K)
+        eye = torch.eye(local.shape[-1], dtype=local.dtype, device=local.device)
+        self._init_inverse = torch.cholesky_inverse(torch.linalg.cholesky(local + factors.ridge * eye)).float()
+        self._inverse = torch.cholesky_inverse(torch.linalg.cholesky((1.0 + lambda_) * local + factors.ridge * eye))
+        self._inverse = self._inverse.float()
+        self.local_cross = terms.cross.gather(-1, self.index)  # (B, m, K)
+        self.factors = factors
+        self.lambda_ = lambda_
+        self.affine = affine
+
+    def _solve(self, inverse: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """Local coefficients ``(B, m, K)`` for the right-hand sides ``rhs`` ``(B, m, K)``."""
+        weights = (inverse @ rhs.unsqueeze(-1)).squeeze(-1)
+        if self.affine:
+            ones = inverse.sum(-1)  # inverse @ 1
+            weights = weights + ((1.0 - weights.sum(-1)) / ones.sum(-1))[..., None] * ones
+        return weights
+
+    def _dense(self, local: torch.Tensor) -> torch.Tensor:
+        """Scatter local coefficients into a dense ``(B, m, n)`` W."""
+        return torch.zeros_like(self.mask, dtype=local.dtype).scatter_(-1, self.index, local)
+
+    def initial_weights(self) -> torch.Tensor:
+        """``W0``: the (affine) ridge projection of each patch onto its neighbours, ``(B, m, n)``."""
+        return self._dense(self._solve(self._init_inverse, self.local_cross))
+
+    def __call__(self, plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(W, W G)`` for the plan ``(B, n, m)``."""
+        num_patches = plan.shape[-1]
+        pull = plan.transpose(1, 2) @ self.factors.gram  # (B, m, n): (T^T G)_j
+        rhs = self.local_cross + self.lambda_ * num_patches * pull.gather(-1, self.index)
+        weights = self._dense(self._solve(self._inverse, rhs))
+        return weights, weights @ self.factors.gram
+
+
 def closed_form_step(terms: QueryTerms, factors: BankFactors, plan: torch.Tensor, lambda_: float) -> torch.Tensor:
     """Exact minimiser of ``J`` for a fixed plan, ``(B, m, n)`` (one-off form of :class:`ClosedFormStep`)."""
     return ClosedFormStep(terms, factors, lambda_)(plan)[0]
@@ -154,9 +218,11 @@ def gradient_step(
     optimizer: str,
     lr: float,
     steps: int,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run ``steps`` optimizer steps on ``J`` from ``weights`` with the plan fixed.
 
+    With ``mask`` (``(B, m, n)`` booleans, locality) only the masked entries of W move.
     The step size is scale-free: for SGD ``lr / L`` with ``L = 2 ((1 + lambda) max_eig(G) + rho) / m``
     the Lipschitz constant of the gradient, for Adam ``lr`` times 1% of the mean ``|W|`` entry.
     Works inside Lightning's ``torch.inference_mode()``.
@@ -180,5 +246,7 @@ def gradient_step(
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             objective(variable, terms, factors, plan, lambda_).sum().backward()
+            if mask is not None and variable.grad is not None:
+                variable.grad.mul_(mask)
             opt.step()
     return variable.detach()

@@ -96,6 +96,11 @@ class RefinerOptions:
         scoring_bank: Which prototypes a query patch is scored against: ``"refined"`` (nearest
             of the m refined prototypes, paper Eq. 6), ``"matched"`` (its own refined prototype
             only) or ``"union"`` (nearest of the refined prototypes and the original bank).
+        neighbors: Locality: each query patch's row of W may only use its ``neighbors`` nearest
+            bank prototypes (``None``: the whole bank, the paper). A refined prototype then stays
+            in the span of a few normal prototypes and cannot rebuild a defect from the whole bank.
+        affine: With ``neighbors``, constrain each row of W to sum to one, so a refined prototype
+            lies on the affine hull of its neighbours (``neighbors=1`` is then plain PatchCore).
 
     Example:
         >>> opts = RefinerOptions(distance="cosine", lambda_=0.1)
@@ -119,6 +124,8 @@ class RefinerOptions:
     sinkhorn_max_iter: int = 1000
     sinkhorn_tol: float = 1e-3
     scoring_bank: ScoringBank = "refined"
+    neighbors: int | None = None
+    affine: bool = False
 
     def __post_init__(self) -> None:
         """Validate every field; raise with the parameter name and a fix."""
@@ -134,6 +141,17 @@ class RefinerOptions:
         _check_number("ridge", self.ridge, minimum=0.0, inclusive=False, example="1e-3")
         _check_int("sinkhorn_max_iter", self.sinkhorn_max_iter, minimum=1, example="1000")
         _check_number("sinkhorn_tol", self.sinkhorn_tol, minimum=0.0, inclusive=False, example="1e-3")
+        if self.neighbors is not None:
+            _check_int("neighbors", self.neighbors, minimum=1, example="16 (or None for the whole bank)")
+        if not isinstance(self.affine, bool):
+            msg = f"affine must be True or False, got {self.affine!r}."
+            raise TypeError(msg)
+        if self.affine and self.m_step != "closed_form":
+            msg = "affine=True needs m_step='closed_form' (the gradient M-step has no constraint): change one of them."
+            raise ValueError(msg)
+        if self.affine and self.neighbors is None:
+            msg = "affine=True needs neighbors: set e.g. neighbors=16, or affine=False for the whole bank."
+            raise ValueError(msg)
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:

@@ -39,7 +39,15 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from .bank import BankFactors, bank_key
-from .m_step import ClosedFormStep, QueryTerms, gradient_step, objective, prototype_sq_norms, transport_cost
+from .m_step import (
+    ClosedFormStep,
+    LocalClosedFormStep,
+    QueryTerms,
+    gradient_step,
+    objective,
+    prototype_sq_norms,
+    transport_cost,
+)
 from .options import RefinerOptions
 from .transport import TransportState, solve_plan
 
@@ -92,6 +100,8 @@ class PrototypeRefiner(nn.Module, Callback):
         sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step.
         sinkhorn_tol: Relative marginal tolerance of Sinkhorn.
         scoring_bank: ``"refined"``, ``"matched"`` or ``"union"``.
+        neighbors: Restrict each row of W to the patch's K nearest bank prototypes (``None``: all).
+        affine: With ``neighbors``, rows of W sum to one (refined prototypes on the neighbours' affine hull).
 
     See :class:`~anomalib_protorefine.refinement.options.RefinerOptions` for details.
 
@@ -121,6 +131,8 @@ class PrototypeRefiner(nn.Module, Callback):
         sinkhorn_max_iter: int = 1000,
         sinkhorn_tol: float = 1e-3,
         scoring_bank: str = "refined",
+        neighbors: int | None = None,
+        affine: bool = False,
     ) -> None:
         super().__init__()
         self.options = RefinerOptions(
@@ -140,6 +152,8 @@ class PrototypeRefiner(nn.Module, Callback):
             sinkhorn_max_iter=sinkhorn_max_iter,
             sinkhorn_tol=sinkhorn_tol,
             scoring_bank=scoring_bank,  # type: ignore[arg-type]
+            neighbors=neighbors,
+            affine=affine,
         )
         self._factor_cache: OrderedDict[tuple, BankFactors] = OrderedDict()
         self.last_stats: dict[str, float] = {}
@@ -229,13 +243,20 @@ class PrototypeRefiner(nn.Module, Callback):
         if opts.distance == "cosine":
             features = F.normalize(features, dim=-1)
         terms = QueryTerms.from_features(features, factors)
-        weights = terms.initial_weights(factors)
+        local = None
+        if (opts.neighbors is not None and opts.neighbors < bank.shape[0]) or opts.affine:
+            local = LocalClosedFormStep(terms, factors, opts.lambda_, opts.neighbors or bank.shape[0], opts.affine)
+            weights = local.initial_weights()
+        else:
+            weights = terms.initial_weights(factors)
         plan: torch.Tensor | None = None
         sinkhorn_iterations = em_iterations = 0
         if opts.transport:
             states: list[TransportState | None] = [None] * queries.shape[0]
             scale: torch.Tensor | None = None
-            closed_form = ClosedFormStep(terms, factors, opts.lambda_) if opts.m_step == "closed_form" else None
+            closed_form = None
+            if opts.m_step == "closed_form":
+                closed_form = local if local is not None else ClosedFormStep(terms, factors, opts.lambda_)
             weighted_gram = weights @ factors.gram
             # Queries whose plan stopped moving (em_tol) are frozen, so a query's result never
             # depends on the other queries of its batch.
@@ -250,8 +271,9 @@ class PrototypeRefiner(nn.Module, Callback):
                 if closed_form is not None:
                     new_weights, new_weighted_gram = closed_form(plan)
                 else:
+                    mask = None if local is None else local.mask
                     new_weights = gradient_step(
-                        weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps
+                        weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps, mask
                     )
                     new_weighted_gram = new_weights @ factors.gram
                 keep = active[:, None, None]

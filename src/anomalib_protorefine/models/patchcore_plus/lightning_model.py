@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,13 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_protorefine.backbones import normalization_for
-from anomalib_protorefine.few_shot import support_from_dataset, train_dataset_of, validate_support_options
+from anomalib_protorefine.calibration import CalibrationResult, calibrate, split_transform
+from anomalib_protorefine.few_shot import (
+    load_images,
+    support_from_dataset,
+    train_dataset_of,
+    validate_support_options,
+)
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -40,7 +46,19 @@ from .torch_model import PatchcorePlusModel
 logger = logging.getLogger(__name__)
 
 #: Paper defaults of the PatchCore+ refiner (Euclidean distance, lambda = 0.3, N = 10).
-PATCHCORE_REFINER_DEFAULTS: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10, "distance": "euclidean"}
+PATCHCORE_PAPER_REFINER: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10, "distance": "euclidean"}
+#: The default form (docs/method.md, "Locality"): each refined prototype is an affine combination of
+#: the query patch's 16 nearest bank prototypes, pulled toward its transport barycentre.
+PATCHCORE_LOCAL_REFINER: dict[str, Any] = {**PATCHCORE_PAPER_REFINER, "neighbors": 16, "affine": True}
+#: Named refiner settings of PatchCorePlus (``refiner="paper"`` etc.).
+PATCHCORE_REFINER_PRESETS: dict[str, dict[str, Any]] = {
+    "local": PATCHCORE_LOCAL_REFINER,
+    "paper": PATCHCORE_PAPER_REFINER,
+}
+#: The preset of ``refiner=True``.
+PATCHCORE_DEFAULT_PRESET = "local"
+#: What ``refiner="auto"`` chooses between, by self-calibration on the support images.
+PATCHCORE_AUTO_CANDIDATES: tuple[str, ...] = ("off", PATCHCORE_DEFAULT_PRESET)
 
 
 class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
@@ -56,9 +74,12 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         k_shot: Number of normal support images, or ``None`` for classic full-shot PatchCore
             trained with ``Engine.fit``.
         few_shot_seed: Seed of the support image draw.
-        refiner: ``True`` (paper defaults: Euclidean, lambda 0.3, N 10), ``False`` (plain
-            PatchCore scored with the same code: the baseline), a :class:`PrototypeRefiner`, or a
-            dict of its arguments.
+        refiner: ``True`` or ``"local"`` (the default form: locality K = 16, affine, lambda 0.3,
+            N 10; see docs/method.md), ``"paper"`` (the paper's exact form: whole bank, lambda 0.3,
+            N 10), ``"auto"`` (self-calibration: refinement on or off, chosen per task from the
+            support images alone), ``False`` or ``"off"`` (plain PatchCore scored with the same
+            code: the baseline), a :class:`PrototypeRefiner`, or a dict of its arguments (over the
+            default form).
         online: "Online PatchCore+" (paper Table 6): refined prototypes join a bounded extra bank.
         online_capacity: Size bound of the online bank (default: the support bank's size).
         pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
@@ -81,7 +102,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         coreset_sampling_ratio: float = 0.05,
         k_shot: int | None = 4,
         few_shot_seed: int = 0,
-        refiner: bool | PrototypeRefiner | dict[str, Any] = True,
+        refiner: bool | str | PrototypeRefiner | dict[str, Any] = True,
         online: bool = False,
         online_capacity: int | None = None,
         pre_processor: nn.Module | bool = True,
@@ -94,7 +115,13 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}."
             raise ValueError(msg)
         layers = tuple(layers)
-        refiner_module = make_refiner(refiner, PATCHCORE_REFINER_DEFAULTS)
+        self.auto_refiner = refiner == "auto"
+        if self.auto_refiner and not k_shot:
+            msg = "refiner='auto' calibrates on the k support images: set k_shot (e.g. k_shot=4) or choose a preset."
+            raise ValueError(msg)
+        refiner_module = make_refiner(
+            True if self.auto_refiner else refiner, PATCHCORE_REFINER_PRESETS, PATCHCORE_DEFAULT_PRESET
+        )
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
@@ -114,6 +141,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
         self.support_paths: tuple[str, ...] = ()
+        self.calibration: CalibrationResult | None = None
 
     # ------------------------------------------------------------------ components
     @classmethod
@@ -169,6 +197,8 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
             support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
             self.support_paths = support.paths
+            if self.auto_refiner:
+                self.calibrate_refiner(support.paths)
             self.fit_support(support.images)
         elif self.model.embedding_store:
             logger.info("Applying core-set subsampling to the collected embeddings.")
@@ -180,6 +210,54 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
                 "or set k_shot (e.g. --model.k_shot 4) to build the bank from support images."
             )
             raise RuntimeError(msg)
+
+    def calibrate_refiner(self, paths: Sequence[str]) -> CalibrationResult:
+        """Choose the refiner among :data:`PATCHCORE_AUTO_CANDIDATES` from the support images alone.
+
+        Synthetic defects are pasted into held-out support images (leave-one-out, or augmented
+        copies for one image) and the candidate that localises them best is kept (see
+        :mod:`anomalib_protorefine.calibration`). The bank is rebuilt by the caller afterwards.
+
+        Args:
+            paths: The support image files.
+
+        Returns:
+            The calibration result (also stored in :attr:`calibration` and logged).
+        """
+        geometric, photometric = split_transform(self.pre_processor.transform if self.pre_processor else None)
+        raw = load_images(paths, geometric)
+        candidates = {
+            name: make_refiner(name, PATCHCORE_REFINER_PRESETS, PATCHCORE_DEFAULT_PRESET)
+            for name in PATCHCORE_AUTO_CANDIDATES
+        }
+
+        def fit_bank(images: torch.Tensor) -> tuple[int, int]:
+            self.fit_support(images)
+            return self._grid_of(images)
+
+        def scorer(refiner: PrototypeRefiner | None) -> Callable[[torch.Tensor], torch.Tensor]:
+            def score(images: torch.Tensor) -> torch.Tensor:
+                self.model.refiner = refiner
+                embedding, _ = self.model.embed(images.to(self.device))
+                return self.model.patch_scores(embedding).cpu()
+
+            return score
+
+        with torch.no_grad():
+            result = calibrate(
+                raw, photometric, fit_bank, {name: scorer(r) for name, r in candidates.items()}, seed=self.few_shot_seed
+            )
+        self.model.refiner = candidates[result.choice]
+        self.calibration = result
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in result.scores.items())
+        logger.info("Self-calibration chose refiner=%r (calibration scores: %s).", result.choice, scores)
+        return result
+
+    def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid ``(h, w)`` of pre-processed images."""
+        with torch.no_grad():
+            _, grid = self.model.embed(images[:1].to(self.device))
+        return grid
 
     def fit(self) -> None:
         """Build the memory bank (called by anomalib at the end of the training epoch)."""

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 #: Paper defaults of the WinCLIP+ refiner (cosine distance, lambda = 0.1, N = 10).
 WINCLIP_REFINER_DEFAULTS: dict[str, Any] = {"lambda_": 0.1, "num_iterations": 10, "distance": "cosine"}
+#: Named refiner settings of WinClipPlus (``refiner="paper"``); the default is the paper's.
+WINCLIP_REFINER_PRESETS: dict[str, dict[str, Any]] = {"paper": WINCLIP_REFINER_DEFAULTS}
 #: CLIP's normalisation (OpenAI / open_clip image mean and std).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,9 +73,9 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
             offline machines), or ``None`` for random weights.
         coreset_sampling_ratio: Coreset ratio alpha of each reference set before refinement
             (paper: 0.5 MVTec, 0.3 VisA, 0.2 MPDD).
-        refiner: ``True`` (paper defaults: cosine, lambda 0.1, N 10), ``False`` (plain WinCLIP with
-            the same code: the baseline), a cosine :class:`PrototypeRefiner`, or a dict of its
-            arguments.
+        refiner: ``True`` or ``"paper"`` (paper defaults: cosine, lambda 0.1, N 10), ``False`` or
+            ``"off"`` (plain WinCLIP with the same code: the baseline), a cosine
+            :class:`PrototypeRefiner`, or a dict of its arguments (over the paper defaults).
         pre_processor: Pre-processor, ``True`` for the default (240 px bicubic, CLIP normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -96,7 +98,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         backbone: str = DEFAULT_BACKBONE,
         pretrained: str | None = DEFAULT_PRETRAINED,
         coreset_sampling_ratio: float = 0.5,
-        refiner: bool | PrototypeRefiner | dict[str, Any] = True,
+        refiner: bool | str | PrototypeRefiner | dict[str, Any] = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -104,7 +106,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
     ) -> None:
         k_shot = k_shot or None  # 0 means zero-shot, as in upstream WinClip
         validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.5 on MVTec")
-        refiner_module = make_refiner(refiner, WINCLIP_REFINER_DEFAULTS)
+        refiner_module = make_refiner(refiner, WINCLIP_REFINER_PRESETS, default="paper")
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )

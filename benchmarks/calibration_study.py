@@ -1,0 +1,144 @@
+"""How often does self-calibration pick the setting that is best on the real test set?
+
+For every (dataset, k, seed) the candidates (plain PatchCore and refiner configurations of
+``refinement_study.py``) are calibrated on the k support images alone
+(:func:`anomalib_protorefine.calibration.calibrate`: synthetic defects pasted into held-out support
+images), and the pick is compared with the candidates' real test metrics, read from the result
+files of ``refinement_study.py`` for the same draws (image AUROC + pixel AUROC of the
+``--scoring``/``--agg`` columns).
+
+Usage:
+    python benchmarks/calibration_study.py --datasets bsdata --k 1 2 4 --seeds 0 1 2 3 4 \\
+        --candidates baseline affine16 paper --results results/study/sel_bsdata_k12.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from refinement_study import CONFIGS, DATA, cached_split  # noqa: E402
+
+from anomalib_protorefine import PatchCorePlus, PrototypeRefiner  # noqa: E402
+from anomalib_protorefine.calibration import calibrate  # noqa: E402
+from anomalib_protorefine.few_shot import support_from_dataset  # noqa: E402
+
+
+def real_metrics(paths: list[Path], scoring: str, agg: str) -> dict[tuple, float]:
+    """(dataset, k, seed, config) -> image AUROC + pixel AUROC on the real test set."""
+    out = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            wanted = ("nn" if r["config"] == "baseline" else scoring, agg)
+            if (r["scoring"], r["agg"]) == wanted:
+                out[(r["dataset"], r["k"], r["seed"], r["config"])] = r["image_auroc"] + r["pixel_auroc"]
+    return out
+
+
+def main() -> None:
+    """Calibrate every cell and print how the picks fare on the real test set."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["bsdata"])
+    parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--candidates", nargs="+", default=["baseline", "affine16", "paper"])
+    parser.add_argument("--results", nargs="+", type=Path, required=True)
+    parser.add_argument("--scoring", default="refined")
+    parser.add_argument("--agg", default="max")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--max-test", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-root", type=Path, default=DATA)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    size = (args.image_size, args.image_size)
+    model = PatchCorePlus(
+        backbone=args.backbone,
+        layers=tuple(args.layers),
+        coreset_sampling_ratio=args.alpha,
+        k_shot=1,
+        refiner=False,
+        visualizer=False,
+        evaluator=False,
+        pre_processor=PatchCorePlus.configure_pre_processor(size, args.backbone),
+    ).eval()
+    transform = model.pre_processor.transform
+    assert isinstance(transform, Compose)  # noqa: S101 - Resize then Normalize, built just above
+    resize = Resize(size, antialias=True)
+    normalize = next(t for t in transform.transforms if isinstance(t, Normalize))
+    real = real_metrics(args.results, args.scoring, args.agg)
+    refiners = {c: None if c == "baseline" else PrototypeRefiner(**CONFIGS[c]) for c in args.candidates}
+
+    def fit_bank(images: torch.Tensor) -> tuple[int, int]:
+        model.fit_support(images)
+        _, grid = model.model.embed(images[:1])
+        return grid
+
+    def scorer(refiner: PrototypeRefiner | None):  # noqa: ANN202
+        def score(images: torch.Tensor) -> torch.Tensor:
+            model.model.refiner = refiner
+            embedding, _ = model.model.embed(images)
+            return model.model.patch_scores(embedding)
+
+        return score
+
+    stats: dict[int, list[dict]] = defaultdict(list)
+    for dataset in args.datasets:
+        split = cached_split(model, args, dataset)
+        for k in args.k:
+            for seed in args.seeds:
+                keys = [(dataset, k, seed, c) for c in args.candidates]
+                if not all(key in real for key in keys):
+                    print(f"  {dataset} k={k} seed={seed}: no real-test results for every candidate, skipped")
+                    continue
+                support = support_from_dataset(split["train"], k, seed, resize)
+                model.few_shot_seed = seed
+                tic = time.perf_counter()
+                with torch.inference_mode():
+                    result = calibrate(
+                        support.images,
+                        normalize,
+                        fit_bank,
+                        {c: scorer(r) for c, r in refiners.items()},
+                        seed=seed,
+                    )
+                seconds = time.perf_counter() - tic
+                values = {c: real[(dataset, k, seed, c)] for c in args.candidates}
+                best = max(values, key=lambda c: values[c])
+                row = {
+                    "dataset": dataset,
+                    "k": k,
+                    "seed": seed,
+                    "pick": result.choice,
+                    "best": best,
+                    "regret": values[best] - values[result.choice],
+                    "gain_vs_baseline": values[result.choice] - values.get("baseline", float("nan")),
+                    "seconds": seconds,
+                    "calibration": result.scores,
+                }
+                stats[k].append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| k | cells | picks the real best | mean regret (img+px AUROC, points) | mean gain of the pick vs baseline |")
+    print("|---|---|---|---|---|")
+    for k, rows in sorted(stats.items()):
+        hits = sum(r["pick"] == r["best"] for r in rows)
+        regret = 100 * sum(r["regret"] for r in rows) / len(rows)
+        gain = 100 * sum(r["gain_vs_baseline"] for r in rows) / len(rows)
+        print(f"| {k} | {len(rows)} | {hits}/{len(rows)} | {regret:.2f} | {gain:+.2f} |")
+
+
+if __name__ == "__main__":
+    main()

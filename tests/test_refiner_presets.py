@@ -1,0 +1,86 @@
+"""The ``refiner`` argument of the models: presets (default ``"local"``, ``"paper"``, ``"off"``), dicts over
+the default, and self-calibration (``"auto"``) end to end on the quick synthetic data set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from test_patchcore_plus import QUIET, make_model
+
+from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
+from anomalib_protorefine.models.patchcore_plus.lightning_model import (
+    PATCHCORE_AUTO_CANDIDATES,
+    PATCHCORE_PAPER_REFINER,
+    PATCHCORE_REFINER_PRESETS,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _options(model: PatchCorePlus) -> dict | None:
+    return None if model.model.refiner is None else model.model.refiner.options.as_dict()
+
+
+def test_default_is_the_local_form_and_paper_is_one_argument_away() -> None:
+    default = _options(make_model())
+    assert default == PrototypeRefiner(**PATCHCORE_REFINER_PRESETS["local"]).options.as_dict()
+    assert (default["neighbors"], default["affine"], default["lambda_"]) == (16, True, 0.3)
+    paper = _options(make_model(refiner="paper"))
+    assert paper == PrototypeRefiner(**PATCHCORE_PAPER_REFINER).options.as_dict()
+    assert (paper["neighbors"], paper["affine"], paper["lambda_"], paper["num_iterations"]) == (None, False, 0.3, 10)
+    assert _options(make_model(refiner="off")) is None
+    assert _options(make_model(refiner=False)) is None
+
+
+def test_dict_overrides_the_default_form() -> None:
+    options = _options(make_model(refiner={"lambda_": 1.0}))
+    assert (options["lambda_"], options["neighbors"], options["affine"]) == (1.0, 16, True)
+    paper_like = _options(make_model(refiner={"neighbors": None, "affine": False}))
+    assert paper_like == PrototypeRefiner(**PATCHCORE_PAPER_REFINER).options.as_dict()
+
+
+def test_unknown_preset_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="refiner='fast' is not a preset: use one of 'local', 'paper'"):
+        make_model(refiner="fast")
+
+
+def test_auto_needs_support_images() -> None:
+    with pytest.raises(ValueError, match="refiner='auto' calibrates on the k support images"):
+        make_model(refiner="auto", k_shot=None)
+
+
+@pytest.mark.slow
+def test_auto_calibrates_on_the_support_images(quick_datamodule, tmp_path) -> None:
+    """``refiner="auto"`` picks a candidate from the support images alone, deterministically, and the model
+    then scores with exactly that candidate's refiner."""
+    choices = []
+    for _ in range(2):
+        model = make_model(refiner="auto")
+        Engine(default_root_dir=tmp_path, **QUIET).test(model, datamodule=quick_datamodule())
+        assert model.calibration is not None
+        assert set(model.calibration.scores) == set(PATCHCORE_AUTO_CANDIDATES)
+        assert model.calibration.choice == max(model.calibration.scores, key=model.calibration.scores.get)
+        expected = None if model.calibration.choice == "off" else PATCHCORE_REFINER_PRESETS[model.calibration.choice]
+        if expected is None:
+            assert model.model.refiner is None
+        else:
+            assert model.model.refiner.options == PrototypeRefiner(**expected).options
+        # The bank is the full support bank again after the leave-one-out folds.
+        assert model.model.memory_bank.shape[0] == make_bank_size(model)
+        choices.append((model.calibration.choice, model.calibration.scores))
+    assert choices[0] == choices[1]
+
+
+def make_bank_size(model: PatchCorePlus) -> int:
+    """Size of the coreset of ``k_shot`` support images (patches per image x k x ratio)."""
+    grid = model._grid_of(torch.zeros(1, 3, 128, 128))
+    return max(int(grid[0] * grid[1] * model.k_shot * model.coreset_sampling_ratio), 1)
