@@ -472,3 +472,30 @@ def test_half_precision_model_gives_finite_scores() -> None:
     assert output.pred_score.dtype == torch.float16
     assert torch.isfinite(output.pred_score).all()
     assert torch.isfinite(output.anomaly_map).all()
+
+
+# ------------------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize("refined", [True, False], ids=["refined", "plain"])
+def test_bf16_autocast_scores_match_float32(parity: dict[str, object], refined: bool) -> None:
+    """Under ``torch.autocast`` (``precision="bf16-mixed"``) refinement and scoring still run in float32.
+
+    The backbone runs in bfloat16 under autocast, so whole-model scores differ by the features' rounding
+    (about 1%); scoring the same features must not change at all.
+    """
+    ours, images = parity["ours"], parity["images"]
+    model = PatchcorePlusModel(
+        backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=PrototypeRefiner() if refined else None
+    ).eval()
+    model.memory_bank = ours.memory_bank.clone()
+    with torch.no_grad():
+        embedding, _ = model.embed(images)
+        expected_scores = model.patch_scores(embedding)
+        expected = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = model.patch_scores(embedding)
+            output = model(images)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    assert output.pred_score.dtype == torch.float32
+    torch.testing.assert_close(output.pred_score, expected.pred_score, rtol=3e-2, atol=0)
+    relative = (output.anomaly_map - expected.anomaly_map).abs().amax() / expected.anomaly_map.abs().amax()
+    assert relative < 5e-2, relative

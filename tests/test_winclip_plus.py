@@ -193,6 +193,22 @@ def test_image_score_fusion_eq9(plain_and_refined: tuple, queries: torch.Tensor)
         assert torch.allclose(output.anomaly_map, expected_map, atol=1e-6)
 
 
+def test_bf16_autocast_scores_match_float32(plain_and_refined: tuple, queries: torch.Tensor) -> None:
+    """Under ``torch.autocast`` (``precision="bf16-mixed"``) few-shot scoring still runs in float32."""
+    for model in plain_and_refined:
+        _, windows, patches = model.encode_image(queries)
+        expected_map = model._compute_few_shot_scores(patches, windows)
+        expected = model(queries)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            few_shot_map = model._compute_few_shot_scores(patches, windows)
+            output = model(queries)
+        torch.testing.assert_close(few_shot_map, expected_map, rtol=1e-5, atol=1e-5)
+        assert output.pred_score.dtype == torch.float32
+        # The CLIP encoders themselves run in bfloat16 under autocast: scores move by its rounding only.
+        torch.testing.assert_close(output.pred_score, expected.pred_score, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(output.anomaly_map, expected.anomaly_map, rtol=5e-2, atol=5e-3)
+
+
 def test_refiner_must_be_cosine(tiny_json: str) -> None:
     with pytest.raises(ValueError, match="distance='cosine'"):
         WinClipPlus(backbone=tiny_json, pretrained=None, refiner={"distance": "euclidean"})

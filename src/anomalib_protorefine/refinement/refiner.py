@@ -41,6 +41,7 @@ from torch.nn import functional as F  # noqa: N812
 from .bank import BankFactors, bank_key
 from .m_step import ClosedFormStep, QueryTerms, gradient_step, objective, prototype_sq_norms, transport_cost
 from .options import RefinerOptions
+from .precision import float32_compute
 from .transport import TransportState, solve_plan
 
 logger = logging.getLogger(__name__)
@@ -211,6 +212,7 @@ class PrototypeRefiner(nn.Module, Callback):
         # A zero cost means the refined prototypes coincide with the bank: any positive scale works.
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
+    @float32_compute
     def refine(self, queries: torch.Tensor, bank: torch.Tensor) -> RefinementResult:
         """Refine ``bank`` for each query.
 
@@ -303,6 +305,7 @@ class PrototypeRefiner(nn.Module, Callback):
         return self.refine(queries, bank).prototypes.to(queries.dtype)
 
     # ------------------------------------------------------------------ scoring
+    @float32_compute
     def score_result(self, result: RefinementResult) -> torch.Tensor:
         """Distance of every query patch to its scoring bank, ``(B, m)``, float32.
 

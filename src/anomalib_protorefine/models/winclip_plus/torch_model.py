@@ -38,6 +38,7 @@ from torch import nn
 
 from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.refinement import PrototypeRefiner
+from anomalib_protorefine.refinement.precision import autocast_disabled, float32_compute
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +330,7 @@ class WinClipPlusModel(WinClipModel):
         ]
 
     # ------------------------------------------------------------------ scoring
+    @float32_compute
     def _reference_scores(
         self,
         embeddings: torch.Tensor,
@@ -345,6 +347,7 @@ class WinClipPlusModel(WinClipModel):
             return visual_association_score(embeddings, references)
         return self.refiner.patch_scores(embeddings, bank)
 
+    @float32_compute
     def _compute_few_shot_scores(
         self,
         patch_embeddings: torch.Tensor,
@@ -396,14 +399,20 @@ class WinClipPlusModel(WinClipModel):
 
         """
         image_embeddings, window_embeddings, patch_embeddings = self.encode_image(batch)
-        zero_shot = class_scores(image_embeddings, self.text_embeddings, self.temperature, target_class=1)
-        multi_scale_scores = self._compute_zero_shot_scores(zero_shot, window_embeddings)
-        image_scores = zero_shot
-        if self.has_references:
-            few_shot_map = self._compute_few_shot_scores(patch_embeddings, window_embeddings)
-            multi_scale_scores = (multi_scale_scores + few_shot_map) / 2
-            image_scores = fuse_image_scores(zero_shot, few_shot_map)
-        pixel_scores = nn.functional.interpolate(
-            multi_scale_scores.unsqueeze(1), size=batch.shape[-2:], mode="bilinear"
-        )
+        # Under autocast (bf16/fp16 mixed precision) the CLIP encoders return low-precision embeddings:
+        # score in the precision of the stored embeddings (float32 unless the whole model was cast).
+        dtype = torch.promote_types(image_embeddings.dtype, self._text_embeddings.dtype)
+        image_embeddings, patch_embeddings = image_embeddings.to(dtype), patch_embeddings.to(dtype)
+        window_embeddings = [window.to(dtype) for window in window_embeddings]
+        with autocast_disabled(image_embeddings):
+            zero_shot = class_scores(image_embeddings, self.text_embeddings, self.temperature, target_class=1)
+            multi_scale_scores = self._compute_zero_shot_scores(zero_shot, window_embeddings)
+            image_scores = zero_shot
+            if self.has_references:
+                few_shot_map = self._compute_few_shot_scores(patch_embeddings, window_embeddings)
+                multi_scale_scores = (multi_scale_scores + few_shot_map) / 2
+                image_scores = fuse_image_scores(zero_shot, few_shot_map)
+            pixel_scores = nn.functional.interpolate(
+                multi_scale_scores.unsqueeze(1), size=batch.shape[-2:], mode="bilinear"
+            )
         return InferenceBatch(pred_score=image_scores, anomaly_map=pixel_scores.squeeze(1))
