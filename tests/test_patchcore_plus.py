@@ -319,12 +319,55 @@ def test_checkpoint_of_baseline_keeps_refiner_off(quick_datamodule, tmp_path: Pa
         ({"coreset_sampling_ratio": 0}, ValueError, "coreset_sampling_ratio"),
         ({"coreset_sampling_ratio": 1.5}, ValueError, "coreset_sampling_ratio"),
         ({"few_shot_seed": "a"}, TypeError, "few_shot_seed"),
+        ({"few_shot_seed": -5}, ValueError, r"few_shot_seed must be in \[0, 4294967295\]"),
+        ({"few_shot_seed": 2**33}, ValueError, r"few_shot_seed must be in \[0, 4294967295\]"),
+        ({"online_capacity": 2.5}, TypeError, "online_capacity must be a positive integer"),
+        ({"online_capacity": 0}, ValueError, "online_capacity must be a positive integer"),
+        ({"online": "yes"}, TypeError, "online must be True or False"),
+        ({"coreset_sampling_ratio": "0.1"}, TypeError, "coreset_sampling_ratio must be a number"),
+        ({"layers": "blocks.2"}, ValueError, r"pass \['blocks.2'\]"),
+        ({"layers": []}, ValueError, "layers must be a non-empty list"),
         ({"refiner": "yes"}, TypeError, "refiner"),
     ],
 )
 def test_bad_arguments_name_the_parameter(kwargs: dict[str, object], error: type[Exception], name: str) -> None:
     with pytest.raises(error, match=name):
         make_model(pre_trained=False, **kwargs)
+
+
+def test_setting_k_shot_after_construction_rebuilds_the_bank(quick_datamodule, tmp_path: Path) -> None:
+    """``model.k_shot = 3`` after a run: validated, the bank and support list are rebuilt, hparams follow."""
+    model = _validated(quick_datamodule, tmp_path, k_shot=2)
+    assert len(model.support_paths) == 2
+    bank_for_two = model.model.memory_bank.shape[0]
+    model.k_shot = 3
+    assert model.hparams["k_shot"] == 3
+    assert model.model.memory_bank.numel() == 0
+    assert model.support_paths == ()
+    trainer_for(model, tmp_path, limit_val_batches=1).validate(model, datamodule=quick_datamodule(), verbose=False)
+    assert len(model.support_paths) == 3
+    assert model.model.memory_bank.shape[0] > bank_for_two
+    with pytest.raises(ValueError, match="k_shot must be a positive integer"):
+        model.k_shot = 0
+    assert model.k_shot == 3
+
+
+def test_unreadable_support_image_is_named(tmp_path: Path) -> None:
+    """A truncated support image fails with its file name (PIL alone says only "image file is truncated")."""
+    from PIL import Image
+
+    from anomalib_protorefine.few_shot import support_from_folder
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for index in range(2):
+        Image.new("RGB", (64, 64), (index * 100, 50, 50)).save(folder / f"{index}.png")
+    noise = (torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(noise).save(folder / "2_truncated.png")
+    data = (folder / "2_truncated.png").read_bytes()
+    (folder / "2_truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"2_truncated\.png"):
+        support_from_folder(folder, k_shot=3, seed=0, transform=None)
 
 
 def test_k_shot_larger_than_training_set(quick_datamodule, tmp_path: Path) -> None:

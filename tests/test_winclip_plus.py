@@ -209,6 +209,31 @@ def test_bf16_autocast_scores_match_float32(plain_and_refined: tuple, queries: t
         torch.testing.assert_close(output.anomaly_map, expected.anomaly_map, rtol=5e-2, atol=5e-3)
 
 
+@pytest.mark.parametrize("scales", [[], [0], "23", [2, 99]])
+def test_bad_scales_name_the_option(tiny_json: str, scales: object) -> None:
+    with pytest.raises(ValueError, match=r"scales.*scales=\[2, 3\]"):
+        WinClipPlus(backbone=tiny_json, pretrained=None, scales=scales)
+
+
+def test_setting_k_shot_after_construction(tiny_json: str, dataset_root: Path) -> None:
+    """``model.k_shot = 1`` after a run: the references are re-drawn with the new k, hparams follow."""
+    model = tiny_model(tiny_json, refiner=False)
+    trainer().validate(model, datamodule=make_datamodule(dataset_root), verbose=False)
+    assert model.model.k_shot == K_SHOT
+    model.k_shot = 1
+    assert model.hparams["k_shot"] == 1
+    assert not model.model.has_references
+    assert model.support_paths == ()
+    trainer().validate(model, datamodule=make_datamodule(dataset_root), verbose=False)
+    assert model.model.k_shot == 1
+    assert len(model.support_paths) == 1
+    model.k_shot = 0  # zero-shot
+    assert model.k_shot is None
+    assert model.learning_type.value == "zero_shot"
+    with pytest.raises(ValueError, match="k_shot must be a positive integer"):
+        model.k_shot = -1
+
+
 def test_refiner_must_be_cosine(tiny_json: str) -> None:
     with pytest.raises(ValueError, match="distance='cosine'"):
         WinClipPlus(backbone=tiny_json, pretrained=None, refiner={"distance": "euclidean"})

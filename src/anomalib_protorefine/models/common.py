@@ -17,6 +17,7 @@ from anomalib.post_processing import PostProcessor
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_protorefine.few_shot import validate_k_shot
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 
@@ -52,10 +53,42 @@ class RefinedFewShotMixin:
 
     model: Any
     support_paths: tuple[str, ...]
+    hparams: Any
 
     def _ensure_ready(self) -> None:
         """Prepare the support data before evaluation (implemented by the model)."""
         raise NotImplementedError
+
+    def _reset_support(self) -> None:
+        """Forget the support data (memory bank / reference embeddings) so it is rebuilt (implemented by the model)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _normalize_k_shot(k_shot: int | None) -> int | None:
+        """The stored form of a ``k_shot`` value (WinClipPlus maps 0 to ``None``, zero-shot)."""
+        return k_shot
+
+    @property
+    def k_shot(self) -> int | None:
+        """Number of normal support images (``None``: full-shot or zero-shot).
+
+        Setting it after construction validates the value, forgets the support data built for the
+        previous value (it is rebuilt from ``k_shot`` images when next needed) and keeps
+        ``hparams`` (and so checkpoints and ``hparams.yaml``) in sync.
+        """
+        return self.__dict__["_k_shot"]
+
+    @k_shot.setter
+    def k_shot(self, value: int | None) -> None:
+        value = self._normalize_k_shot(value)
+        validate_k_shot(value)
+        changed = "_k_shot" in self.__dict__ and self.__dict__["_k_shot"] != value
+        self.__dict__["_k_shot"] = value
+        hparams = getattr(self, "_hparams", None)
+        if hparams is not None and "k_shot" in hparams:
+            hparams["k_shot"] = value
+        if changed:
+            self._reset_support()
 
     def on_validation_start(self) -> None:
         """Prepare the support data before validation."""

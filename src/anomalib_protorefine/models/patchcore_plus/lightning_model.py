@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,57 @@ logger = logging.getLogger(__name__)
 
 #: Paper defaults of the PatchCore+ refiner (Euclidean distance, lambda = 0.3, N = 10).
 PATCHCORE_REFINER_DEFAULTS: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10, "distance": "euclidean"}
+
+
+def validate_layers(layers: Sequence[str]) -> tuple[str, ...]:
+    """Return ``layers`` as a tuple of layer names, or raise an error that names ``layers`` and the fix.
+
+    Example:
+        >>> validate_layers(["layer2", "layer3"])
+        ('layer2', 'layer3')
+        >>> validate_layers("layer2")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: layers must be a list of layer names, got the string 'layer2': pass ['layer2'] ...
+    """
+    if isinstance(layers, str):
+        msg = (
+            f"layers must be a list of layer names, got the string {layers!r}: pass [{layers!r}] "
+            f"(CLI: --model.layers '[{layers}]')."
+        )
+        raise ValueError(msg)
+    if not isinstance(layers, Sequence) or not layers or not all(isinstance(layer, str) and layer for layer in layers):
+        msg = (
+            f"layers must be a non-empty list of layer names, got {layers!r}. Use e.g. layers=['layer2', 'layer3'] "
+            "(CLI: --model.layers '[layer2, layer3]')."
+        )
+        raise ValueError(msg)
+    return tuple(layers)
+
+
+def validate_online_options(online: bool, online_capacity: int | None) -> None:
+    """Raise an error naming the option unless ``online`` is a bool and ``online_capacity`` a positive int or None.
+
+    Example:
+        >>> validate_online_options(True, 2.5)
+        Traceback (most recent call last):
+        ...
+        TypeError: online_capacity must be a positive integer or None, got float 2.5. Use e.g. online_capacity=1000.
+    """
+    if not isinstance(online, bool):
+        msg = f"online must be True or False, got {online!r}."
+        raise TypeError(msg)
+    if online_capacity is None:
+        return
+    if isinstance(online_capacity, bool) or not isinstance(online_capacity, numbers.Integral):
+        msg = (
+            f"online_capacity must be a positive integer or None, got {type(online_capacity).__name__} "
+            f"{online_capacity!r}. Use e.g. online_capacity=1000."
+        )
+        raise TypeError(msg)
+    if online_capacity < 1:
+        msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}. Use e.g. 1000."
+        raise ValueError(msg)
 
 
 class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
@@ -90,10 +142,8 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.05")
-        if online_capacity is not None and (isinstance(online_capacity, bool) or online_capacity < 1):
-            msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}."
-            raise ValueError(msg)
-        layers = tuple(layers)
+        validate_online_options(online, online_capacity)
+        layers = validate_layers(layers)
         refiner_module = make_refiner(refiner, PATCHCORE_REFINER_DEFAULTS)
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
@@ -180,6 +230,15 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
                 "or set k_shot (e.g. --model.k_shot 4) to build the bank from support images."
             )
             raise RuntimeError(msg)
+
+    def _reset_support(self) -> None:
+        """Empty the memory bank (and the online bank) and the support list: ``k_shot`` changed."""
+        device = self.model.memory_bank.device
+        self.model.memory_bank = torch.empty(0, device=device)
+        self.model.online_bank = torch.empty(0, device=device)
+        self.model.embedding_store.clear()
+        self.support_paths = ()
+        self._is_fitted = torch.tensor([False], device=device)
 
     def fit(self) -> None:
         """Build the memory bank (called by anomalib at the end of the training epoch)."""

@@ -109,7 +109,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
         self.model: WinClipPlusModel = WinClipPlusModel(
-            scales=tuple(scales),
+            scales=scales,
             backbone=backbone,
             pretrained=pretrained,
             refiner=refiner_module,
@@ -204,6 +204,16 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
             support = self.select_support()
             self.support_paths = support.paths
             self.fit_support(support.images)
+
+    @staticmethod
+    def _normalize_k_shot(k_shot: int | None) -> int | None:
+        """``0`` means zero-shot, as in upstream WinClip: stored as ``None``."""
+        return k_shot or None
+
+    def _reset_support(self) -> None:
+        """Forget the reference embeddings and the support list: ``k_shot`` changed."""
+        self.model.clear_references()
+        self.support_paths = ()
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

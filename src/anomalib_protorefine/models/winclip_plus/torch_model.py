@@ -26,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +207,32 @@ def fuse_image_scores(zero_shot: torch.Tensor, few_shot_map: torch.Tensor) -> to
     return (zero_shot + few_shot_map.amax(dim=(-2, -1))) / 2
 
 
+def validate_scales(scales: Any) -> tuple[int, ...]:
+    """Return ``scales`` as a tuple of window sizes, or raise an error that names ``scales`` and the fix.
+
+    Example:
+        >>> validate_scales([2, 3])
+        (2, 3)
+        >>> validate_scales([0])
+        Traceback (most recent call last):
+        ...
+        ValueError: scales must be a non-empty list of window sizes >= 1 (in patches), got [0]. WinCLIP: scales=[2, 3].
+    """
+    valid = (
+        isinstance(scales, Sequence)
+        and not isinstance(scales, str)
+        and len(scales) > 0
+        and all(isinstance(scale, numbers.Integral) and not isinstance(scale, bool) and scale >= 1 for scale in scales)
+    )
+    if not valid:
+        msg = (
+            f"scales must be a non-empty list of window sizes >= 1 (in patches), got {scales!r}. "
+            "WinCLIP: scales=[2, 3]."
+        )
+        raise ValueError(msg)
+    return tuple(int(scale) for scale in scales)
+
+
 def _encode_name(name: str | None) -> torch.Tensor:
     """UTF-8 bytes of a class name as a uint8 tensor (so it lives in the state dict)."""
     return torch.tensor(list((name or "").encode()), dtype=torch.uint8)
@@ -239,7 +267,7 @@ class WinClipPlusModel(WinClipModel):
         self,
         class_name: str | None = None,
         reference_images: torch.Tensor | None = None,
-        scales: tuple[int, ...] = (2, 3),
+        scales: Sequence[int] = (2, 3),
         apply_transform: bool = False,
         backbone: str | Path = DEFAULT_BACKBONE,
         pretrained: str | Path | None = DEFAULT_PRETRAINED,
@@ -260,7 +288,15 @@ class WinClipPlusModel(WinClipModel):
         if not 0 < coreset_sampling_ratio <= 1:
             msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: 0.5 on MVTec."
             raise ValueError(msg)
+        scales = validate_scales(scales)
         self.clip, self._transform, self.backbone = create_clip(backbone, pretrained, cache_dir)
+        grid = tuple(self.clip.visual.grid_size)
+        if max(scales) > min(grid):
+            msg = (
+                f"scales {list(scales)} has a window larger than the {grid[0]} x {grid[1]} patch grid of "
+                f"{self.backbone}: use smaller windows, e.g. scales=[2, 3]."
+            )
+            raise ValueError(msg)
         self.pretrained = pretrained
         self.temperature = TEMPERATURE
         self.class_name = class_name
@@ -309,6 +345,15 @@ class WinClipPlusModel(WinClipModel):
     def _collect_visual_embeddings(self, images: torch.Tensor) -> None:
         """Embed the reference images, then build the refinement banks (when refining)."""
         super()._collect_visual_embeddings(images)
+        self.build_banks()
+
+    def clear_references(self) -> None:
+        """Forget the few-shot reference images, their embeddings and banks (back to zero-shot)."""
+        device = self._patch_embeddings.device
+        self.reference_images = None
+        self.k_shot = 0
+        self._patch_embeddings = torch.empty(0, device=device)
+        self._visual_embeddings = [torch.empty(0, device=device) for _ in self.scales]
         self.build_banks()
 
     def build_banks(self) -> None:
