@@ -234,6 +234,22 @@ def test_setting_k_shot_after_construction(tiny_json: str, dataset_root: Path) -
         model.k_shot = -1
 
 
+def test_partial_refiner_override_from_the_command_line_keeps_model_defaults(tiny_json: str) -> None:
+    """``--model.refiner.lambda_ 0.2`` (jsonargparse, as ``anomalib test`` parses it) keeps the cosine defaults."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(AnomalibModule, "model")
+    args = ["--model", "anomalib_protorefine.WinClipPlus", "--model.backbone", tiny_json]
+    args += ["--model.pretrained", "null", "--model.refiner.lambda_", "0.2"]
+    model = parser.instantiate_classes(parser.parse_args(args)).model
+    options = model.model.refiner.options
+    assert (options.lambda_, options.distance, options.num_iterations) == (0.2, "cosine", 10)
+    assert model.hparams["refiner"]["lambda_"] == 0.2
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['lamda'\].*lambda_"):
+        WinClipPlus(backbone=tiny_json, pretrained=None, refiner={"lamda": 0.2})
+
+
 def test_refiner_must_be_cosine(tiny_json: str) -> None:
     with pytest.raises(ValueError, match="distance='cosine'"):
         WinClipPlus(backbone=tiny_json, pretrained=None, refiner={"distance": "euclidean"})

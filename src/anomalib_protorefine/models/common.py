@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,28 +19,68 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_protorefine.few_shot import validate_k_shot
-from anomalib_protorefine.refinement import PrototypeRefiner
+from anomalib_protorefine.refinement import PrototypeRefiner, RefinerOptions
+
+
+def refiner_option_names() -> tuple[str, ...]:
+    """Names of the :class:`PrototypeRefiner` options (derived from :class:`RefinerOptions`, never hard-coded).
+
+    Example:
+        >>> "lambda_" in refiner_option_names()
+        True
+    """
+    return tuple(field.name for field in dataclasses.fields(RefinerOptions))
+
+
+def _refiner_arguments(refiner: dict[str, Any]) -> dict[str, Any]:
+    """The refiner options of a dict: plain options, or a jsonargparse ``class_path``/``init_args`` spec."""
+    if "class_path" in refiner:
+        class_name = str(refiner["class_path"]).rsplit(".", 1)[-1]
+        if class_name != PrototypeRefiner.__name__:
+            msg = f"refiner class_path must name PrototypeRefiner, got {refiner['class_path']!r}."
+            raise ValueError(msg)
+        refiner = dict(refiner.get("init_args") or {})
+    unknown = sorted(set(refiner) - set(refiner_option_names()))
+    if unknown:
+        msg = (
+            f"refiner has unknown option(s) {unknown}: valid PrototypeRefiner options are "
+            f"{list(refiner_option_names())} (e.g. --model.refiner.lambda_ 0.2)."
+        )
+        raise ValueError(msg)
+    return dict(refiner)
 
 
 def make_refiner(
-    refiner: bool | PrototypeRefiner | dict[str, Any], defaults: dict[str, Any]
+    refiner: bool | dict[str, Any] | PrototypeRefiner, defaults: dict[str, Any]
 ) -> PrototypeRefiner | None:
     """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
 
+    A dict is a *partial override* of the model's defaults: only the options it names change. This
+    is what ``--model.refiner.lambda_ 0.2`` on the command line gives (the models list ``dict``
+    before ``PrototypeRefiner`` in their ``refiner`` type, so jsonargparse collects nested options
+    into a dict instead of building a ``PrototypeRefiner`` whose unnamed options would take the
+    class defaults rather than the model's). A ``PrototypeRefiner`` is used as given: all its
+    options are explicit.
+
     Args:
-        refiner: ``True`` (paper defaults), ``False`` (no refinement), a refiner, or a dict of
-            :class:`PrototypeRefiner` arguments (as stored in checkpoints).
-        defaults: The model's paper defaults, overridden by a dict's entries.
+        refiner: ``True`` (the model's defaults), ``False`` (no refinement), a dict of
+            :class:`PrototypeRefiner` options (as stored in checkpoints, or a jsonargparse
+            ``class_path``/``init_args`` spec), or a refiner.
+        defaults: The model's defaults, overridden by a dict's entries.
 
     Returns:
         The refiner or ``None``.
+
+    Example:
+        >>> make_refiner({"lambda_": 0.2}, {"lambda_": 0.1, "distance": "cosine"}).options.distance
+        'cosine'
     """
     if isinstance(refiner, PrototypeRefiner):
         return refiner
     if isinstance(refiner, bool):
         return PrototypeRefiner(**defaults) if refiner else None
     if isinstance(refiner, dict):
-        return PrototypeRefiner(**{**defaults, **refiner})
+        return PrototypeRefiner(**{**defaults, **_refiner_arguments(refiner)})
     msg = f"refiner must be True, False, a PrototypeRefiner or a dict of its arguments, got {type(refiner).__name__}."
     raise TypeError(msg)
 

@@ -109,8 +109,9 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             trained with ``Engine.fit``.
         few_shot_seed: Seed of the support image draw.
         refiner: ``True`` (paper defaults: Euclidean, lambda 0.3, N 10), ``False`` (plain
-            PatchCore scored with the same code: the baseline), a :class:`PrototypeRefiner`, or a
-            dict of its arguments.
+            PatchCore scored with the same code: the baseline), a dict of the options to change
+            (the others keep these defaults; CLI: ``--model.refiner.lambda_ 0.2``), or a
+            :class:`PrototypeRefiner` (used as given).
         online: "Online PatchCore+" (paper Table 6): refined prototypes join a bounded extra bank.
         online_capacity: Size bound of the online bank (default: the support bank's size).
         pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
@@ -133,7 +134,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         coreset_sampling_ratio: float = 0.05,
         k_shot: int | None = 4,
         few_shot_seed: int = 0,
-        refiner: bool | PrototypeRefiner | dict[str, Any] = True,
+        refiner: bool | dict[str, Any] | PrototypeRefiner = True,
         online: bool = False,
         online_capacity: int | None = None,
         pre_processor: nn.Module | bool = True,

@@ -72,8 +72,8 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         coreset_sampling_ratio: Coreset ratio alpha of each reference set before refinement
             (paper: 0.5 MVTec, 0.3 VisA, 0.2 MPDD).
         refiner: ``True`` (paper defaults: cosine, lambda 0.1, N 10), ``False`` (plain WinCLIP with
-            the same code: the baseline), a cosine :class:`PrototypeRefiner`, or a dict of its
-            arguments.
+            the same code: the baseline), a dict of the options to change (the others keep these
+            defaults; CLI: ``--model.refiner.lambda_ 0.2``), or a cosine :class:`PrototypeRefiner`.
         pre_processor: Pre-processor, ``True`` for the default (240 px bicubic, CLIP normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -96,7 +96,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         backbone: str = DEFAULT_BACKBONE,
         pretrained: str | None = DEFAULT_PRETRAINED,
         coreset_sampling_ratio: float = 0.5,
-        refiner: bool | PrototypeRefiner | dict[str, Any] = True,
+        refiner: bool | dict[str, Any] | PrototypeRefiner = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,

@@ -282,7 +282,9 @@ class WinClipPlusModel(WinClipModel):
         if refiner is not None and refiner.options.distance != "cosine":
             msg = (
                 f"WinClipPlus scores by cosine distance (paper Eq. 8): the refiner needs distance='cosine', got "
-                f"{refiner.options.distance!r}."
+                f"{refiner.options.distance!r}. Pass PrototypeRefiner(distance='cosine', ...), or give WinClipPlus "
+                "a dict of the options to change (refiner={'lambda_': 0.2}; CLI: --model.refiner.lambda_ 0.2), "
+                "which keeps its cosine defaults."
             )
             raise ValueError(msg)
         if not 0 < coreset_sampling_ratio <= 1:
