@@ -542,3 +542,47 @@ def test_bf16_autocast_scores_match_float32(parity: dict[str, object], refined: 
     torch.testing.assert_close(output.pred_score, expected.pred_score, rtol=3e-2, atol=0)
     relative = (output.anomaly_map - expected.anomaly_map).abs().amax() / expected.anomaly_map.abs().amax()
     assert relative < 5e-2, relative
+
+
+# ------------------------------------------------------------------------------------------ logging
+def test_hparams_yaml_is_plain_and_refinement_time_is_per_image(quick_datamodule, tmp_path: Path) -> None:
+    """A refiner passed as an object is logged as plain options (``yaml.safe_load``); time is per image."""
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = make_model(refiner=PrototypeRefiner(epsilon=0.1, num_iterations=3))
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = Trainer(
+        **model.trainer_arguments,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    results = trainer.test(model, datamodule=quick_datamodule(eval_batch_size=7), verbose=False)
+    hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["refiner"]["epsilon"] == 0.1
+    assert hparams["refiner"]["num_iterations"] == 3
+    assert hparams["k_shot"] == 2
+    metrics = finite_metrics(results, "refinement/seconds_per_image")
+    assert "refinement/seconds" not in metrics
+    # One batch of 7 images: the logged time is the batch's refinement time over 7.
+    assert metrics["refinement/seconds_per_image"] == pytest.approx(model.model.refiner.last_stats["seconds"] / 7)
+
+
+def test_refinement_statistics_are_synced_across_ranks() -> None:
+    """Under DDP each rank refines its own batches: the logged statistics must be reduced (``sync_dist``)."""
+    from unittest import mock
+
+    refiner = PrototypeRefiner(num_iterations=2)
+    refiner.patch_scores(torch.randn(2, 6, 4), torch.randn(5, 4))
+    module = mock.MagicMock()
+    refiner.on_test_batch_end(mock.MagicMock(), module, None, [0, 1], 0)
+    refiner.on_validation_batch_end(mock.MagicMock(), module, None, [0, 1], 0)
+    assert module.log.call_count == 2 * len(refiner.last_stats)
+    for call in module.log.call_args_list:
+        assert call.kwargs["sync_dist"] is True, call
+        assert call.kwargs["batch_size"] == 2
+    logged = {call.args[0]: call.args[1] for call in module.log.call_args_list}
+    assert logged["refinement/seconds_per_image"] == pytest.approx(refiner.last_stats["seconds"] / 2)

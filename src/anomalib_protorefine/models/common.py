@@ -100,6 +100,19 @@ class RefinedFewShotMixin:
         """Prepare the support data before evaluation (implemented by the model)."""
         raise NotImplementedError
 
+    def _store_plain_hparams(self) -> None:
+        """Keep the refiner in ``hparams`` as plain options (or ``False``), never as a ``PrototypeRefiner`` object.
+
+        ``hparams.yaml`` (written by Lightning's loggers from ``hparams_initial``) then loads with
+        ``yaml.safe_load``, and the stored options are the ones actually used.
+        """
+        refiner = self.model.refiner
+        plain = refiner.options.as_dict() if refiner is not None else False
+        for name in ("_hparams", "_hparams_initial"):
+            hparams = getattr(self, name, None)
+            if hparams is not None and "refiner" in hparams:
+                hparams["refiner"] = dict(plain) if plain else False
+
     def _reset_support(self) -> None:
         """Forget the support data (memory bank / reference embeddings) so it is rebuilt (implemented by the model)."""
         raise NotImplementedError

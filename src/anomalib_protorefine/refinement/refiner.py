@@ -342,9 +342,16 @@ class PrototypeRefiner(nn.Module, Callback):
 
     # ------------------------------------------------------------------ Lightning callback
     def _log_stats(self, pl_module: LightningModule, batch_size: int) -> None:
-        """Log the statistics of the last refinement (no-op before the first one)."""
+        """Log the statistics of the last refinement (no-op before the first one).
+
+        ``seconds`` (the batch's refinement time) is logged per image as ``refinement/seconds_per_image``;
+        all values are epoch means weighted by batch size, reduced over ranks under DDP.
+        """
         for name, value in self.last_stats.items():
-            pl_module.log(f"refinement/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+            key, logged = ("seconds_per_image", value / max(batch_size, 1)) if name == "seconds" else (name, value)
+            pl_module.log(
+                f"refinement/{key}", logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+            )
 
     def on_validation_batch_end(
         self,

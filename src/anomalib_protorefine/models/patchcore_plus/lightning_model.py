@@ -161,6 +161,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             online_capacity=online_capacity,
             online_sampling_ratio=coreset_sampling_ratio,
         )
+        self._store_plain_hparams()
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed

@@ -119,6 +119,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         image_size = tuple(self.model.clip.visual.image_size)
         if pre_processor is True and image_size != (240, 240):
             self.pre_processor = self.configure_pre_processor(image_size=image_size)
+        self._store_plain_hparams()
         self.class_name = class_name
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
