@@ -299,6 +299,44 @@ def test_checkpoint_round_trip(quick_datamodule, tmp_path: Path) -> None:
     torch.testing.assert_close(actual.pred_label, expected.pred_label)
 
 
+def test_checkpoint_settings_win_over_constructor(quick_datamodule, tmp_path: Path) -> None:
+    """``Engine.predict(model, ckpt_path=...)`` (build from arguments, then load): the checkpoint's refiner counts.
+
+    This is what ``anomalib predict --ckpt_path`` does: a checkpoint made with lambda 3 must not run with
+    the constructor's lambda, and the override is named in a warning.
+    """
+    model = make_model(refiner={"lambda_": 3.0, "num_iterations": 4}, few_shot_seed=1, online=True)
+    datamodule = quick_datamodule()
+    engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
+    engine.test(model, datamodule=datamodule, verbose=False)
+    path = tmp_path / "lambda3.ckpt"
+    engine.trainer.save_checkpoint(path)
+    # The checkpoint holds the online bank grown so far: both models continue from it, batch by batch.
+
+    fresh = make_model(online=False)  # constructor: lambda 0.3, N 10, seed 0, not online
+    with pytest.warns(UserWarning, match=r"refiner\.lambda_=3\.0 \(constructor: 0\.3\).*few_shot_seed=1.*online=True"):
+        predictions = Engine(default_root_dir=tmp_path / "predict", **QUIET).predict(
+            fresh, datamodule=quick_datamodule(), ckpt_path=path
+        )
+    options = fresh.model.refiner.options
+    assert (options.lambda_, options.num_iterations) == (3.0, 4)
+    assert (fresh.few_shot_seed, fresh.model.online) == (1, True)
+    assert fresh.hparams["refiner"]["lambda_"] == 3.0
+    assert fresh.hparams["few_shot_seed"] == 1
+    assert fresh.support_paths == model.support_paths
+
+    model.eval()
+    scores = torch.cat([batch.pred_score for batch in predictions])
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                model.post_processor(model.model(model.pre_processor.transform(batch.image))).pred_score
+                for batch in datamodule.predict_dataloader()
+            ]
+        )
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_of_baseline_keeps_refiner_off(quick_datamodule, tmp_path: Path) -> None:
     model = make_model(refiner=False)
     engine = Engine(default_root_dir=tmp_path / "run", **QUIET)

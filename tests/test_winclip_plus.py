@@ -417,6 +417,27 @@ def test_trainer_checkpoint_round_trip(tiny_json: str, datamodule: Folder, tmp_p
     assert shots.call_count == 0
 
 
+def test_checkpoint_settings_win_over_constructor(tiny_json: str, datamodule: Folder, tmp_path: Path) -> None:
+    """Build from arguments, then load with ``ckpt_path`` (``anomalib predict --ckpt_path``): the checkpoint wins."""
+    model = tiny_model(tiny_json, refiner={"lambda_": 0.2, "num_iterations": 3}, coreset_sampling_ratio=0.3)
+    run = trainer()
+    run.test(model, datamodule=datamodule, verbose=False)
+    path = tmp_path / "winclip_plus.ckpt"
+    run.save_checkpoint(path)
+
+    fresh = tiny_model(tiny_json, class_name="gadget")  # constructor: lambda 0.1, N 10, alpha 0.5
+    with pytest.warns(UserWarning, match=r"refiner\.lambda_=0\.2 \(constructor: 0\.1\).*class_name='widget'"):
+        trainer().test(fresh, datamodule=make_datamodule(datamodule.root), ckpt_path=path, verbose=False)
+    options = fresh.model.refiner.options
+    assert (options.lambda_, options.num_iterations, options.distance) == (0.2, 3, "cosine")
+    assert (fresh.class_name, fresh.model.coreset_sampling_ratio) == ("widget", 0.3)
+    assert fresh.model.text_class_name == "widget"
+    images = normalised_images(sorted((datamodule.root / "test" / "defect").glob("*.png")))
+    model.model.eval()
+    fresh.model.eval()
+    torch.testing.assert_close(fresh.model(images).pred_score, model.model(images).pred_score)
+
+
 def test_registry_and_yaml_config(tiny_json: str) -> None:
     model = get_model("WinClipPlus", backbone=tiny_json, pretrained=None, k_shot=1, refiner=False)
     assert isinstance(model, WinClipPlus)

@@ -10,8 +10,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from pathlib import PurePath
+from typing import Any, ClassVar
 
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
@@ -20,6 +23,8 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_protorefine.few_shot import validate_k_shot
 from anomalib_protorefine.refinement import PrototypeRefiner, RefinerOptions
+
+logger = logging.getLogger(__name__)
 
 
 def refiner_option_names() -> tuple[str, ...]:
@@ -83,6 +88,15 @@ def make_refiner(
         return PrototypeRefiner(**{**defaults, **_refiner_arguments(refiner)})
     msg = f"refiner must be True, False, a PrototypeRefiner or a dict of its arguments, got {type(refiner).__name__}."
     raise TypeError(msg)
+
+
+def _plain(value: Any) -> Any:
+    """Compare options as stored in checkpoints: tuples and lists alike, paths as strings."""
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
 
 
 class RefinedFewShotMixin:
@@ -163,11 +177,8 @@ class RefinedFewShotMixin:
         return batch.update(**predictions._asdict())
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        """Anomalib's component callbacks plus the refiner, which logs refinement statistics."""
-        callbacks = list(super().configure_callbacks())  # type: ignore[misc]
-        if self.model.refiner is not None:
-            callbacks.append(self.model.refiner)
-        return callbacks
+        """Anomalib's component callbacks plus one that logs the refinement statistics of the model's refiner."""
+        return [*super().configure_callbacks(), RefinementStatsCallback()]  # type: ignore[misc]
 
     @staticmethod
     def configure_optimizers() -> None:
@@ -186,7 +197,93 @@ class RefinedFewShotMixin:
         checkpoint["hyper_parameters"]["refiner"] = refiner.options.as_dict() if refiner is not None else False
         checkpoint["protorefine_support_paths"] = list(self.support_paths)
 
+    # ------------------------------------------------------------------ checkpoints
+    #: The model's refiner defaults (what ``refiner=True`` and a partial dict start from).
+    refiner_defaults: ClassVar[dict[str, Any]] = {}
+
+    def _score_options(self) -> dict[str, Any]:
+        """Current values of the options (besides the refiner) that change scores, by hparams name."""
+        return {}
+
+    def _apply_score_option(self, name: str, value: Any) -> None:
+        """Set one of :meth:`_score_options` (implemented by the model)."""
+        raise NotImplementedError
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the support file list."""
+        """Restore everything that determines the scores from the checkpoint, and the support file list.
+
+        ``anomalib predict/export --ckpt_path`` and ``Engine.predict(model, ckpt_path=...)`` build the
+        model from its arguments first and load the checkpoint afterwards. The checkpoint wins: the
+        refiner is rebuilt from ``hyper_parameters["refiner"]`` and the other score-relevant options
+        (:meth:`_score_options`) take their stored values; each option that differs from the
+        constructor's is named in a warning.
+        """
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        stored = checkpoint.get("hyper_parameters") or {}
+        changed: list[str] = []
+        if "refiner" in stored:
+            changed += self._restore_refiner(stored["refiner"])
+        for name, current in self._score_options().items():
+            if name in stored and _plain(stored[name]) != _plain(current):
+                changed.append(f"{name}={stored[name]!r} (constructor: {current!r})")
+                self._apply_score_option(name, stored[name])
+                if name in self.hparams:
+                    self.hparams[name] = stored[name]
+        if changed:
+            msg = (
+                f"{type(self).__name__}: the checkpoint's settings differ from the constructor's and are used: "
+                f"{'; '.join(changed)}. Build the model with these values to silence this warning."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            logger.warning(msg)
         self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
+
+    def _restore_refiner(self, stored: Any) -> list[str]:
+        """Rebuild the refiner from the checkpoint's options; return the differences from the current one."""
+        refiner = make_refiner(stored, self.refiner_defaults)
+        current = self.model.refiner
+        old = current.options.as_dict() if current is not None else None
+        new = refiner.options.as_dict() if refiner is not None else None
+        if old == new:
+            return []
+        if old is None or new is None:
+            differences = [f"refiner={new or False!r} (constructor: {old or False!r})"]
+        else:
+            differences = [
+                f"refiner.{key}={new[key]!r} (constructor: {old.get(key)!r})" for key in new if new[key] != old.get(key)
+            ]
+        self._replace_refiner(refiner)
+        self._store_plain_hparams()
+        return differences
+
+    def _replace_refiner(self, refiner: PrototypeRefiner | None) -> None:
+        """Install another refiner in the torch model (models with derived state override this)."""
+        self.model.refiner = refiner
+
+
+class RefinementStatsCallback(Callback):
+    """Log the refinement statistics of whatever refiner the model holds at each batch.
+
+    The model's refiner can be replaced after the callbacks are attached (a checkpoint loaded with
+    ``ckpt_path`` rebuilds it), so this callback looks it up on every batch.
+    """
+
+    @staticmethod
+    def _refiner(pl_module: Any) -> PrototypeRefiner | None:
+        return getattr(getattr(pl_module, "model", None), "refiner", None)
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Log the statistics of the validation batch."""
+        refiner = self._refiner(pl_module)
+        if refiner is not None:
+            refiner.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Log the statistics of the test batch."""
+        refiner = self._refiner(pl_module)
+        if refiner is not None:
+            refiner.on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)

@@ -268,7 +268,35 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         """``FEW_SHOT`` with ``k_shot`` (anomalib then validates before testing), else ``ONE_CLASS``."""
         return LearningType.FEW_SHOT if self.k_shot else LearningType.ONE_CLASS
 
+    # ------------------------------------------------------------------ checkpoints
+    refiner_defaults = PATCHCORE_REFINER_DEFAULTS
+
+    def _score_options(self) -> dict[str, Any]:
+        """Options besides the refiner that change scores (the coreset ratio also sets the online coreset)."""
+        return {
+            "k_shot": self.k_shot,
+            "few_shot_seed": self.few_shot_seed,
+            "coreset_sampling_ratio": self.coreset_sampling_ratio,
+            "online": self.model.online,
+            "online_capacity": self.model.online_capacity,
+        }
+
+    def _apply_score_option(self, name: str, value: Any) -> None:
+        """Set an option of :meth:`_score_options` (from a checkpoint)."""
+        if name == "k_shot":
+            self.k_shot = value
+        elif name == "few_shot_seed":
+            self.few_shot_seed = value
+        elif name == "coreset_sampling_ratio":
+            self.coreset_sampling_ratio = value
+            self.model.online_sampling_ratio = value
+        elif name in {"online", "online_capacity"}:
+            setattr(self.model, name, value)
+        else:
+            msg = f"{name!r} is not an option of PatchCorePlus that a checkpoint restores."
+            raise KeyError(msg)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the support file list; a loaded bank counts as fitted."""
+        """Restore the score-relevant options and the support file list; a loaded bank counts as fitted."""
         super().on_load_checkpoint(checkpoint)
         self._is_fitted = torch.tensor([True])

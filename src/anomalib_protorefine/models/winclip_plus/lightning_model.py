@@ -227,6 +227,38 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         return LearningType.FEW_SHOT if self.k_shot else LearningType.ZERO_SHOT
 
     # ------------------------------------------------------------------ checkpoints
+    refiner_defaults = WINCLIP_REFINER_DEFAULTS
+
+    def _score_options(self) -> dict[str, Any]:
+        """Options besides the refiner that change scores (the seed and ratio also build the banks)."""
+        return {
+            "k_shot": self.k_shot,
+            "few_shot_seed": self.few_shot_seed,
+            "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
+            "coreset_sampling_ratio": self.model.coreset_sampling_ratio,
+            "class_name": self.class_name,
+            "scales": list(self.model.scales),
+        }
+
+    def _apply_score_option(self, name: str, value: Any) -> None:
+        """Set an option of :meth:`_score_options` (from a checkpoint)."""
+        if name == "k_shot":
+            self.k_shot = value
+        elif name == "few_shot_seed":
+            self.few_shot_seed = value
+            self.model.coreset_seed = value
+        elif name == "few_shot_source":
+            self.few_shot_source = Path(value) if value else None
+        elif name == "coreset_sampling_ratio":
+            self.model.coreset_sampling_ratio = value
+        elif name == "class_name":
+            self.class_name = value
+        elif name == "scales":
+            self.model.set_scales(value)
+        else:
+            msg = f"{name!r} is not an option of WinClipPlus that a checkpoint restores."
+            raise KeyError(msg)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also save ``pretrained`` as ``None``: the CLIP weights are in the state dict (no download on reload)."""
         super().on_save_checkpoint(checkpoint)

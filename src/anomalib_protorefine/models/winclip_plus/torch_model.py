@@ -349,6 +349,25 @@ class WinClipPlusModel(WinClipModel):
         super()._collect_visual_embeddings(images)
         self.build_banks()
 
+    def set_scales(self, scales: Sequence[int]) -> None:
+        """Change the window sizes (e.g. to a checkpoint's) while keeping the number of scales.
+
+        Raises:
+            ValueError: Invalid scales, or another number of scales (the state dict holds one
+                reference set per scale: build the model with these scales instead).
+        """
+        scales = validate_scales(scales)
+        if len(scales) != len(self.scales):
+            msg = (
+                f"scales {list(scales)} has {len(scales)} window sizes but this model was built with "
+                f"{len(self.scales)} ({list(self.scales)}): build it with scales={list(scales)}."
+            )
+            raise ValueError(msg)
+        if scales != self.scales:
+            device = self.masks[0].device
+            self.scales = scales
+            self.masks = [mask.to(device) for mask in self._generate_masks()]
+
     def clear_references(self) -> None:
         """Forget the few-shot reference images, their embeddings and banks (back to zero-shot)."""
         device = self._patch_embeddings.device
