@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,44 @@ def test_plain_lightning_trainer_test(quick_datamodule, tmp_path: Path) -> None:
     finite_metrics(results, "image_AUROC", "pixel_AUROC", "refinement/em_iterations")
     assert model.model.memory_bank.shape[0] > 0
     assert len(model.support_paths) == 2
+
+
+def test_plain_trainer_without_validation_warns_about_thresholds(quick_datamodule, tmp_path: Path) -> None:
+    """Without a validation pass the thresholds are NaN: a loud warning names the fix; after validation, none."""
+    model = make_model(refiner=False)
+    with pytest.warns(UserWarning, match=r"no adaptive thresholds.*trainer\.validate\(model"):
+        trainer_for(model, tmp_path).test(model, datamodule=quick_datamodule(), verbose=False)
+
+    model = make_model(refiner=False)
+    trainer = trainer_for(model, tmp_path)
+    trainer.validate(model, datamodule=quick_datamodule(), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!.*no adaptive thresholds)")
+        results = trainer.test(model, datamodule=quick_datamodule(), verbose=False)
+    finite_metrics(results, "image_F1Score")
+    assert not torch.isnan(model.post_processor.image_threshold)
+
+
+def test_predict_on_a_folder_with_few_shot_source(quick_synthetic_root: Path, tmp_path: Path) -> None:
+    """``Engine.predict(model, data_path=folder)`` without checkpoint or datamodule: support from few_shot_source."""
+    data = quick_synthetic_root / "brushed_metal"
+    model = make_model(refiner=False, few_shot_source=str(data / "train" / "good"))
+    with pytest.warns(UserWarning, match="no adaptive thresholds"):
+        predictions = Engine(default_root_dir=tmp_path, **QUIET).predict(model, data_path=data / "test" / "defect")
+    scores = torch.cat([batch.pred_score for batch in predictions])
+    assert len(scores) == len(list((data / "test" / "defect").glob("*.png")))
+    assert torch.isfinite(scores).all()
+    assert len(model.support_paths) == 2
+    assert all(Path(path).parent == data / "train" / "good" for path in model.support_paths)
+
+    # Without a source the error says what to pass.
+    with pytest.raises(RuntimeError, match=r"few_shot_source=.*--model\.few_shot_source"):
+        Engine(default_root_dir=tmp_path, **QUIET).predict(
+            make_model(refiner=False), data_path=data / "test" / "defect"
+        )
+    with pytest.raises(FileNotFoundError, match="few_shot_source="):
+        make_model(few_shot_source=str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize("k_shot", [2, None], ids=["few_shot", "full_shot"])

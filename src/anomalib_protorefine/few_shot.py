@@ -163,6 +163,25 @@ def support_from_folder(
     return SupportSet(images=load_images(paths, transform), paths=paths)
 
 
+def validate_few_shot_source(few_shot_source: str | Path | None, k_shot: int | None) -> Path | None:
+    """Return ``few_shot_source`` as a ``Path`` after checking it is a folder (and that ``k_shot`` is set).
+
+    Raises:
+        ValueError: ``few_shot_source`` without ``k_shot``.
+        FileNotFoundError: Not an existing folder.
+    """
+    if few_shot_source is None or str(few_shot_source) == "":
+        return None
+    if not k_shot:
+        msg = f"few_shot_source={str(few_shot_source)!r} needs k_shot (the number of images to draw), e.g. k_shot=4."
+        raise ValueError(msg)
+    path = Path(few_shot_source).expanduser()
+    if not path.is_dir():
+        msg = f"few_shot_source={str(few_shot_source)!r} is not a folder: point it to a folder of normal images."
+        raise FileNotFoundError(msg)
+    return path
+
+
 def train_dataset_of(trainer: object | None, model_name: str, datamodule: object | None = None) -> object:
     """Return the training set of ``datamodule`` (default: ``trainer.datamodule``), set up if needed.
 
@@ -173,8 +192,10 @@ def train_dataset_of(trainer: object | None, model_name: str, datamodule: object
         datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None:
         msg = (
-            f"{model_name} needs k normal support images but no datamodule is attached: pass `datamodule=` to "
-            "Engine/Trainer, or call `model.fit_support(images)` yourself, or load a checkpoint."
+            f"{model_name} needs k normal support images but no datamodule is attached: give the model a folder "
+            "of normal images (`few_shot_source=...`; CLI: `--model.few_shot_source /path/to/good`), pass "
+            "`datamodule=` to Engine/Trainer, call `model.fit_support(images)` yourself, or load a checkpoint "
+            "(`ckpt_path=...`)."
         )
         raise RuntimeError(msg)
     if getattr(datamodule, "train_data", None) is None:

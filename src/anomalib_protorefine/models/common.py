@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import PurePath
 from typing import Any, ClassVar
 
+import torch
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch import Callback
@@ -165,10 +166,41 @@ class RefinedFewShotMixin:
     def on_test_start(self) -> None:
         """Prepare the support data before testing (``anomalib test`` without a checkpoint)."""
         self._ensure_ready()
+        self._warn_if_uncalibrated("test")
 
     def on_predict_start(self) -> None:
         """Prepare the support data before prediction."""
         self._ensure_ready()
+        self._warn_if_uncalibrated("predict")
+
+    def _warn_if_uncalibrated(self, stage: str) -> None:
+        """Warn loudly when the post-processor has no thresholds (no validation pass ran, no checkpoint)."""
+        post_processor = getattr(self, "post_processor", None)
+        if not isinstance(post_processor, PostProcessor):
+            return
+        thresholds = (post_processor.image_threshold, post_processor.pixel_threshold)
+        if not any(bool(torch.isnan(threshold).all()) for threshold in thresholds):
+            return
+        name = type(self).__name__
+        msg = (
+            f"{name} has no adaptive thresholds or normalisation statistics: no validation pass ran before "
+            f"{stage} and no checkpoint provided them. pred_score and anomaly_map are raw, unnormalised scores, "
+            "pred_label / pred_mask are not thresholded (meaningless), and threshold-dependent metrics (F1Score) "
+            f"are invalid. Fix: run `trainer.validate(model, datamodule=...)` before `trainer.{stage}(...)`, use "
+            f"anomalib's `Engine` (it validates few-shot models first), or load a checkpoint (ckpt_path=...)."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        logger.warning(msg)
+
+    def val_dataloader(self) -> list:
+        """No validation data of the model's own: used only when neither a datamodule nor dataloaders are given.
+
+        ``Engine.predict(model, data_path=...)`` (and ``anomalib predict --data <folder>``) validate
+        few-shot models first without any validation data; Lightning then asks the model. Returning
+        no batches skips that validation: the support images come from ``few_shot_source`` and the
+        missing thresholds are reported by a warning when prediction starts.
+        """
+        return []
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
         """Score a batch (refined or plain) and attach ``pred_score`` and ``anomaly_map``."""

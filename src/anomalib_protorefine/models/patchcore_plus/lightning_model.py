@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import numbers
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +33,13 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_protorefine.backbones import normalization_for
-from anomalib_protorefine.few_shot import support_from_dataset, train_dataset_of, validate_support_options
+from anomalib_protorefine.few_shot import (
+    support_from_dataset,
+    support_from_folder,
+    train_dataset_of,
+    validate_few_shot_source,
+    validate_support_options,
+)
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -108,6 +115,8 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         k_shot: Number of normal support images, or ``None`` for classic full-shot PatchCore
             trained with ``Engine.fit``.
         few_shot_seed: Seed of the support image draw.
+        few_shot_source: Folder of normal images to draw the support images from instead of the
+            datamodule's training set (needed to predict on a folder without a checkpoint).
         refiner: ``True`` (paper defaults: Euclidean, lambda 0.3, N 10), ``False`` (plain
             PatchCore scored with the same code: the baseline), a dict of the options to change
             (the others keep these defaults; CLI: ``--model.refiner.lambda_ 0.2``), or a
@@ -134,6 +143,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         coreset_sampling_ratio: float = 0.05,
         k_shot: int | None = 4,
         few_shot_seed: int = 0,
+        few_shot_source: str | Path | None = None,
         refiner: bool | dict[str, Any] | PrototypeRefiner = True,
         online: bool = False,
         online_capacity: int | None = None,
@@ -144,6 +154,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
     ) -> None:
         validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.05")
         validate_online_options(online, online_capacity)
+        source = validate_few_shot_source(few_shot_source, k_shot)
         layers = validate_layers(layers)
         refiner_module = make_refiner(refiner, PATCHCORE_REFINER_DEFAULTS)
         super().__init__(
@@ -165,6 +176,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
+        self.few_shot_source = source
         self.support_paths: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ components
@@ -217,9 +229,12 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         if self.model.memory_bank.numel():
             return
         if self.k_shot:
-            dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
             transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-            support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
+            if self.few_shot_source is not None:
+                support = support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
+            else:
+                dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
+                support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
             self.support_paths = support.paths
             self.fit_support(support.images)
         elif self.model.embedding_store:
@@ -279,6 +294,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             "coreset_sampling_ratio": self.coreset_sampling_ratio,
             "online": self.model.online,
             "online_capacity": self.model.online_capacity,
+            "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
         }
 
     def _apply_score_option(self, name: str, value: Any) -> None:
@@ -290,6 +306,8 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         elif name == "coreset_sampling_ratio":
             self.coreset_sampling_ratio = value
             self.model.online_sampling_ratio = value
+        elif name == "few_shot_source":
+            self.few_shot_source = Path(value) if value else None
         elif name in {"online", "online_capacity"}:
             setattr(self.model, name, value)
         else:

@@ -38,6 +38,7 @@ from anomalib_protorefine.few_shot import (
     support_from_dataset,
     support_from_folder,
     train_dataset_of,
+    validate_few_shot_source,
     validate_support_options,
 )
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
@@ -104,6 +105,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
     ) -> None:
         k_shot = k_shot or None  # 0 means zero-shot, as in upstream WinClip
         validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.5 on MVTec")
+        source = validate_few_shot_source(few_shot_source, k_shot)
         refiner_module = make_refiner(refiner, WINCLIP_REFINER_DEFAULTS)
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
@@ -123,7 +125,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         self.class_name = class_name
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
-        self.few_shot_source = Path(few_shot_source) if few_shot_source else None
+        self.few_shot_source = source
         self.support_paths: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ components
