@@ -376,6 +376,36 @@ def test_checkpoint_settings_win_over_constructor(quick_datamodule, tmp_path: Pa
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_exported_torch_model_reproduces_engine_predict(
+    quick_datamodule, quick_synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``anomalib export --export_type torch`` + ``TorchInferencer`` give ``Engine.predict``'s scores (1e-4).
+
+    The images (128 px) are downsampled to 96 px, where anomalib's export transform would drop the
+    resize antialiasing and move the scores.
+    """
+    from anomalib.deploy import ExportType, TorchInferencer
+
+    pre_processor = PatchCorePlus.configure_pre_processor(image_size=(96, 96), backbone=LITE0)
+    model = make_model(pre_processor=pre_processor, refiner=PrototypeRefiner(num_iterations=3))
+    engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
+    engine.test(model, datamodule=quick_datamodule(), verbose=False)  # bank, normalisation and thresholds
+    exported = engine.export(model, ExportType.TORCH, export_root=tmp_path / "export")
+    folder = quick_synthetic_root / "brushed_metal" / "test" / "defect"
+    predictions = engine.predict(model, data_path=folder)
+
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the exported file is a pickled model
+    inferencer = TorchInferencer(exported, device="cpu")
+    compared = 0
+    for batch in predictions:
+        for path, score, anomaly_map in zip(batch.image_path, batch.pred_score, batch.anomaly_map, strict=True):
+            result = inferencer.predict(path)
+            torch.testing.assert_close(result.pred_score.reshape(()), score.reshape(()), rtol=0, atol=1e-4)
+            torch.testing.assert_close(result.anomaly_map.reshape(anomaly_map.shape), anomaly_map, rtol=0, atol=1e-4)
+            compared += 1
+    assert compared == len(list(folder.glob("*.png")))
+
+
 def test_checkpoint_of_baseline_keeps_refiner_off(quick_datamodule, tmp_path: Path) -> None:
     model = make_model(refiner=False)
     engine = Engine(default_root_dir=tmp_path / "run", **QUIET)

@@ -41,6 +41,7 @@ from anomalib_protorefine.few_shot import (
     validate_support_options,
 )
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 from .torch_model import PatchcorePlusModel
@@ -188,15 +189,17 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
     ) -> PreProcessor:
         """Resize to ``image_size`` (paper: 256 x 256) and normalise as the backbone's weights expect.
 
+        The export transform keeps the resize antialiasing (see
+        :class:`~anomalib_protorefine.pre_processing.AntialiasPreProcessor`), so an exported torch
+        model scores exactly like ``Engine.predict``.
+
         Example:
-            >>> PatchCorePlus.configure_pre_processor(backbone="tf_efficientnet_lite0").transform
-            Compose(
-                  Resize(size=[256, 256], interpolation=InterpolationMode.BILINEAR, antialias=True)
-                  Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=False)
-            )
+            >>> transform = PatchCorePlus.configure_pre_processor(backbone="tf_efficientnet_lite0").transform
+            >>> transform.transforms[0].size, transform.transforms[0].antialias, transform.transforms[1].mean
+            ([256, 256], True, [0.5, 0.5, 0.5])
         """
         mean, std = normalization_for(backbone)
-        return PreProcessor(
+        return AntialiasPreProcessor(
             transform=Compose([Resize(image_size or (256, 256), antialias=True), Normalize(mean=mean, std=std)])
         )
 

@@ -42,6 +42,7 @@ from anomalib_protorefine.few_shot import (
     validate_support_options,
 )
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 from .torch_model import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, WinClipPlusModel
@@ -147,7 +148,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
                 Normalize(mean=CLIP_MEAN, std=CLIP_STD),
             ]
         )
-        return PreProcessor(transform=transform)
+        return AntialiasPreProcessor(transform=transform)
 
     # ------------------------------------------------------------------ text and references
     def _get_class_name(self) -> str:
