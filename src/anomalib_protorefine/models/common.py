@@ -186,8 +186,10 @@ class RefinedFewShotMixin:
             f"{name} has no adaptive thresholds or normalisation statistics: no validation pass ran before "
             f"{stage} and no checkpoint provided them. pred_score and anomaly_map are raw, unnormalised scores, "
             "pred_label / pred_mask are not thresholded (meaningless), and threshold-dependent metrics (F1Score) "
-            f"are invalid. Fix: run `trainer.validate(model, datamodule=...)` before `trainer.{stage}(...)`, use "
-            f"anomalib's `Engine` (it validates few-shot models first), or load a checkpoint (ckpt_path=...)."
+            "are invalid. Fix: validate on labelled data (normal and defective images) first: "
+            f"`trainer.validate(model, datamodule=...)` before `trainer.{stage}(...)`, or anomalib's `Engine` with "
+            "a datamodule (it validates few-shot models first), or load a checkpoint made that way "
+            "(`ckpt_path=...`, CLI `--ckpt_path`)."
         )
         warnings.warn(msg, UserWarning, stacklevel=2)
         logger.warning(msg)
