@@ -87,7 +87,10 @@ def make_refiner(
         return PrototypeRefiner(**defaults) if refiner else None
     if isinstance(refiner, dict):
         return PrototypeRefiner(**{**defaults, **_refiner_arguments(refiner)})
-    msg = f"refiner must be True, False, a PrototypeRefiner or a dict of its arguments, got {type(refiner).__name__}."
+    msg = (
+        "refiner must be True, False, a dict of PrototypeRefiner options or a PrototypeRefiner, "
+        f"got {type(refiner).__name__}."
+    )
     raise TypeError(msg)
 
 
