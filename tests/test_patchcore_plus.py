@@ -58,7 +58,11 @@ def one_torch_thread() -> object:
 def child_env(**extra: str) -> dict[str, str]:
     """Environment of the subprocesses: autoload on, one OpenMP thread (see :func:`one_torch_thread`)."""
     env = {k: v for k, v in os.environ.items() if k != "ANOMALIB_PROTOREFINE_NO_AUTOLOAD"}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
+    # The checkout's sources first (as the WinClipPlus CLI test does), so a stale installed copy is not tested.
+    python_path = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH")) if p
+    )
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **extra}
 
 
 def small_pre_processor() -> object:
@@ -571,6 +575,49 @@ def test_paper_config(repo_root: Path, deeppcb_subset: Path, tmp_path: Path) -> 
     result = _anomalib(args, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     assert "pixel_AUROC" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_cli_predict_and_export(
+    repo_root: Path, deeppcb_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's "Predict and export" commands: fit, predict and export with the checkpoint, and
+    predict on a folder without a checkpoint (few_shot_source), on real data."""
+    config = repo_root / "configs" / "patchcore_plus_offline.yaml"
+    results = tmp_path / "results"
+    args = ["fit", "--config", str(config), "--model.k_shot", "2", "--data.root", str(deeppcb_subset)]
+    result = _anomalib([*args, "--data.num_workers", "0", "--default_root_dir", str(results)], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    (checkpoint,) = results.rglob("*.ckpt")
+    model = ["--model", "PatchCorePlus", "--model.backbone", LITE0, "--model.layers", "[blocks.2, blocks.4]"]
+    images = ["--data", str(deeppcb_subset / "test" / "defect")]
+
+    result = _anomalib(["predict", *model, "--ckpt_path", str(checkpoint), *images], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "refiner.lambda_=3.0" in output  # the checkpoint's lambda, not the constructor's 0.3
+
+    args = ["export", *model, "--export_type", "torch", "--ckpt_path", str(checkpoint)]
+    result = _anomalib([*args, "--export_root", str(tmp_path / "export")], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    from anomalib.deploy import TorchInferencer
+
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    inferencer = TorchInferencer(tmp_path / "export" / "weights" / "torch" / "model.pt", device="cpu")
+    exported = inferencer.model
+    assert exported.model.refiner.options.lambda_ == 3.0
+    assert exported.pre_processor.export_transform.transforms[0].antialias
+    prediction = inferencer.predict(sorted((deeppcb_subset / "test" / "defect").iterdir())[0])
+    assert torch.isfinite(prediction.pred_score).all()
+
+    source = ["--model.k_shot", "2", "--model.few_shot_source", str(deeppcb_subset / "train" / "good")]
+    result = _anomalib(["predict", *model, *source, *images], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "no adaptive thresholds" in output
+    result = _anomalib(["predict", *model, "--model.k_shot", "2", *images], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "few_shot_source" in result.stdout + result.stderr
 
 
 # ------------------------------------------------------------------------------------------ demo

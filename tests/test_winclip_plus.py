@@ -469,6 +469,8 @@ def test_anomalib_cli_without_checkpoint(tiny_json: str, dataset_root: Path, tmp
         "null",
         "--model.class_name",
         "widget",
+        "--model.refiner.lambda_",  # a partial override keeps WinClipPlus's cosine defaults
+        "0.2",
         "--data",
         "anomalib.data.Folder",
         "--data.name",
