@@ -698,6 +698,20 @@ def test_bf16_autocast_scores_match_float32(parity: dict[str, object], refined: 
     assert relative < 5e-2, relative
 
 
+def test_trainer_bf16_mixed_precision_matches_float32(quick_datamodule, tmp_path: Path) -> None:
+    """``Trainer(precision="bf16-mixed")`` (autocast around the steps) gives the float32 scores up to bf16 features."""
+    scores = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model = make_model(refiner=PrototypeRefiner(num_iterations=5))
+        trainer = trainer_for(model, tmp_path, precision=precision)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no validation pass: raw scores (that is what is compared)
+            predictions = trainer.predict(model, datamodule=quick_datamodule())
+        scores[precision] = torch.cat([batch.pred_score for batch in predictions])
+    assert scores["bf16-mixed"].dtype == torch.float32
+    torch.testing.assert_close(scores["bf16-mixed"], scores["32-true"], rtol=3e-2, atol=0)
+
+
 # ------------------------------------------------------------------------------------------ logging
 def test_hparams_yaml_is_plain_and_refinement_time_is_per_image(quick_datamodule, tmp_path: Path) -> None:
     """A refiner passed as an object is logged as plain options (``yaml.safe_load``); time is per image."""
