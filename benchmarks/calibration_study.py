@@ -1,4 +1,4 @@
-"""How often does self-calibration pick the setting that is best on the real test set?
+r"""How often does self-calibration pick the setting that is best on the real test set?
 
 For every (dataset, k, seed) the candidates (plain PatchCore and refiner configurations of
 ``refinement_study.py``) are calibrated on the k support images alone
@@ -25,11 +25,10 @@ import torch
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from refinement_study import CONFIGS, DATA, cached_split  # noqa: E402
-
-from anomalib_protorefine import PatchCorePlus, PrototypeRefiner  # noqa: E402
-from anomalib_protorefine.calibration import calibrate  # noqa: E402
-from anomalib_protorefine.few_shot import support_from_dataset  # noqa: E402
+from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
+from anomalib_protorefine.calibration import calibrate
+from anomalib_protorefine.few_shot import support_from_dataset
+from refinement_study import CONFIGS, DATA, cached_split
 
 
 def real_metrics(paths: list[Path], scoring: str, agg: str) -> dict[tuple, float]:
@@ -76,7 +75,7 @@ def main() -> None:
         pre_processor=PatchCorePlus.configure_pre_processor(size, args.backbone),
     ).eval()
     transform = model.pre_processor.transform
-    assert isinstance(transform, Compose)  # noqa: S101 - Resize then Normalize, built just above
+    assert isinstance(transform, Compose)
     resize = Resize(size, antialias=True)
     normalize = next(t for t in transform.transforms if isinstance(t, Normalize))
     real = real_metrics(args.results, args.scoring, args.agg)
@@ -131,7 +130,7 @@ def main() -> None:
                 }
                 stats[k].append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| k | cells | picks the real best | mean regret (img+px AUROC, points) | mean gain of the pick vs baseline |")
+    print("\n| k | cells | picks the real best | mean regret (img+px AUROC, points) | gain of the pick vs baseline |")
     print("|---|---|---|---|---|")
     for k, rows in sorted(stats.items()):
         hits = sum(r["pick"] == r["best"] for r in rows)

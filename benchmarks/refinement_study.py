@@ -1,4 +1,4 @@
-"""Study of refinement forms against plain few-shot PatchCore on real data (issue: refinement that pays).
+r"""Study of refinement forms against plain few-shot PatchCore on real data (issue: refinement that pays).
 
 For every (dataset, k, seed) the support bank is built once (seeded draw, seeded coreset: the exact
 bank ``PatchCorePlus`` builds), and every refiner configuration is run once per test batch; from
@@ -34,10 +34,9 @@ from torch.nn import functional as F  # noqa: N812
 from torchmetrics.classification import BinaryAUROC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patchcore_accuracy import binned_pixel_metrics, f1_max, load_split  # noqa: E402
-
-from anomalib_protorefine import PatchCorePlus, PrototypeRefiner  # noqa: E402
-from anomalib_protorefine.few_shot import support_from_dataset  # noqa: E402
+from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
+from anomalib_protorefine.few_shot import support_from_dataset
+from patchcore_accuracy import binned_pixel_metrics, f1_max, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -85,7 +84,7 @@ def scorings(model: PatchCorePlus, refiner: PrototypeRefiner | None, chunk: torc
     """Patch scores ``(B, m)`` of one batch under every scoring (one refinement)."""
     nn_scores = model.model.patch_scores(chunk) if refiner is None else None
     if refiner is None:
-        return {"nn": nn_scores}
+        return {"nn": nn_scores, "nn_centred": _centred(nn_scores)}
     bank = model.model.memory_bank
     result = refiner.refine(chunk, bank)
     terms, factors, weights = result.terms, result.factors, result.weights
@@ -96,13 +95,15 @@ def scorings(model: PatchCorePlus, refiner: PrototypeRefiner | None, chunk: torc
         out[mode] = refiner.score_result(result)
     out["geo_refined"] = (out["refined"] * nearest).sqrt()
     out["geo_matched"] = (out["matched"] * nearest).sqrt()
+    out["refined_centred"] = _centred(out["refined"])
     del weights
     return out
 
 
 def fast_maps(patch: torch.Tensor, split: dict[str, Any], model: PatchCorePlus, batch_size: int) -> torch.Tensor:
-    """The model's anomaly maps ``(N, H, W)`` (bilinear upsampling + Gaussian blur), with the blur
-    applied as two 1-D convolutions: the Gaussian kernel is separable, so this equals the model's
+    """The model's anomaly maps ``(N, H, W)``: bilinear upsampling, then the Gaussian blur.
+
+    The blur is applied as two 1-D convolutions: the Gaussian kernel is separable, so this equals the model's
     2-D convolution up to float rounding, 15x faster.
     """
     height, width = split["grid"]
@@ -117,6 +118,11 @@ def fast_maps(patch: torch.Tensor, split: dict[str, Any], model: PatchCorePlus, 
         up = F.conv2d(up, row.reshape(1, 1, 1, -1))
         maps.append(F.conv2d(up, row.reshape(1, 1, -1, 1)).squeeze(1))
     return torch.cat(maps)
+
+
+def _centred(patch: torch.Tensor) -> torch.Tensor:
+    """Patch scores minus each image's median patch score (a per-image offset removed)."""
+    return patch - patch.median(dim=1, keepdim=True).values
 
 
 def metrics(

@@ -268,6 +268,8 @@ def test_hub_failure_raises_helpful_error(no_hub: list[str]) -> None:
         build_feature_extractor("resnet18", ["layer2", "layer3"])
     message = str(excinfo.value)
     assert "weights=/path/to/file.pth" in message
+    assert "--model.weights /path/to/file.pth" in message  # the anomalib CLI spelling too
+    assert "--model.pre_trained false" in message
     assert "anomalib-protorefine[offline]" in message
     assert "tf_efficientnet_lite0" in message
     assert "HF_HUB_OFFLINE" in message

@@ -31,10 +31,12 @@ def test_paste_defects_is_seeded_and_local(size: tuple[int, int]) -> None:
     image = _flat_images(1, size)[0]
     painted, mask = paste_defects(image, seed=3, count=2)
     again, mask_again = paste_defects(image, seed=3, count=2)
-    assert painted.shape == image.shape and mask.shape == size
+    assert painted.shape == image.shape
+    assert mask.shape == size
     torch.testing.assert_close(painted, again)
     assert torch.equal(mask, mask_again)
-    assert mask.any() and mask.float().mean() < 0.5
+    assert mask.any()
+    assert mask.float().mean() < 0.5
     change = (painted - image).abs().amax(0)
     assert change[mask].mean() > 5 * change[~mask].mean()  # the defect is where the mask says
     other, _ = paste_defects(image, seed=4, count=2)
@@ -44,7 +46,9 @@ def test_paste_defects_is_seeded_and_local(size: tuple[int, int]) -> None:
 def test_augment_is_mild_and_seeded() -> None:
     image = torch.rand(3, 32, 48)
     out = augment(image, seed=1)
-    assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1
+    assert out.shape == image.shape
+    assert out.min() >= 0
+    assert out.max() <= 1
     torch.testing.assert_close(out, augment(image, seed=1))
     assert not torch.equal(out, augment(image, seed=2))
 

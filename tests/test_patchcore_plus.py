@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,11 @@ def one_torch_thread() -> object:
 def child_env(**extra: str) -> dict[str, str]:
     """Environment of the subprocesses: autoload on, one OpenMP thread (see :func:`one_torch_thread`)."""
     env = {k: v for k, v in os.environ.items() if k != "ANOMALIB_PROTOREFINE_NO_AUTOLOAD"}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
+    # The checkout's sources first (as the WinClipPlus CLI test does), so a stale installed copy is not tested.
+    python_path = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH")) if p
+    )
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **extra}
 
 
 def small_pre_processor() -> object:
@@ -151,6 +156,44 @@ def test_plain_lightning_trainer_test(quick_datamodule, tmp_path: Path) -> None:
     finite_metrics(results, "image_AUROC", "pixel_AUROC", "refinement/em_iterations")
     assert model.model.memory_bank.shape[0] > 0
     assert len(model.support_paths) == 2
+
+
+def test_plain_trainer_without_validation_warns_about_thresholds(quick_datamodule, tmp_path: Path) -> None:
+    """Without a validation pass the thresholds are NaN: a loud warning names the fix; after validation, none."""
+    model = make_model(refiner=False)
+    with pytest.warns(UserWarning, match=r"no adaptive thresholds.*trainer\.validate\(model"):
+        trainer_for(model, tmp_path).test(model, datamodule=quick_datamodule(), verbose=False)
+
+    model = make_model(refiner=False)
+    trainer = trainer_for(model, tmp_path)
+    trainer.validate(model, datamodule=quick_datamodule(), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!.*no adaptive thresholds)")
+        results = trainer.test(model, datamodule=quick_datamodule(), verbose=False)
+    finite_metrics(results, "image_F1Score")
+    assert not torch.isnan(model.post_processor.image_threshold)
+
+
+def test_predict_on_a_folder_with_few_shot_source(quick_synthetic_root: Path, tmp_path: Path) -> None:
+    """``Engine.predict(model, data_path=folder)`` without checkpoint or datamodule: support from few_shot_source."""
+    data = quick_synthetic_root / "brushed_metal"
+    model = make_model(refiner=False, few_shot_source=str(data / "train" / "good"))
+    with pytest.warns(UserWarning, match="no adaptive thresholds"):
+        predictions = Engine(default_root_dir=tmp_path, **QUIET).predict(model, data_path=data / "test" / "defect")
+    scores = torch.cat([batch.pred_score for batch in predictions])
+    assert len(scores) == len(list((data / "test" / "defect").glob("*.png")))
+    assert torch.isfinite(scores).all()
+    assert len(model.support_paths) == 2
+    assert all(Path(path).parent == data / "train" / "good" for path in model.support_paths)
+
+    # Without a source the error says what to pass.
+    with pytest.raises(RuntimeError, match=r"few_shot_source=.*--model\.few_shot_source"):
+        Engine(default_root_dir=tmp_path, **QUIET).predict(
+            make_model(refiner=False), data_path=data / "test" / "defect"
+        )
+    with pytest.raises(FileNotFoundError, match="few_shot_source="):
+        make_model(few_shot_source=str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize("k_shot", [2, None], ids=["few_shot", "full_shot"])
@@ -299,6 +342,74 @@ def test_checkpoint_round_trip(quick_datamodule, tmp_path: Path) -> None:
     torch.testing.assert_close(actual.pred_label, expected.pred_label)
 
 
+def test_checkpoint_settings_win_over_constructor(quick_datamodule, tmp_path: Path) -> None:
+    """``Engine.predict(model, ckpt_path=...)`` (build from arguments, then load): the checkpoint's refiner counts.
+
+    This is what ``anomalib predict --ckpt_path`` does: a checkpoint made with lambda 3 must not run with
+    the constructor's lambda, and the override is named in a warning.
+    """
+    model = make_model(refiner={"lambda_": 3.0, "num_iterations": 4}, few_shot_seed=1, online=True)
+    datamodule = quick_datamodule()
+    engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
+    engine.test(model, datamodule=datamodule, verbose=False)
+    path = tmp_path / "lambda3.ckpt"
+    engine.trainer.save_checkpoint(path)
+    # The checkpoint holds the online bank grown so far: both models continue from it, batch by batch.
+
+    fresh = make_model(online=False)  # constructor: lambda 0.3, N 10, seed 0, not online
+    with pytest.warns(UserWarning, match=r"refiner\.lambda_=3\.0 \(constructor: 0\.3\).*few_shot_seed=1.*online=True"):
+        predictions = Engine(default_root_dir=tmp_path / "predict", **QUIET).predict(
+            fresh, datamodule=quick_datamodule(), ckpt_path=path
+        )
+    options = fresh.model.refiner.options
+    assert (options.lambda_, options.num_iterations) == (3.0, 4)
+    assert (fresh.few_shot_seed, fresh.model.online) == (1, True)
+    assert fresh.hparams["refiner"]["lambda_"] == 3.0
+    assert fresh.hparams["few_shot_seed"] == 1
+    assert fresh.support_paths == model.support_paths
+
+    model.eval()
+    scores = torch.cat([batch.pred_score for batch in predictions])
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                model.post_processor(model.model(model.pre_processor.transform(batch.image))).pred_score
+                for batch in datamodule.predict_dataloader()
+            ]
+        )
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_exported_torch_model_reproduces_engine_predict(
+    quick_datamodule, quick_synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``anomalib export --export_type torch`` + ``TorchInferencer`` give ``Engine.predict``'s scores (1e-4).
+
+    The images (128 px) are downsampled to 96 px, where anomalib's export transform would drop the
+    resize antialiasing and move the scores.
+    """
+    from anomalib.deploy import ExportType, TorchInferencer
+
+    pre_processor = PatchCorePlus.configure_pre_processor(image_size=(96, 96), backbone=LITE0)
+    model = make_model(pre_processor=pre_processor, refiner=PrototypeRefiner(num_iterations=3))
+    engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
+    engine.test(model, datamodule=quick_datamodule(), verbose=False)  # bank, normalisation and thresholds
+    exported = engine.export(model, ExportType.TORCH, export_root=tmp_path / "export")
+    folder = quick_synthetic_root / "brushed_metal" / "test" / "defect"
+    predictions = engine.predict(model, data_path=folder)
+
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the exported file is a pickled model
+    inferencer = TorchInferencer(exported, device="cpu")
+    compared = 0
+    for batch in predictions:
+        for path, score, anomaly_map in zip(batch.image_path, batch.pred_score, batch.anomaly_map, strict=True):
+            result = inferencer.predict(path)
+            torch.testing.assert_close(result.pred_score.reshape(()), score.reshape(()), rtol=0, atol=1e-4)
+            torch.testing.assert_close(result.anomaly_map.reshape(anomaly_map.shape), anomaly_map, rtol=0, atol=1e-4)
+            compared += 1
+    assert compared == len(list(folder.glob("*.png")))
+
+
 def test_checkpoint_of_baseline_keeps_refiner_off(quick_datamodule, tmp_path: Path) -> None:
     model = make_model(refiner=False)
     engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
@@ -319,12 +430,55 @@ def test_checkpoint_of_baseline_keeps_refiner_off(quick_datamodule, tmp_path: Pa
         ({"coreset_sampling_ratio": 0}, ValueError, "coreset_sampling_ratio"),
         ({"coreset_sampling_ratio": 1.5}, ValueError, "coreset_sampling_ratio"),
         ({"few_shot_seed": "a"}, TypeError, "few_shot_seed"),
+        ({"few_shot_seed": -5}, ValueError, r"few_shot_seed must be in \[0, 4294967295\]"),
+        ({"few_shot_seed": 2**33}, ValueError, r"few_shot_seed must be in \[0, 4294967295\]"),
+        ({"online_capacity": 2.5}, TypeError, "online_capacity must be a positive integer"),
+        ({"online_capacity": 0}, ValueError, "online_capacity must be a positive integer"),
+        ({"online": "yes"}, TypeError, "online must be True or False"),
+        ({"coreset_sampling_ratio": "0.1"}, TypeError, "coreset_sampling_ratio must be a number"),
+        ({"layers": "blocks.2"}, ValueError, r"pass \['blocks.2'\]"),
+        ({"layers": []}, ValueError, "layers must be a non-empty list"),
         ({"refiner": "yes"}, TypeError, "refiner"),
     ],
 )
 def test_bad_arguments_name_the_parameter(kwargs: dict[str, object], error: type[Exception], name: str) -> None:
     with pytest.raises(error, match=name):
         make_model(pre_trained=False, **kwargs)
+
+
+def test_setting_k_shot_after_construction_rebuilds_the_bank(quick_datamodule, tmp_path: Path) -> None:
+    """``model.k_shot = 3`` after a run: validated, the bank and support list are rebuilt, hparams follow."""
+    model = _validated(quick_datamodule, tmp_path, k_shot=2)
+    assert len(model.support_paths) == 2
+    bank_for_two = model.model.memory_bank.shape[0]
+    model.k_shot = 3
+    assert model.hparams["k_shot"] == 3
+    assert model.model.memory_bank.numel() == 0
+    assert model.support_paths == ()
+    trainer_for(model, tmp_path, limit_val_batches=1).validate(model, datamodule=quick_datamodule(), verbose=False)
+    assert len(model.support_paths) == 3
+    assert model.model.memory_bank.shape[0] > bank_for_two
+    with pytest.raises(ValueError, match="k_shot must be a positive integer"):
+        model.k_shot = 0
+    assert model.k_shot == 3
+
+
+def test_unreadable_support_image_is_named(tmp_path: Path) -> None:
+    """A truncated support image fails with its file name (PIL alone says only "image file is truncated")."""
+    from PIL import Image
+
+    from anomalib_protorefine.few_shot import support_from_folder
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for index in range(2):
+        Image.new("RGB", (64, 64), (index * 100, 50, 50)).save(folder / f"{index}.png")
+    noise = (torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(noise).save(folder / "2_truncated.png")
+    data = (folder / "2_truncated.png").read_bytes()
+    (folder / "2_truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"2_truncated\.png"):
+        support_from_folder(folder, k_shot=3, seed=0, transform=None)
 
 
 def test_k_shot_larger_than_training_set(quick_datamodule, tmp_path: Path) -> None:
@@ -423,6 +577,49 @@ def test_paper_config(repo_root: Path, deeppcb_subset: Path, tmp_path: Path) -> 
     assert "pixel_AUROC" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
+def test_cli_predict_and_export(
+    repo_root: Path, deeppcb_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's "Predict and export" commands: fit, predict and export with the checkpoint, and
+    predict on a folder without a checkpoint (few_shot_source), on real data."""
+    config = repo_root / "configs" / "patchcore_plus_offline.yaml"
+    results = tmp_path / "results"
+    args = ["fit", "--config", str(config), "--model.k_shot", "2", "--data.root", str(deeppcb_subset)]
+    result = _anomalib([*args, "--data.num_workers", "0", "--default_root_dir", str(results)], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    (checkpoint,) = results.rglob("*.ckpt")
+    model = ["--model", "PatchCorePlus", "--model.backbone", LITE0, "--model.layers", "[blocks.2, blocks.4]"]
+    images = ["--data", str(deeppcb_subset / "test" / "defect")]
+
+    result = _anomalib(["predict", *model, "--ckpt_path", str(checkpoint), *images], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "refiner.lambda_=3.0" in output  # the checkpoint's lambda, not the constructor's 0.3
+
+    args = ["export", *model, "--export_type", "torch", "--ckpt_path", str(checkpoint)]
+    result = _anomalib([*args, "--export_root", str(tmp_path / "export")], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    from anomalib.deploy import TorchInferencer
+
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    inferencer = TorchInferencer(tmp_path / "export" / "weights" / "torch" / "model.pt", device="cpu")
+    exported = inferencer.model
+    assert exported.model.refiner.options.lambda_ == 3.0
+    assert exported.pre_processor.export_transform.transforms[0].antialias
+    prediction = inferencer.predict(sorted((deeppcb_subset / "test" / "defect").iterdir())[0])
+    assert torch.isfinite(prediction.pred_score).all()
+
+    source = ["--model.k_shot", "2", "--model.few_shot_source", str(deeppcb_subset / "train" / "good")]
+    result = _anomalib(["predict", *model, *source, *images], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "no adaptive thresholds" in output
+    result = _anomalib(["predict", *model, "--model.k_shot", "2", *images], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "few_shot_source" in result.stdout + result.stderr
+
+
 # ------------------------------------------------------------------------------------------ demo
 def test_demo_quick_smoke(tmp_path: Path) -> None:
     env = child_env(COLUMNS="160")
@@ -472,3 +669,88 @@ def test_half_precision_model_gives_finite_scores() -> None:
     assert output.pred_score.dtype == torch.float16
     assert torch.isfinite(output.pred_score).all()
     assert torch.isfinite(output.anomaly_map).all()
+
+
+# ------------------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize("refined", [True, False], ids=["refined", "plain"])
+def test_bf16_autocast_scores_match_float32(parity: dict[str, object], refined: bool) -> None:
+    """Under ``torch.autocast`` (``precision="bf16-mixed"``) refinement and scoring still run in float32.
+
+    The backbone runs in bfloat16 under autocast, so whole-model scores differ by the features' rounding
+    (about 1%); scoring the same features must not change at all.
+    """
+    ours, images = parity["ours"], parity["images"]
+    model = PatchcorePlusModel(
+        backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=PrototypeRefiner() if refined else None
+    ).eval()
+    model.memory_bank = ours.memory_bank.clone()
+    with torch.no_grad():
+        embedding, _ = model.embed(images)
+        expected_scores = model.patch_scores(embedding)
+        expected = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = model.patch_scores(embedding)
+            output = model(images)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    assert output.pred_score.dtype == torch.float32
+    torch.testing.assert_close(output.pred_score, expected.pred_score, rtol=3e-2, atol=0)
+    relative = (output.anomaly_map - expected.anomaly_map).abs().amax() / expected.anomaly_map.abs().amax()
+    assert relative < 5e-2, relative
+
+
+def test_trainer_bf16_mixed_precision_matches_float32(quick_datamodule, tmp_path: Path) -> None:
+    """``Trainer(precision="bf16-mixed")`` (autocast around the steps) gives the float32 scores up to bf16 features."""
+    scores = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model = make_model(refiner=PrototypeRefiner(num_iterations=5))
+        trainer = trainer_for(model, tmp_path, precision=precision)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no validation pass: raw scores (that is what is compared)
+            predictions = trainer.predict(model, datamodule=quick_datamodule())
+        scores[precision] = torch.cat([batch.pred_score for batch in predictions])
+    assert scores["bf16-mixed"].dtype == torch.float32
+    torch.testing.assert_close(scores["bf16-mixed"], scores["32-true"], rtol=3e-2, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ logging
+def test_hparams_yaml_is_plain_and_refinement_time_is_per_image(quick_datamodule, tmp_path: Path) -> None:
+    """A refiner passed as an object is logged as plain options (``yaml.safe_load``); time is per image."""
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = make_model(refiner=PrototypeRefiner(epsilon=0.1, num_iterations=3))
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = Trainer(
+        **model.trainer_arguments,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    results = trainer.test(model, datamodule=quick_datamodule(eval_batch_size=7), verbose=False)
+    hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["refiner"]["epsilon"] == 0.1
+    assert hparams["refiner"]["num_iterations"] == 3
+    assert hparams["k_shot"] == 2
+    metrics = finite_metrics(results, "refinement/seconds_per_image")
+    assert "refinement/seconds" not in metrics
+    # One batch of 7 images: the logged time is the batch's refinement time over 7.
+    assert metrics["refinement/seconds_per_image"] == pytest.approx(model.model.refiner.last_stats["seconds"] / 7)
+
+
+def test_refinement_statistics_are_synced_across_ranks() -> None:
+    """Under DDP each rank refines its own batches: the logged statistics must be reduced (``sync_dist``)."""
+    from unittest import mock
+
+    refiner = PrototypeRefiner(num_iterations=2)
+    refiner.patch_scores(torch.randn(2, 6, 4), torch.randn(5, 4))
+    module = mock.MagicMock()
+    refiner.on_test_batch_end(mock.MagicMock(), module, None, [0, 1], 0)
+    refiner.on_validation_batch_end(mock.MagicMock(), module, None, [0, 1], 0)
+    assert module.log.call_count == 2 * len(refiner.last_stats)
+    for call in module.log.call_args_list:
+        assert call.kwargs["sync_dist"] is True, call
+        assert call.kwargs["batch_size"] == 2
+    logged = {call.args[0]: call.args[1] for call in module.log.call_args_list}
+    assert logged["refinement/seconds_per_image"] == pytest.approx(refiner.last_stats["seconds"] / 2)

@@ -635,13 +635,17 @@ def test_callback_logs_statistics(hook: str) -> None:
     result = refiner.refine(queries, bank)
     getattr(refiner, hook)(MagicMock(), module, None, batch, 0)
     logged = {call.args[0]: call for call in module.log.call_args_list}
+    # The batch's refinement time is logged per image; the other statistics as they are.
+    names = {"seconds": "seconds_per_image"}
     expected = {"em_iterations", "sinkhorn_iterations", "objective", "ot_cost", "seconds"}
-    assert set(logged) == {f"refinement/{key}" for key in expected}
+    assert set(logged) == {f"refinement/{names.get(key, key)}" for key in expected}
     for key in expected:
-        call = logged[f"refinement/{key}"]
-        assert call.args[1] == result.stats[key]
+        call = logged[f"refinement/{names.get(key, key)}"]
+        value = result.stats[key] / B if key == "seconds" else result.stats[key]
+        assert call.args[1] == pytest.approx(value)
         assert call.kwargs["batch_size"] == B
         assert call.kwargs["on_epoch"] is True
+        assert call.kwargs["sync_dist"] is True
     assert result.stats["em_iterations"] == 2
     assert result.stats["sinkhorn_iterations"] > 0
     assert result.stats["ot_cost"] > 0

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 import torch
 from anomalib.engine import Engine
-from test_patchcore_plus import QUIET, make_model
 
 from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
 from anomalib_protorefine.models.patchcore_plus.lightning_model import (
@@ -16,6 +15,7 @@ from anomalib_protorefine.models.patchcore_plus.lightning_model import (
     PATCHCORE_PAPER_REFINER,
     PATCHCORE_REFINER_PRESETS,
 )
+from test_patchcore_plus import QUIET, make_model
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -193,6 +193,63 @@ def test_image_score_fusion_eq9(plain_and_refined: tuple, queries: torch.Tensor)
         assert torch.allclose(output.anomaly_map, expected_map, atol=1e-6)
 
 
+def test_bf16_autocast_scores_match_float32(plain_and_refined: tuple, queries: torch.Tensor) -> None:
+    """Under ``torch.autocast`` (``precision="bf16-mixed"``) few-shot scoring still runs in float32."""
+    for model in plain_and_refined:
+        _, windows, patches = model.encode_image(queries)
+        expected_map = model._compute_few_shot_scores(patches, windows)
+        expected = model(queries)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            few_shot_map = model._compute_few_shot_scores(patches, windows)
+            output = model(queries)
+        torch.testing.assert_close(few_shot_map, expected_map, rtol=1e-5, atol=1e-5)
+        assert output.pred_score.dtype == torch.float32
+        # The CLIP encoders themselves run in bfloat16 under autocast: scores move by its rounding only.
+        torch.testing.assert_close(output.pred_score, expected.pred_score, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(output.anomaly_map, expected.anomaly_map, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("scales", [[], [0], "23", [2, 99]])
+def test_bad_scales_name_the_option(tiny_json: str, scales: object) -> None:
+    with pytest.raises(ValueError, match=r"scales.*scales=\[2, 3\]"):
+        WinClipPlus(backbone=tiny_json, pretrained=None, scales=scales)
+
+
+def test_setting_k_shot_after_construction(tiny_json: str, dataset_root: Path) -> None:
+    """``model.k_shot = 1`` after a run: the references are re-drawn with the new k, hparams follow."""
+    model = tiny_model(tiny_json, refiner=False)
+    trainer().validate(model, datamodule=make_datamodule(dataset_root), verbose=False)
+    assert model.model.k_shot == K_SHOT
+    model.k_shot = 1
+    assert model.hparams["k_shot"] == 1
+    assert not model.model.has_references
+    assert model.support_paths == ()
+    trainer().validate(model, datamodule=make_datamodule(dataset_root), verbose=False)
+    assert model.model.k_shot == 1
+    assert len(model.support_paths) == 1
+    model.k_shot = 0  # zero-shot
+    assert model.k_shot is None
+    assert model.learning_type.value == "zero_shot"
+    with pytest.raises(ValueError, match="k_shot must be a positive integer"):
+        model.k_shot = -1
+
+
+def test_partial_refiner_override_from_the_command_line_keeps_model_defaults(tiny_json: str) -> None:
+    """``--model.refiner.lambda_ 0.2`` (jsonargparse, as ``anomalib test`` parses it) keeps the cosine defaults."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(AnomalibModule, "model")
+    args = ["--model", "anomalib_protorefine.WinClipPlus", "--model.backbone", tiny_json]
+    args += ["--model.pretrained", "null", "--model.refiner.lambda_", "0.2"]
+    model = parser.instantiate_classes(parser.parse_args(args)).model
+    options = model.model.refiner.options
+    assert (options.lambda_, options.distance, options.num_iterations) == (0.2, "cosine", 10)
+    assert model.hparams["refiner"]["lambda_"] == 0.2
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['lamda'\].*lambda_"):
+        WinClipPlus(backbone=tiny_json, pretrained=None, refiner={"lamda": 0.2})
+
+
 def test_refiner_must_be_cosine(tiny_json: str) -> None:
     with pytest.raises(ValueError, match="distance='cosine'"):
         WinClipPlus(backbone=tiny_json, pretrained=None, refiner={"distance": "euclidean"})
@@ -360,6 +417,27 @@ def test_trainer_checkpoint_round_trip(tiny_json: str, datamodule: Folder, tmp_p
     assert shots.call_count == 0
 
 
+def test_checkpoint_settings_win_over_constructor(tiny_json: str, datamodule: Folder, tmp_path: Path) -> None:
+    """Build from arguments, then load with ``ckpt_path`` (``anomalib predict --ckpt_path``): the checkpoint wins."""
+    model = tiny_model(tiny_json, refiner={"lambda_": 0.2, "num_iterations": 3}, coreset_sampling_ratio=0.3)
+    run = trainer()
+    run.test(model, datamodule=datamodule, verbose=False)
+    path = tmp_path / "winclip_plus.ckpt"
+    run.save_checkpoint(path)
+
+    fresh = tiny_model(tiny_json, class_name="gadget")  # constructor: lambda 0.1, N 10, alpha 0.5
+    with pytest.warns(UserWarning, match=r"refiner\.lambda_=0\.2 \(constructor: 0\.1\).*class_name='widget'"):
+        trainer().test(fresh, datamodule=make_datamodule(datamodule.root), ckpt_path=path, verbose=False)
+    options = fresh.model.refiner.options
+    assert (options.lambda_, options.num_iterations, options.distance) == (0.2, 3, "cosine")
+    assert (fresh.class_name, fresh.model.coreset_sampling_ratio) == ("widget", 0.3)
+    assert fresh.model.text_class_name == "widget"
+    images = normalised_images(sorted((datamodule.root / "test" / "defect").glob("*.png")))
+    model.model.eval()
+    fresh.model.eval()
+    torch.testing.assert_close(fresh.model(images).pred_score, model.model(images).pred_score)
+
+
 def test_registry_and_yaml_config(tiny_json: str) -> None:
     model = get_model("WinClipPlus", backbone=tiny_json, pretrained=None, k_shot=1, refiner=False)
     assert isinstance(model, WinClipPlus)
@@ -391,6 +469,8 @@ def test_anomalib_cli_without_checkpoint(tiny_json: str, dataset_root: Path, tmp
         "null",
         "--model.class_name",
         "widget",
+        "--model.refiner.lambda_",  # a partial override keeps WinClipPlus's cosine defaults
+        "0.2",
         "--data",
         "anomalib.data.Folder",
         "--data.name",

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -25,11 +26,41 @@ _EXPORTS = {
     "RefinerOptions": "anomalib_protorefine.refinement",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "__version__", "config_path"]
 
 if TYPE_CHECKING:
     from .models import PatchCorePlus, PatchcorePlusModel, WinClipPlus, WinClipPlusModel  # noqa: F401
     from .refinement import PrototypeRefiner, RefinerOptions  # noqa: F401
+
+
+def config_path(name: str | None = None) -> Path:
+    """Where the anomalib CLI configs live: inside the installed package, or ``configs/`` of a source checkout.
+
+    Args:
+        name: A config file name (e.g. ``"patchcore_plus_offline.yaml"``), or ``None`` for the folder.
+
+    Returns:
+        The path of the config (or of the folder).
+
+    Raises:
+        FileNotFoundError: No such config; the message lists the available ones.
+
+    Example:
+        >>> config_path("patchcore_plus_offline.yaml").name
+        'patchcore_plus_offline.yaml'
+    """
+    package = Path(__file__).resolve().parent
+    folder = next(
+        (path for path in (package / "configs", package.parents[1] / "configs") if path.is_dir()), package / "configs"
+    )
+    if name is None:
+        return folder
+    path = folder / name
+    if not path.is_file():
+        available = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        msg = f"config {name!r} not found in {folder}; available: {available}."
+        raise FileNotFoundError(msg)
+    return path
 
 
 def __getattr__(name: str) -> Any:

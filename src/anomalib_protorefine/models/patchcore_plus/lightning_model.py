@@ -16,7 +16,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,10 +37,13 @@ from anomalib_protorefine.calibration import CalibrationResult, calibrate, split
 from anomalib_protorefine.few_shot import (
     load_images,
     support_from_dataset,
+    support_from_folder,
     train_dataset_of,
+    validate_few_shot_source,
     validate_support_options,
 )
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 from .torch_model import PatchcorePlusModel
@@ -61,6 +66,57 @@ PATCHCORE_DEFAULT_PRESET = "local"
 PATCHCORE_AUTO_CANDIDATES: tuple[str, ...] = ("off", PATCHCORE_DEFAULT_PRESET)
 
 
+def validate_layers(layers: Sequence[str]) -> tuple[str, ...]:
+    """Return ``layers`` as a tuple of layer names, or raise an error that names ``layers`` and the fix.
+
+    Example:
+        >>> validate_layers(["layer2", "layer3"])
+        ('layer2', 'layer3')
+        >>> validate_layers("layer2")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: layers must be a list of layer names, got the string 'layer2': pass ['layer2'] ...
+    """
+    if isinstance(layers, str):
+        msg = (
+            f"layers must be a list of layer names, got the string {layers!r}: pass [{layers!r}] "
+            f"(CLI: --model.layers '[{layers}]')."
+        )
+        raise ValueError(msg)
+    if not isinstance(layers, Sequence) or not layers or not all(isinstance(layer, str) and layer for layer in layers):
+        msg = (
+            f"layers must be a non-empty list of layer names, got {layers!r}. Use e.g. layers=['layer2', 'layer3'] "
+            "(CLI: --model.layers '[layer2, layer3]')."
+        )
+        raise ValueError(msg)
+    return tuple(layers)
+
+
+def validate_online_options(online: bool, online_capacity: int | None) -> None:
+    """Raise an error naming the option unless ``online`` is a bool and ``online_capacity`` a positive int or None.
+
+    Example:
+        >>> validate_online_options(True, 2.5)
+        Traceback (most recent call last):
+        ...
+        TypeError: online_capacity must be a positive integer or None, got float 2.5. Use e.g. online_capacity=1000.
+    """
+    if not isinstance(online, bool):
+        msg = f"online must be True or False, got {online!r}."
+        raise TypeError(msg)
+    if online_capacity is None:
+        return
+    if isinstance(online_capacity, bool) or not isinstance(online_capacity, numbers.Integral):
+        msg = (
+            f"online_capacity must be a positive integer or None, got {type(online_capacity).__name__} "
+            f"{online_capacity!r}. Use e.g. online_capacity=1000."
+        )
+        raise TypeError(msg)
+    if online_capacity < 1:
+        msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}. Use e.g. 1000."
+        raise ValueError(msg)
+
+
 class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
     """PatchCore+ (paper Sec. 5.1): few-shot PatchCore whose prototypes are refined per query.
 
@@ -74,12 +130,14 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         k_shot: Number of normal support images, or ``None`` for classic full-shot PatchCore
             trained with ``Engine.fit``.
         few_shot_seed: Seed of the support image draw.
+        few_shot_source: Folder of normal images to draw the support images from instead of the
+            datamodule's training set (needed to predict on a folder without a checkpoint).
         refiner: ``True`` or ``"local"`` (the default form: locality K = 16, affine, lambda 0.3,
             N 10; see docs/method.md), ``"paper"`` (the paper's exact form: whole bank, lambda 0.3,
             N 10), ``"auto"`` (self-calibration: refinement on or off, chosen per task from the
             support images alone), ``False`` or ``"off"`` (plain PatchCore scored with the same
-            code: the baseline), a :class:`PrototypeRefiner`, or a dict of its arguments (over the
-            default form).
+            code: the baseline), a dict of the options to change (the others keep the default
+            form's; CLI: ``--model.refiner.lambda_ 0.2``), or a :class:`PrototypeRefiner` (used as given).
         online: "Online PatchCore+" (paper Table 6): refined prototypes join a bounded extra bank.
         online_capacity: Size bound of the online bank (default: the support bank's size).
         pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
@@ -102,7 +160,8 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         coreset_sampling_ratio: float = 0.05,
         k_shot: int | None = 4,
         few_shot_seed: int = 0,
-        refiner: bool | str | PrototypeRefiner | dict[str, Any] = True,
+        few_shot_source: str | Path | None = None,
+        refiner: bool | str | dict[str, Any] | PrototypeRefiner = True,
         online: bool = False,
         online_capacity: int | None = None,
         pre_processor: nn.Module | bool = True,
@@ -111,10 +170,9 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.05")
-        if online_capacity is not None and (isinstance(online_capacity, bool) or online_capacity < 1):
-            msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}."
-            raise ValueError(msg)
-        layers = tuple(layers)
+        validate_online_options(online, online_capacity)
+        source = validate_few_shot_source(few_shot_source, k_shot)
+        layers = validate_layers(layers)
         self.auto_refiner = refiner == "auto"
         if self.auto_refiner and not k_shot:
             msg = "refiner='auto' calibrates on the k support images: set k_shot (e.g. k_shot=4) or choose a preset."
@@ -137,9 +195,11 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             online_capacity=online_capacity,
             online_sampling_ratio=coreset_sampling_ratio,
         )
+        self._store_plain_hparams()
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
+        self.few_shot_source = source
         self.support_paths: tuple[str, ...] = ()
         self.calibration: CalibrationResult | None = None
 
@@ -152,15 +212,17 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
     ) -> PreProcessor:
         """Resize to ``image_size`` (paper: 256 x 256) and normalise as the backbone's weights expect.
 
+        The export transform keeps the resize antialiasing (see
+        :class:`~anomalib_protorefine.pre_processing.AntialiasPreProcessor`), so an exported torch
+        model scores exactly like ``Engine.predict``.
+
         Example:
-            >>> PatchCorePlus.configure_pre_processor(backbone="tf_efficientnet_lite0").transform
-            Compose(
-                  Resize(size=[256, 256], interpolation=InterpolationMode.BILINEAR, antialias=True)
-                  Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=False)
-            )
+            >>> transform = PatchCorePlus.configure_pre_processor(backbone="tf_efficientnet_lite0").transform
+            >>> transform.transforms[0].size, transform.transforms[0].antialias, transform.transforms[1].mean
+            ([256, 256], True, [0.5, 0.5, 0.5])
         """
         mean, std = normalization_for(backbone)
-        return PreProcessor(
+        return AntialiasPreProcessor(
             transform=Compose([Resize(image_size or (256, 256), antialias=True), Normalize(mean=mean, std=std)])
         )
 
@@ -193,9 +255,12 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         if self.model.memory_bank.numel():
             return
         if self.k_shot:
-            dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
             transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-            support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
+            if self.few_shot_source is not None:
+                support = support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
+            else:
+                dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
+                support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
             self.support_paths = support.paths
             if self.auto_refiner:
                 self.calibrate_refiner(support.paths)
@@ -259,6 +324,15 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             _, grid = self.model.embed(images[:1].to(self.device))
         return grid
 
+    def _reset_support(self) -> None:
+        """Empty the memory bank (and the online bank) and the support list: ``k_shot`` changed."""
+        device = self.model.memory_bank.device
+        self.model.memory_bank = torch.empty(0, device=device)
+        self.model.online_bank = torch.empty(0, device=device)
+        self.model.embedding_store.clear()
+        self.support_paths = ()
+        self._is_fitted = torch.tensor([False], device=device)
+
     def fit(self) -> None:
         """Build the memory bank (called by anomalib at the end of the training epoch)."""
         self._ensure_ready()
@@ -285,7 +359,39 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         """``FEW_SHOT`` with ``k_shot`` (anomalib then validates before testing), else ``ONE_CLASS``."""
         return LearningType.FEW_SHOT if self.k_shot else LearningType.ONE_CLASS
 
+    # ------------------------------------------------------------------ checkpoints
+    refiner_presets = PATCHCORE_REFINER_PRESETS
+    refiner_default_preset = PATCHCORE_DEFAULT_PRESET
+
+    def _score_options(self) -> dict[str, Any]:
+        """Options besides the refiner that change scores (the coreset ratio also sets the online coreset)."""
+        return {
+            "k_shot": self.k_shot,
+            "few_shot_seed": self.few_shot_seed,
+            "coreset_sampling_ratio": self.coreset_sampling_ratio,
+            "online": self.model.online,
+            "online_capacity": self.model.online_capacity,
+            "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
+        }
+
+    def _apply_score_option(self, name: str, value: Any) -> None:
+        """Set an option of :meth:`_score_options` (from a checkpoint)."""
+        if name == "k_shot":
+            self.k_shot = value
+        elif name == "few_shot_seed":
+            self.few_shot_seed = value
+        elif name == "coreset_sampling_ratio":
+            self.coreset_sampling_ratio = value
+            self.model.online_sampling_ratio = value
+        elif name == "few_shot_source":
+            self.few_shot_source = Path(value) if value else None
+        elif name in {"online", "online_capacity"}:
+            setattr(self.model, name, value)
+        else:
+            msg = f"{name!r} is not an option of PatchCorePlus that a checkpoint restores."
+            raise KeyError(msg)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the support file list; a loaded bank counts as fitted."""
+        """Restore the score-relevant options and the support file list; a loaded bank counts as fitted."""
         super().on_load_checkpoint(checkpoint)
         self._is_fitted = torch.tensor([True])

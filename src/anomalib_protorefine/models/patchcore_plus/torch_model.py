@@ -33,6 +33,7 @@ from torch.nn import functional as F  # noqa: N812
 from anomalib_protorefine.backbones import build_feature_extractor
 from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.refinement import PrototypeRefiner
+from anomalib_protorefine.refinement.precision import autocast_disabled
 
 
 class BilinearAnomalyMapGenerator(AnomalyMapGenerator):
@@ -113,16 +114,24 @@ class PatchcorePlusModel(PatchcoreModel):
         return self.memory_bank
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Scores ``(B, m)`` of query embeddings ``(B, m, c)``: refined, or plain nearest neighbour."""
-        if self.refiner is None:  # plain PatchCore (the online bank only grows with refinement)
-            batch_size, num_patches, channels = embedding.shape
-            scores, _ = self.nearest_neighbors(embedding.reshape(-1, channels), n_neighbors=1)
-            return scores.reshape(batch_size, num_patches)
-        bank = self.scoring_bank()
-        result = self.refiner.refine(embedding, bank)
-        if self.online:
-            self._grow_online_bank(result.prototypes.to(bank.dtype))
-        return self.refiner.score_result(result).to(embedding.dtype)
+        """Scores ``(B, m)`` of query embeddings ``(B, m, c)``: refined, or plain nearest neighbour.
+
+        Autocast (``precision="bf16-mixed"``/``"16-mixed"``) is disabled here: the distances are
+        computed in the memory bank's precision (float32 unless the whole model was cast), and an
+        embedding that autocast produced in lower precision is upcast to it first.
+        """
+        dtype = torch.promote_types(embedding.dtype, self.memory_bank.dtype)
+        with autocast_disabled(embedding):
+            if self.refiner is None:  # plain PatchCore (the online bank only grows with refinement)
+                batch_size, num_patches, channels = embedding.shape
+                flat = embedding.reshape(-1, channels).to(self.memory_bank.dtype)
+                scores, _ = self.nearest_neighbors(flat, n_neighbors=1)
+                return scores.reshape(batch_size, num_patches).to(dtype)
+            bank = self.scoring_bank()
+            result = self.refiner.refine(embedding, bank)
+            if self.online:
+                self._grow_online_bank(result.prototypes.to(bank.dtype))
+            return self.refiner.score_result(result).to(dtype)
 
     def _grow_online_bank(self, prototypes: torch.Tensor) -> None:
         """Add a coreset of each query's refined prototypes to the bounded online bank."""
@@ -155,8 +164,9 @@ class PatchcorePlusModel(PatchcoreModel):
             )
             raise ValueError(msg)
         patch_scores = self.patch_scores(embedding)
-        pred_score = patch_scores.amax(1)
-        anomaly_map = self.anomaly_map_generator(patch_scores.reshape(-1, 1, height, width), output_size)
+        with autocast_disabled(patch_scores):  # keep the map (interpolation, blur) in the scores' precision
+            pred_score = patch_scores.amax(1)
+            anomaly_map = self.anomaly_map_generator(patch_scores.reshape(-1, 1, height, width), output_size)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def subsample_embedding(self, sampling_ratio: float, seed: int = 0) -> None:  # type: ignore[override]

@@ -38,9 +38,11 @@ from anomalib_protorefine.few_shot import (
     support_from_dataset,
     support_from_folder,
     train_dataset_of,
+    validate_few_shot_source,
     validate_support_options,
 )
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
 from .torch_model import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, WinClipPlusModel
@@ -74,8 +76,9 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         coreset_sampling_ratio: Coreset ratio alpha of each reference set before refinement
             (paper: 0.5 MVTec, 0.3 VisA, 0.2 MPDD).
         refiner: ``True`` or ``"paper"`` (paper defaults: cosine, lambda 0.1, N 10), ``False`` or
-            ``"off"`` (plain WinCLIP with the same code: the baseline), a cosine
-            :class:`PrototypeRefiner`, or a dict of its arguments (over the paper defaults).
+            ``"off"`` (plain WinCLIP with the same code: the baseline), a dict of the options to
+            change (the others keep these defaults; CLI: ``--model.refiner.lambda_ 0.2``), or a cosine
+            :class:`PrototypeRefiner`.
         pre_processor: Pre-processor, ``True`` for the default (240 px bicubic, CLIP normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -98,7 +101,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         backbone: str = DEFAULT_BACKBONE,
         pretrained: str | None = DEFAULT_PRETRAINED,
         coreset_sampling_ratio: float = 0.5,
-        refiner: bool | str | PrototypeRefiner | dict[str, Any] = True,
+        refiner: bool | str | dict[str, Any] | PrototypeRefiner = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -106,12 +109,13 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
     ) -> None:
         k_shot = k_shot or None  # 0 means zero-shot, as in upstream WinClip
         validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.5 on MVTec")
+        source = validate_few_shot_source(few_shot_source, k_shot)
         refiner_module = make_refiner(refiner, WINCLIP_REFINER_PRESETS, default="paper")
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
         self.model: WinClipPlusModel = WinClipPlusModel(
-            scales=tuple(scales),
+            scales=scales,
             backbone=backbone,
             pretrained=pretrained,
             refiner=refiner_module,
@@ -121,10 +125,11 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         image_size = tuple(self.model.clip.visual.image_size)
         if pre_processor is True and image_size != (240, 240):
             self.pre_processor = self.configure_pre_processor(image_size=image_size)
+        self._store_plain_hparams()
         self.class_name = class_name
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
-        self.few_shot_source = Path(few_shot_source) if few_shot_source else None
+        self.few_shot_source = source
         self.support_paths: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ components
@@ -146,7 +151,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
                 Normalize(mean=CLIP_MEAN, std=CLIP_STD),
             ]
         )
-        return PreProcessor(transform=transform)
+        return AntialiasPreProcessor(transform=transform)
 
     # ------------------------------------------------------------------ text and references
     def _get_class_name(self) -> str:
@@ -207,6 +212,16 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
             self.support_paths = support.paths
             self.fit_support(support.images)
 
+    @staticmethod
+    def _normalize_k_shot(k_shot: int | None) -> int | None:
+        """``0`` means zero-shot, as in upstream WinClip: stored as ``None``."""
+        return k_shot or None
+
+    def _reset_support(self) -> None:
+        """Forget the reference embeddings and the support list: ``k_shot`` changed."""
+        self.model.clear_references()
+        self.support_paths = ()
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """No training; one device."""
@@ -218,6 +233,39 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         return LearningType.FEW_SHOT if self.k_shot else LearningType.ZERO_SHOT
 
     # ------------------------------------------------------------------ checkpoints
+    refiner_presets = WINCLIP_REFINER_PRESETS
+    refiner_default_preset = "paper"
+
+    def _score_options(self) -> dict[str, Any]:
+        """Options besides the refiner that change scores (the seed and ratio also build the banks)."""
+        return {
+            "k_shot": self.k_shot,
+            "few_shot_seed": self.few_shot_seed,
+            "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
+            "coreset_sampling_ratio": self.model.coreset_sampling_ratio,
+            "class_name": self.class_name,
+            "scales": list(self.model.scales),
+        }
+
+    def _apply_score_option(self, name: str, value: Any) -> None:
+        """Set an option of :meth:`_score_options` (from a checkpoint)."""
+        if name == "k_shot":
+            self.k_shot = value
+        elif name == "few_shot_seed":
+            self.few_shot_seed = value
+            self.model.coreset_seed = value
+        elif name == "few_shot_source":
+            self.few_shot_source = Path(value) if value else None
+        elif name == "coreset_sampling_ratio":
+            self.model.coreset_sampling_ratio = value
+        elif name == "class_name":
+            self.class_name = value
+        elif name == "scales":
+            self.model.set_scales(value)
+        else:
+            msg = f"{name!r} is not an option of WinClipPlus that a checkpoint restores."
+            raise KeyError(msg)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also save ``pretrained`` as ``None``: the CLIP weights are in the state dict (no download on reload)."""
         super().on_save_checkpoint(checkpoint)

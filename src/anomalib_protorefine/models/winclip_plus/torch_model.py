@@ -26,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from torch import nn
 
 from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.refinement import PrototypeRefiner
+from anomalib_protorefine.refinement.precision import autocast_disabled, float32_compute
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +207,32 @@ def fuse_image_scores(zero_shot: torch.Tensor, few_shot_map: torch.Tensor) -> to
     return (zero_shot + few_shot_map.amax(dim=(-2, -1))) / 2
 
 
+def validate_scales(scales: Any) -> tuple[int, ...]:
+    """Return ``scales`` as a tuple of window sizes, or raise an error that names ``scales`` and the fix.
+
+    Example:
+        >>> validate_scales([2, 3])
+        (2, 3)
+        >>> validate_scales([0])
+        Traceback (most recent call last):
+        ...
+        ValueError: scales must be a non-empty list of window sizes >= 1 (in patches), got [0]. WinCLIP: scales=[2, 3].
+    """
+    valid = (
+        isinstance(scales, Sequence)
+        and not isinstance(scales, str)
+        and len(scales) > 0
+        and all(isinstance(scale, numbers.Integral) and not isinstance(scale, bool) and scale >= 1 for scale in scales)
+    )
+    if not valid:
+        msg = (
+            f"scales must be a non-empty list of window sizes >= 1 (in patches), got {scales!r}. "
+            "WinCLIP: scales=[2, 3]."
+        )
+        raise ValueError(msg)
+    return tuple(int(scale) for scale in scales)
+
+
 def _encode_name(name: str | None) -> torch.Tensor:
     """UTF-8 bytes of a class name as a uint8 tensor (so it lives in the state dict)."""
     return torch.tensor(list((name or "").encode()), dtype=torch.uint8)
@@ -238,7 +267,7 @@ class WinClipPlusModel(WinClipModel):
         self,
         class_name: str | None = None,
         reference_images: torch.Tensor | None = None,
-        scales: tuple[int, ...] = (2, 3),
+        scales: Sequence[int] = (2, 3),
         apply_transform: bool = False,
         backbone: str | Path = DEFAULT_BACKBONE,
         pretrained: str | Path | None = DEFAULT_PRETRAINED,
@@ -253,13 +282,23 @@ class WinClipPlusModel(WinClipModel):
         if refiner is not None and refiner.options.distance != "cosine":
             msg = (
                 f"WinClipPlus scores by cosine distance (paper Eq. 8): the refiner needs distance='cosine', got "
-                f"{refiner.options.distance!r}."
+                f"{refiner.options.distance!r}. Pass PrototypeRefiner(distance='cosine', ...), or give WinClipPlus "
+                "a dict of the options to change (refiner={'lambda_': 0.2}; CLI: --model.refiner.lambda_ 0.2), "
+                "which keeps its cosine defaults."
             )
             raise ValueError(msg)
         if not 0 < coreset_sampling_ratio <= 1:
             msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: 0.5 on MVTec."
             raise ValueError(msg)
+        scales = validate_scales(scales)
         self.clip, self._transform, self.backbone = create_clip(backbone, pretrained, cache_dir)
+        grid = tuple(self.clip.visual.grid_size)
+        if max(scales) > min(grid):
+            msg = (
+                f"scales {list(scales)} has a window larger than the {grid[0]} x {grid[1]} patch grid of "
+                f"{self.backbone}: use smaller windows, e.g. scales=[2, 3]."
+            )
+            raise ValueError(msg)
         self.pretrained = pretrained
         self.temperature = TEMPERATURE
         self.class_name = class_name
@@ -310,6 +349,34 @@ class WinClipPlusModel(WinClipModel):
         super()._collect_visual_embeddings(images)
         self.build_banks()
 
+    def set_scales(self, scales: Sequence[int]) -> None:
+        """Change the window sizes (e.g. to a checkpoint's) while keeping the number of scales.
+
+        Raises:
+            ValueError: Invalid scales, or another number of scales (the state dict holds one
+                reference set per scale: build the model with these scales instead).
+        """
+        scales = validate_scales(scales)
+        if len(scales) != len(self.scales):
+            msg = (
+                f"scales {list(scales)} has {len(scales)} window sizes but this model was built with "
+                f"{len(self.scales)} ({list(self.scales)}): build it with scales={list(scales)}."
+            )
+            raise ValueError(msg)
+        if scales != self.scales:
+            device = self.masks[0].device
+            self.scales = scales
+            self.masks = [mask.to(device) for mask in self._generate_masks()]
+
+    def clear_references(self) -> None:
+        """Forget the few-shot reference images, their embeddings and banks (back to zero-shot)."""
+        device = self._patch_embeddings.device
+        self.reference_images = None
+        self.k_shot = 0
+        self._patch_embeddings = torch.empty(0, device=device)
+        self._visual_embeddings = [torch.empty(0, device=device) for _ in self.scales]
+        self.build_banks()
+
     def build_banks(self) -> None:
         """Set the refinement banks: a coreset of each reference set (patches, then each window scale).
 
@@ -329,6 +396,7 @@ class WinClipPlusModel(WinClipModel):
         ]
 
     # ------------------------------------------------------------------ scoring
+    @float32_compute
     def _reference_scores(
         self,
         embeddings: torch.Tensor,
@@ -345,6 +413,7 @@ class WinClipPlusModel(WinClipModel):
             return visual_association_score(embeddings, references)
         return self.refiner.patch_scores(embeddings, bank)
 
+    @float32_compute
     def _compute_few_shot_scores(
         self,
         patch_embeddings: torch.Tensor,
@@ -396,14 +465,20 @@ class WinClipPlusModel(WinClipModel):
 
         """
         image_embeddings, window_embeddings, patch_embeddings = self.encode_image(batch)
-        zero_shot = class_scores(image_embeddings, self.text_embeddings, self.temperature, target_class=1)
-        multi_scale_scores = self._compute_zero_shot_scores(zero_shot, window_embeddings)
-        image_scores = zero_shot
-        if self.has_references:
-            few_shot_map = self._compute_few_shot_scores(patch_embeddings, window_embeddings)
-            multi_scale_scores = (multi_scale_scores + few_shot_map) / 2
-            image_scores = fuse_image_scores(zero_shot, few_shot_map)
-        pixel_scores = nn.functional.interpolate(
-            multi_scale_scores.unsqueeze(1), size=batch.shape[-2:], mode="bilinear"
-        )
+        # Under autocast (bf16/fp16 mixed precision) the CLIP encoders return low-precision embeddings:
+        # score in the precision of the stored embeddings (float32 unless the whole model was cast).
+        dtype = torch.promote_types(image_embeddings.dtype, self._text_embeddings.dtype)
+        image_embeddings, patch_embeddings = image_embeddings.to(dtype), patch_embeddings.to(dtype)
+        window_embeddings = [window.to(dtype) for window in window_embeddings]
+        with autocast_disabled(image_embeddings):
+            zero_shot = class_scores(image_embeddings, self.text_embeddings, self.temperature, target_class=1)
+            multi_scale_scores = self._compute_zero_shot_scores(zero_shot, window_embeddings)
+            image_scores = zero_shot
+            if self.has_references:
+                few_shot_map = self._compute_few_shot_scores(patch_embeddings, window_embeddings)
+                multi_scale_scores = (multi_scale_scores + few_shot_map) / 2
+                image_scores = fuse_image_scores(zero_shot, few_shot_map)
+            pixel_scores = nn.functional.interpolate(
+                multi_scale_scores.unsqueeze(1), size=batch.shape[-2:], mode="bilinear"
+            )
         return InferenceBatch(pred_score=image_scores, anomaly_map=pixel_scores.squeeze(1))
