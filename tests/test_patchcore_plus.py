@@ -438,7 +438,8 @@ def test_checkpoint_of_baseline_keeps_refiner_off(quick_datamodule, tmp_path: Pa
         ({"coreset_sampling_ratio": "0.1"}, TypeError, "coreset_sampling_ratio must be a number"),
         ({"layers": "blocks.2"}, ValueError, r"pass \['blocks.2'\]"),
         ({"layers": []}, ValueError, "layers must be a non-empty list"),
-        ({"refiner": "yes"}, TypeError, "refiner"),
+        ({"refiner": "yes"}, ValueError, "refiner='yes' is not a preset"),
+        ({"refiner": 3}, TypeError, "refiner"),
     ],
 )
 def test_bad_arguments_name_the_parameter(kwargs: dict[str, object], error: type[Exception], name: str) -> None:
