@@ -41,7 +41,7 @@ from torch.nn import functional as F  # noqa: N812
 from .bank import BankFactors, bank_key
 from .m_step import ClosedFormStep, QueryTerms, gradient_step, objective, prototype_sq_norms, transport_cost
 from .options import RefinerOptions
-from .transport import TransportState, solve_plan
+from .transport import QueryPotential, check_marginals, plan_is_valid, solve_plan, solve_plans
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class PrototypeRefiner(nn.Module, Callback):
         sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step.
         sinkhorn_tol: Relative marginal tolerance of Sinkhorn.
         scoring_bank: ``"refined"``, ``"matched"`` or ``"union"``.
+        sinkhorn_overrelaxation: Over-relaxation of the batched Sinkhorn, in ``[1, 2)``.
 
     See :class:`~anomalib_protorefine.refinement.options.RefinerOptions` for details.
 
@@ -121,6 +122,7 @@ class PrototypeRefiner(nn.Module, Callback):
         sinkhorn_max_iter: int = 1000,
         sinkhorn_tol: float = 1e-3,
         scoring_bank: str = "refined",
+        sinkhorn_overrelaxation: float = 1.7,
     ) -> None:
         super().__init__()
         self.options = RefinerOptions(
@@ -140,6 +142,7 @@ class PrototypeRefiner(nn.Module, Callback):
             sinkhorn_max_iter=sinkhorn_max_iter,
             sinkhorn_tol=sinkhorn_tol,
             scoring_bank=scoring_bank,  # type: ignore[arg-type]
+            sinkhorn_overrelaxation=sinkhorn_overrelaxation,
         )
         self._factor_cache: OrderedDict[tuple, BankFactors] = OrderedDict()
         self.last_stats: dict[str, float] = {}
@@ -233,7 +236,7 @@ class PrototypeRefiner(nn.Module, Callback):
         plan: torch.Tensor | None = None
         sinkhorn_iterations = em_iterations = 0
         if opts.transport:
-            states: list[TransportState | None] = [None] * queries.shape[0]
+            states: list[Any] = [None] * queries.shape[0]  # per-query Sinkhorn warm starts
             scale: torch.Tensor | None = None
             closed_form = ClosedFormStep(terms, factors, opts.lambda_) if opts.m_step == "closed_form" else None
             weighted_gram = weights @ factors.gram
@@ -278,25 +281,53 @@ class PrototypeRefiner(nn.Module, Callback):
     def _e_step(
         self,
         costs: torch.Tensor,
-        states: list[TransportState | None],
+        states: list[Any],
         active: torch.Tensor,
         previous: torch.Tensor | None,
     ) -> torch.Tensor:
         """Sinkhorn for each active query's normalised cost ``(B, n, m)``, warm-started from ``states``.
 
-        Frozen (converged) queries keep their previous plan. ``states`` is updated in place.
+        ``sinkhorn_method="auto"`` solves all active queries at once (:func:`solve_plans`); the other
+        methods call POT once per query (:func:`solve_plan`, the reference). Frozen (converged)
+        queries keep their previous plan. ``states`` is updated in place.
         """
         opts = self.options
-        plans = []
-        for index, cost in enumerate(costs):
-            if previous is not None and not active[index]:
-                plans.append(previous[index])
-                continue
-            plan, states[index] = solve_plan(
-                cost, opts.epsilon, opts.sinkhorn_method, opts.sinkhorn_max_iter, opts.sinkhorn_tol, states[index]
+        index = torch.arange(costs.shape[0], device=costs.device) if previous is None else active.nonzero()[:, 0]
+        plans = torch.empty_like(costs) if previous is None else previous.clone()
+        if opts.sinkhorn_method == "auto":
+            warm = [states[i] for i in index.tolist()]
+            potential = None if any(s is None for s in warm) else torch.stack([s.potential for s in warm])
+            solved, batch_state = solve_plans(
+                costs[index],
+                opts.epsilon,
+                opts.sinkhorn_max_iter,
+                opts.sinkhorn_tol,
+                potential,
+                overrelaxation=opts.sinkhorn_overrelaxation,
             )
-            plans.append(plan)
-        return torch.stack(plans)
+            valid = plan_is_valid(solved)
+            counts = batch_state.iterations.tolist()
+            for row, query in enumerate(index.tolist()):
+                total = counts[row] + (0 if states[query] is None else states[query].iterations_total)
+                potential_row = batch_state.potential[row]
+                if not valid[row]:
+                    # Numerical breakdown (tiny epsilon, far warm start): recompute cold in the log domain.
+                    plan, pot_state = solve_plan(
+                        costs[query], opts.epsilon, "sinkhorn_log", opts.sinkhorn_max_iter, opts.sinkhorn_tol
+                    )
+                    solved[row] = plan
+                    potential_row = opts.epsilon * pot_state.log_v
+                    total += pot_state.iterations
+                states[query] = QueryPotential(potential_row, counts[row], total)
+            plans[index] = solved
+        else:
+            for query in index.tolist():
+                plans[query], states[query] = solve_plan(
+                    costs[query], opts.epsilon, opts.sinkhorn_method, opts.sinkhorn_max_iter, opts.sinkhorn_tol,
+                    states[query],
+                )  # fmt: skip
+        check_marginals(plans[index], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
+        return plans
 
     def forward(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Return the refined prototypes ``P = W M``, ``(B, m, c)``, in the input dtype."""
