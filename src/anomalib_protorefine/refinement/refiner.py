@@ -46,6 +46,8 @@ from .transport import QueryPotential, check_marginals, plan_is_valid, solve_pla
 logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
+#: Largest block of query-prototype dot products formed at once when scoring (elements, 16 MB).
+_SCORE_CHUNK = 1 << 22
 
 
 @dataclass
@@ -348,8 +350,20 @@ class PrototypeRefiner(nn.Module, Callback):
             dots = (terms.cross * weights).sum(-1)  # f_j . p_j
             refined = self._distance(dots, terms.sq_norms, proto_sq, cosine=cosine)
         else:
-            dots = terms.cross @ weights.transpose(1, 2)  # (B, m, m): f_j . p_k
-            refined = self._distance(dots, terms.sq_norms[..., None], proto_sq[:, None, :], cosine=cosine).amin(-1)
+            # Nearest refined prototype of every query patch, in chunks of query patches so that the
+            # (B, rows, m) block of dot products f_j . p_k stays below _SCORE_CHUNK elements: memory
+            # linear in m, and the values of one (B, m, m) block up to BLAS rounding (each row's minimum is whole).
+            batch, num_patches = proto_sq.shape
+            rows = max(1, _SCORE_CHUNK // max(batch * num_patches, 1))
+            refined = torch.cat(
+                [
+                    self._distance(
+                        cross @ weights.transpose(1, 2), sq[..., None], proto_sq[:, None, :], cosine=cosine
+                    ).amin(-1)
+                    for cross, sq in zip(terms.cross.split(rows, 1), terms.sq_norms.split(rows, 1), strict=True)
+                ],
+                dim=1,
+            )
         if mode == "union":
             bank = self._distance(terms.cross, terms.sq_norms[..., None], factors.sq_norms[None, None], cosine=cosine)
             refined = torch.minimum(refined, bank.amin(-1))
