@@ -832,6 +832,17 @@ def test_chunked_scoring_is_exact(monkeypatch: pytest.MonkeyPatch, distance: str
     refiner = PrototypeRefiner(distance=distance, scoring_bank=scoring_bank, num_iterations=2)
     result = refiner.refine(queries, bank)
     whole = refiner.score_result(result)
+    # Reference: the previous scoring, one (B, m, m) block of distances and its row minima.
+    proto_sq = (result.weights @ result.factors.gram * result.weights).sum(-1)
+    dots = result.terms.cross @ result.weights.transpose(1, 2)
+    sq = result.terms.sq_norms
+    one_block = refiner._distance(dots, sq[..., None], proto_sq[:, None, :], cosine=distance == "cosine").amin(-1)
+    if scoring_bank == "union":
+        to_bank = refiner._distance(
+            result.terms.cross, sq[..., None], result.factors.sq_norms[None, None], cosine=distance == "cosine"
+        )
+        one_block = torch.minimum(one_block, to_bank.amin(-1))
+    torch.testing.assert_close(whole, one_block, rtol=1e-6, atol=1e-6)
     for chunk in (1, 7 * B * M_PATCHES, 3 * B * M_PATCHES + 5):
         monkeypatch.setattr(refiner_module, "_SCORE_CHUNK", chunk)
         torch.testing.assert_close(refiner.score_result(result), whole, rtol=1e-5, atol=1e-6)

@@ -46,8 +46,8 @@ from .transport import QueryPotential, check_marginals, plan_is_valid, solve_pla
 logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
-#: Largest block of query-prototype dot products formed at once when scoring (elements, 16 MB).
-_SCORE_CHUNK = 1 << 22
+#: Largest block of query-prototype dot products formed at once when scoring (elements, 8 MB).
+_SCORE_CHUNK = 1 << 21
 
 
 @dataclass
@@ -357,9 +357,7 @@ class PrototypeRefiner(nn.Module, Callback):
             rows = max(1, _SCORE_CHUNK // max(batch * num_patches, 1))
             refined = torch.cat(
                 [
-                    self._distance(
-                        cross @ weights.transpose(1, 2), sq[..., None], proto_sq[:, None, :], cosine=cosine
-                    ).amin(-1)
+                    self._nearest(cross @ weights.transpose(1, 2), sq, proto_sq, cosine=cosine)
                     for cross, sq in zip(terms.cross.split(rows, 1), terms.sq_norms.split(rows, 1), strict=True)
                 ],
                 dim=1,
@@ -368,6 +366,20 @@ class PrototypeRefiner(nn.Module, Callback):
             bank = self._distance(terms.cross, terms.sq_norms[..., None], factors.sq_norms[None, None], cosine=cosine)
             refined = torch.minimum(refined, bank.amin(-1))
         return refined
+
+    @staticmethod
+    def _nearest(dots: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, *, cosine: bool) -> torch.Tensor:
+        """``_distance(dots, sq_a[..., None], sq_b[:, None], cosine).amin(-1)`` without its temporaries.
+
+        ``dots`` ``(B, rows, k)`` is overwritten. The distances are monotone in one expression
+        (``sq_b - 2 dots`` or the cosine), so its extremum is taken first and the rest is applied to
+        the ``(B, rows)`` result: the same values, but only one ``(B, rows, k)`` block in memory.
+        """
+        if cosine:
+            dots.div_((sq_a[..., None] * sq_b[:, None, :]).clamp_min(torch.finfo(dots.dtype).tiny).sqrt())
+            return ((1.0 - dots.amax(-1)) / 2.0).clamp(0.0, 1.0)
+        closest = dots.mul_(-2.0).add_(sq_a[..., None] + sq_b[:, None, :]).amin(-1)
+        return closest.clamp_min(0.0).sqrt()
 
     @staticmethod
     def _distance(dots: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, *, cosine: bool) -> torch.Tensor:
