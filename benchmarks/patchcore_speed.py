@@ -4,14 +4,15 @@ Paper configuration: wide_resnet50_2 (random weights are fine for timing), layer
 k = 4 support images, coreset ratio 0.05, N = 10 EM iterations. The baseline is the same model
 with ``refiner=None`` (plain nearest-neighbour PatchCore). The refined variants cover lambda 0.3
 (paper) and 3 with both M-steps; ``--solvers auto pot`` adds the same variants with POT's
-per-query Sinkhorn (``sinkhorn_method="sinkhorn"``, the solver used before the batched one) and
+per-query Sinkhorn (``sinkhorn_method="sinkhorn"``, the solver used before the batched one; closed
+form only) and
 ``--em-tol`` adds closed-form variants with that early stop. Variants are interleaved round-robin
 for ``--repeats`` rounds and the median per-image time is reported, with the refinement
 statistics and a breakdown of one refined batch (backbone, refinement, scoring).
 
 ``--memory`` then measures the peak memory of refinement + scoring of one image at
 m = 1024, 4096, 16384 patches (n = 204, c = 1536), each size in a fresh subprocess: on CPU the
-growth of ``ru_maxrss`` over the resident set once the inputs exist (Linux), on GPU
+growth of the peak resident set (``VmHWM``, reset once the inputs exist; Linux), on GPU
 ``torch.cuda.max_memory_allocated``; after the refinement and after the scoring. ``one block`` is
 the previous scoring (one (B, m, m) block of distances), ``chunked`` the current scoring in
 blocks of query patches.
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +47,8 @@ def variants(solvers: list[str], em_tol: float | None) -> dict[str, dict[str, An
     for solver in solvers:
         method = "auto" if solver == "auto" else "sinkhorn"
         for lambda_ in (0.3, 3.0):
-            for m_step in ("closed_form", "gradient"):
+            # POT's per-query solver (the previous E-step) is timed with the closed form only.
+            for m_step in ("closed_form", "gradient") if solver == "auto" else ("closed_form",):
                 name = f"lambda {lambda_:g}, {m_step.replace('_', ' ')}, {solver}"
                 table[name] = {"lambda_": lambda_, "m_step": m_step, "sinkhorn_method": method}
             if em_tol is not None and solver == "auto":
@@ -60,12 +63,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _status_kb(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), or ``None``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> int:
+    """Reset the peak resident set (``VmHWM``, Linux >= 4.0) and return the current one, bytes.
+
+    Without the reset, ``ru_maxrss`` would still hold the high-water mark of the imports.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        pass
+    current = _status_kb("VmRSS")
+    return 1024 * current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _peak(device: torch.device) -> int:
-    """Bytes: CUDA peak allocation, or the process's high-water resident set on CPU."""
+    """Bytes: CUDA peak allocation, or the process's peak resident set on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kb("VmHWM")
+    return 1024 * peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _previous_scores(refiner: PrototypeRefiner, result: Any) -> torch.Tensor:
@@ -90,9 +120,7 @@ def memory_child(patches: int, mode: str, device: str, bank_size: int, channels:
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
     else:
-        # Current resident set (the high-water mark of the imports may lie above it).
-        with open("/proc/self/statm") as statm:
-            before = int(statm.read().split()[1]) * resource.getpagesize()
+        before = _reset_cpu_peak()
     start = time.perf_counter()
     result = refiner.refine(queries, bank)
     refined = _peak(dev) - before
@@ -147,6 +175,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak memory vs m (subprocesses)")
     parser.add_argument("--memory-sizes", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--skip-timing", action="store_true", help="only the memory table")
+    parser.add_argument("--json", type=Path, default=None, help="append the timing medians to this JSON-lines file")
     parser.add_argument("--memory-child", nargs=2, metavar=("M", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -237,6 +266,14 @@ def timing(args: argparse.Namespace) -> None:
             em = f"{statistics.median(s['em_iterations'] for s in stats[name]):.1f}"
             sinkhorn = f"{statistics.median(s['sinkhorn_iterations'] for s in stats[name]):.0f}"
         print(f"| {name} | {1000 * median:.1f} | {median / base:.3f} | {em} | {sinkhorn} |")
+    if args.json:
+        record = {
+            "batch": args.batch_size,
+            "device": str(device),
+            "ms_per_image": {name: 1000 * statistics.median(values) for name, values in times.items()},
+        }
+        with args.json.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
     print(f"\nBreakdown of one batch (ms / image): backbone + embedding {per * (t1 - t0):.1f}, baseline NN scoring")
     print(f"{per * (t2 - t1):.1f}; per refined variant:\n")
     print("| variant | refinement (EM) | scoring |")

@@ -259,9 +259,12 @@ class PrototypeRefiner(nn.Module, Callback):
                         weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps
                     )
                     new_weighted_gram = new_weights @ factors.gram
-                keep = active[:, None, None]
-                weights = torch.where(keep, new_weights, weights)
-                weighted_gram = torch.where(keep, new_weighted_gram, weighted_gram)
+                if bool(active.all()):
+                    weights, weighted_gram = new_weights, new_weighted_gram
+                else:
+                    keep = active[:, None, None]
+                    weights = torch.where(keep, new_weights, weights)
+                    weighted_gram = torch.where(keep, new_weighted_gram, weighted_gram)
                 if previous is not None and opts.em_tol > 0:
                     # Total-variation change of each query's plan (plans sum to 1).
                     active &= (plan - previous).abs().sum((-1, -2)) / 2 >= opts.em_tol
@@ -294,13 +297,13 @@ class PrototypeRefiner(nn.Module, Callback):
         queries keep their previous plan. ``states`` is updated in place.
         """
         opts = self.options
-        index = torch.arange(costs.shape[0], device=costs.device) if previous is None else active.nonzero()[:, 0]
-        plans = torch.empty_like(costs) if previous is None else previous.clone()
+        everyone = previous is None or bool(active.all())
+        index = torch.arange(costs.shape[0], device=costs.device) if everyone else active.nonzero()[:, 0]
         if opts.sinkhorn_method == "auto":
             warm = [states[i] for i in index.tolist()]
             potential = None if any(s is None for s in warm) else torch.stack([s.potential for s in warm])
             solved, batch_state = solve_plans(
-                costs[index],
+                costs if everyone else costs[index],
                 opts.epsilon,
                 opts.sinkhorn_max_iter,
                 opts.sinkhorn_tol,
@@ -320,15 +323,24 @@ class PrototypeRefiner(nn.Module, Callback):
                     solved[row] = plan
                     potential_row = opts.epsilon * pot_state.log_v
                     total += pot_state.iterations
+                    check_marginals(plan[None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
                 states[query] = QueryPotential(potential_row, counts[row], total)
+            if everyone:
+                return solved
+            plans = previous.clone()
             plans[index] = solved
-        else:
-            for query in index.tolist():
-                plans[query], states[query] = solve_plan(
-                    costs[query], opts.epsilon, opts.sinkhorn_method, opts.sinkhorn_max_iter, opts.sinkhorn_tol,
-                    states[query],
-                )  # fmt: skip
-        check_marginals(plans[index], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
+            return plans
+        plans = torch.empty_like(costs) if previous is None else previous.clone()
+        for query in index.tolist():
+            plans[query], states[query] = solve_plan(
+                costs[query],
+                opts.epsilon,
+                opts.sinkhorn_method,
+                opts.sinkhorn_max_iter,
+                opts.sinkhorn_tol,
+                states[query],
+            )
+            check_marginals(plans[query][None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
         return plans
 
     def forward(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
