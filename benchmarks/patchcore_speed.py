@@ -1,32 +1,60 @@
-"""Per-image inference time of PatchCorePlus vs PatchCore, measured in the same run.
+"""Per-image inference time and peak memory of PatchCorePlus vs PatchCore, measured in the same run.
 
 Paper configuration: wide_resnet50_2 (random weights are fine for timing), layer2+layer3, 256 px,
 k = 4 support images, coreset ratio 0.05, N = 10 EM iterations. The baseline is the same model
-with ``refiner=None`` (plain nearest-neighbour PatchCore). Variants are interleaved round-robin
-for ``--repeats`` rounds and the median per-image time is reported, plus a breakdown of one
-refined batch (backbone, refinement, scoring, map).
+with ``refiner=None`` (plain nearest-neighbour PatchCore). The refined variants cover lambda 0.3
+(paper) and 3 with both M-steps; ``--solvers auto pot`` adds the same variants with POT's
+per-query Sinkhorn (``sinkhorn_method="sinkhorn"``, the solver used before the batched one; closed
+form only) and
+``--em-tol`` adds closed-form variants with that early stop. Variants are interleaved round-robin
+for ``--repeats`` rounds and the median per-image time is reported, with the refinement
+statistics and a breakdown of one refined batch (backbone, refinement, scoring).
+
+``--memory`` then measures the peak memory of refinement + scoring of one image at
+m = 1024, 4096, 16384 patches (n = 204, c = 1536), each size in a fresh subprocess: on CPU the
+growth of the peak resident set (``VmHWM``, reset once the inputs exist; Linux), on GPU
+``torch.cuda.max_memory_allocated``; after the refinement and after the scoring. ``one block`` is
+the previous scoring (one (B, m, m) block of distances), ``chunked`` the current scoring in
+blocks of query patches.
 
 Usage:
-    python benchmarks/patchcore_speed.py                     # CPU, batch 8, 5 rounds
-    python benchmarks/patchcore_speed.py --device cuda --batch-size 32
+    python benchmarks/patchcore_speed.py --threads 2 --repeats 3 --memory
+    python benchmarks/patchcore_speed.py --device cuda --batch-size 32 --solvers auto
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
 
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "PatchCore (baseline)": None,
-    "PatchCorePlus closed form": {"m_step": "closed_form"},
-    "PatchCorePlus gradient (paper)": {"m_step": "gradient"},
-}
+BASELINE = "PatchCore (baseline)"
+
+
+def variants(solvers: list[str], em_tol: float | None) -> dict[str, dict[str, Any] | None]:
+    """Name -> refiner options (``None``: the baseline)."""
+    table: dict[str, dict[str, Any] | None] = {BASELINE: None}
+    for solver in solvers:
+        method = "auto" if solver == "auto" else "sinkhorn"
+        for lambda_ in (0.3, 3.0):
+            # POT's per-query solver (the previous E-step) is timed with the closed form only.
+            for m_step in ("closed_form", "gradient") if solver == "auto" else ("closed_form",):
+                name = f"lambda {lambda_:g}, {m_step.replace('_', ' ')}, {solver}"
+                table[name] = {"lambda_": lambda_, "m_step": m_step, "sinkhorn_method": method}
+            if em_tol is not None and solver == "auto":
+                name = f"lambda {lambda_:g}, closed form, {solver}, em_tol {em_tol:g}"
+                table[name] = {"lambda_": lambda_, "em_tol": em_tol}
+    return table
 
 
 def _sync(device: torch.device) -> None:
@@ -35,8 +63,103 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _status_kb(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), or ``None``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> int:
+    """Reset the peak resident set (``VmHWM``, Linux >= 4.0) and return the current one, bytes.
+
+    Without the reset, ``ru_maxrss`` would still hold the high-water mark of the imports.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        pass
+    current = _status_kb("VmRSS")
+    return 1024 * current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak(device: torch.device) -> int:
+    """Bytes: CUDA peak allocation, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    peak = _status_kb("VmHWM")
+    return 1024 * peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _previous_scores(refiner: PrototypeRefiner, result: Any) -> torch.Tensor:
+    """The scoring before this change: one (B, m, m) block of distances, then its row minima."""
+    weights, terms = result.weights, result.terms
+    proto_sq = ((weights @ result.factors.gram) * weights).sum(-1)
+    dots = terms.cross @ weights.transpose(1, 2)
+    return refiner._distance(dots, terms.sq_norms[..., None], proto_sq[:, None, :], cosine=False).amin(-1)
+
+
+def memory_child(patches: int, mode: str, device: str, bank_size: int, channels: int) -> None:
+    """Peak memory (MB) of refining and scoring one query of ``patches`` patches; prints JSON."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    queries = torch.randn(1, patches, channels, device=dev)
+    bank = torch.randn(bank_size, channels, device=dev)
+    refiner = PrototypeRefiner()
+    refiner.bank_factors(bank)  # per-bank factors are not per-image memory
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        before = _reset_cpu_peak()
+    start = time.perf_counter()
+    result = refiner.refine(queries, bank)
+    refined = _peak(dev) - before
+    scores = _previous_scores(refiner, result) if mode == "one block" else refiner.score_result(result)
+    total = _peak(dev) - before
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "refine_mb": max(refined, 0) / 2**20,
+                "peak_mb": max(total, 0) / 2**20,
+                "seconds": seconds,
+                "finite": bool(torch.isfinite(scores).all()),
+            }
+        )
+    )
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Run :func:`memory_child` in a fresh subprocess per size and mode and print the table."""
+    print("\nPeak memory of refinement + scoring, one image (closed form, lambda 0.3), n=204, c=1536:")
+    print("| m (patches) | scoring | peak after refinement (MB) | peak after scoring (MB) | seconds |")
+    print("|---|---|---|---|---|")
+    for patches in args.memory_sizes:
+        for mode in ("one block", "chunked"):
+            command = [sys.executable, __file__, "--memory-child", str(patches), mode, "--device", args.device]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode != 0 or not lines:
+                reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"| {patches} | {mode} | failed: {reason[:80]} | | |")
+                continue
+            result = json.loads(lines[-1])
+            refine_mb, peak_mb, seconds = result["refine_mb"], result["peak_mb"], result["seconds"]
+            print(f"| {patches} | {mode} | {refine_mb:.0f} | {peak_mb:.0f} | {seconds:.2f} |")
+
+
 def main() -> None:
-    """Run the timing and print the table."""
+    """Run the timing (and the memory table) and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="wide_resnet50_2")
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
@@ -47,11 +170,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--solvers", nargs="+", default=["auto"], choices=["auto", "pot"])
+    parser.add_argument("--em-tol", type=float, default=None, help="also time closed-form variants with this em_tol")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory vs m (subprocesses)")
+    parser.add_argument("--memory-sizes", nargs="+", type=int, default=[1024, 4096, 16384])
+    parser.add_argument("--skip-timing", action="store_true", help="only the memory table")
+    parser.add_argument("--json", type=Path, default=None, help="append the timing medians to this JSON-lines file")
+    parser.add_argument("--memory-child", nargs=2, metavar=("M", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(int(args.memory_child[0]), args.memory_child[1], args.device, 204, 1536)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    if not args.skip_timing:
+        timing(args)
+    if args.memory or args.skip_timing:
+        memory_table(args)
 
+
+def timing(args: argparse.Namespace) -> None:
+    """Interleaved timing of the baseline and the refined variants."""
+    device = torch.device(args.device)
     torch.manual_seed(0)
     model = PatchCorePlus(
         backbone=args.backbone,
@@ -67,9 +207,11 @@ def main() -> None:
     model.fit_support(torch.randn(args.k, 3, *size, device=device))
     model.eval()
     images = torch.randn(args.batch_size, 3, *size, device=device)
-    refiners = {name: None if opts is None else PrototypeRefiner(**opts) for name, opts in VARIANTS.items()}
+    table = variants(args.solvers, args.em_tol)
+    refiners = {name: None if opts is None else PrototypeRefiner(**opts) for name, opts in table.items()}
 
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in table}
+    stats: dict[str, list[dict[str, float]]] = {name: [] for name in table}
     with torch.inference_mode():
         for refiner in refiners.values():  # warm-up: allocations, bank factors, thread pools
             model.model.refiner = refiner
@@ -82,48 +224,62 @@ def main() -> None:
                 model.model(images)
                 _sync(device)
                 times[name].append((time.perf_counter() - start) / args.batch_size)
+                if refiner is not None:
+                    stats[name].append(dict(refiner.last_stats))
 
-        # Breakdown of one refined batch (closed form).
-        model.model.refiner = refiners["PatchCorePlus closed form"]
+        # Breakdown of one refined batch per refined variant.
+        embedding, grid = model.model.embed(images)
+        breakdown: dict[str, tuple[float, float]] = {}
+        for name, refiner in refiners.items():
+            if refiner is None:
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            result = refiner.refine(embedding, model.model.memory_bank)
+            _sync(device)
+            t1 = time.perf_counter()
+            refiner.score_result(result)
+            _sync(device)
+            breakdown[name] = (t1 - t0, time.perf_counter() - t1)
+        model.model.refiner = None
         _sync(device)
         t0 = time.perf_counter()
-        embedding, grid = model.model.embed(images)
+        model.model.embed(images)
         _sync(device)
         t1 = time.perf_counter()
-        result = model.model.refiner.refine(embedding, model.model.memory_bank)
-        _sync(device)
-        t2 = time.perf_counter()
-        scores = model.model.refiner.score_result(result)
-        _sync(device)
-        t3 = time.perf_counter()
-        model.model.anomaly_map_generator(scores.reshape(-1, 1, *grid), size)
-        _sync(device)
-        t4 = time.perf_counter()
-        model.model.refiner = None
-        t5 = time.perf_counter()
         model.model.patch_scores(embedding)
         _sync(device)
-        t6 = time.perf_counter()
+        t2 = time.perf_counter()
 
     n_bank, channels = model.model.memory_bank.shape
     print(f"device={device} threads={torch.get_num_threads()} backbone={args.backbone} {args.layers} {size} px")
     print(f"k={args.k} alpha={args.alpha}: bank n={n_bank}, c={channels}, m={grid[0] * grid[1]} patches/image")
     print(f"batch={args.batch_size}, median of {args.repeats} interleaved rounds\n")
-    base = statistics.median(times["PatchCore (baseline)"])
-    print("| model | ms / image | ratio to PatchCore |")
-    print("|---|---|---|")
+    base = statistics.median(times[BASELINE])
+    per = 1000 / args.batch_size
+    print("| variant | ms / image | ratio to PatchCore | EM iterations | Sinkhorn iterations / image |")
+    print("|---|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"| {name} | {1000 * median:.1f} | {median / base:.3f} |")
-    per = 1000 / args.batch_size
-    print("\nBreakdown of one closed-form batch (ms / image):")
-    print("| backbone + embedding | refinement (EM) | scoring | map (bilinear + blur) | baseline NN scoring |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| {per * (t1 - t0):.1f} | {per * (t2 - t1):.1f} | {per * (t3 - t2):.1f} | {per * (t4 - t3):.1f} "
-        f"| {per * (t6 - t5):.1f} |"
-    )
-    print(f"\nrefinement stats: {result.stats}")
+        em = sinkhorn = "-"
+        if stats[name]:
+            em = f"{statistics.median(s['em_iterations'] for s in stats[name]):.1f}"
+            sinkhorn = f"{statistics.median(s['sinkhorn_iterations'] for s in stats[name]):.0f}"
+        print(f"| {name} | {1000 * median:.1f} | {median / base:.3f} | {em} | {sinkhorn} |")
+    if args.json:
+        record = {
+            "batch": args.batch_size,
+            "device": str(device),
+            "ms_per_image": {name: 1000 * statistics.median(values) for name, values in times.items()},
+        }
+        with args.json.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    print(f"\nBreakdown of one batch (ms / image): backbone + embedding {per * (t1 - t0):.1f}, baseline NN scoring")
+    print(f"{per * (t2 - t1):.1f}; per refined variant:\n")
+    print("| variant | refinement (EM) | scoring |")
+    print("|---|---|---|")
+    for name, (refine_s, score_s) in breakdown.items():
+        print(f"| {name} | {per * refine_s:.1f} | {per * score_s:.1f} |")
 
 
 if __name__ == "__main__":

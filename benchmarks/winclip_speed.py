@@ -23,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -115,9 +116,10 @@ def breakdown(model: WinClipPlusModel, image: torch.Tensor) -> dict[str, float]:
 def run(arch: str, args: argparse.Namespace, folder: Path, device: torch.device) -> None:
     backbone = str(tiny_clip.write_config(Path(tempfile.mkdtemp()))) if arch == "tiny" else REAL
     count = args.images if args.images else (8 if arch == "tiny" else 3)
+    size = args.batch_size
     models = build_models(backbone, device, args.alpha)
     references = load_images(folder / "train" / "good", args.k_shot, device)
-    queries = load_images(folder / "test" / "defect", count, device)
+    queries = load_images(folder / "test" / "defect", count * size, device)
 
     one_off: dict[str, float] = {}
     for name, model in models.items():
@@ -133,17 +135,17 @@ def run(arch: str, args: argparse.Namespace, folder: Path, device: torch.device)
         names = list(models)
         stages: list[dict[str, float]] = []
         for index in range(count):
-            image = queries[index : index + 1]
+            image = queries[index * size : (index + 1) * size]
             order = names[index % len(names) :] + names[: index % len(names)]
             for name in order:
                 seconds, _ = timed(lambda name=name, image=image: models[name](image))
-                times[name].append(seconds)
-            stages.append(breakdown(models["refined"], image))
+                times[name].append(seconds / size)
+            stages.append({key: value / size for key, value in breakdown(models["refined"], image).items()})
 
     median = {name: statistics.median(values) for name, values in times.items()}
     print(
-        f"\n## {arch}: {models['refined'].backbone}, k={args.k_shot}, alpha={args.alpha}, {count} images, "
-        f"{device}, {torch.get_num_threads()} thread(s)"
+        f"\n## {arch}: {models['refined'].backbone}, k={args.k_shot}, alpha={args.alpha}, {count} batches of "
+        f"{size} image(s), {device}, {torch.get_num_threads()} thread(s)"
     )
     print("| model | median s/image | mean s/image | vs upstream |")
     print("| --- | ---: | ---: | ---: |")
@@ -151,6 +153,10 @@ def run(arch: str, args: argparse.Namespace, folder: Path, device: torch.device)
         ratio = median[name] / median["upstream"]
         print(f"| {name} | {median[name]:.4f} | {statistics.mean(values):.4f} | {ratio:.2f}x |")
     added = median["refined"] - median["plain"]
+    if args.json:
+        record = {"arch": arch, "batch": size, "device": str(device), "seconds_per_image": median}
+        with args.json.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
     print(f"\nrefinement adds {added:.4f} s/image = {100 * added / median['plain']:.1f}% over plain WinCLIP")
     print("\n| stage (refined model, per image) | median s | share |")
     print("| --- | ---: | ---: |")
@@ -179,6 +185,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="coreset ratio (paper: 0.5 MVTec)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward call (times are per image)")
+    parser.add_argument("--json", type=Path, default=None, help="append the medians to this JSON-lines file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,7 +194,7 @@ def main() -> None:
         Path(tempfile.gettempdir()) / "protorefine_winclip_speed",
         num_train=max(args.k_shot, 1),
         num_test_good=1,
-        num_test_defect=max(args.images, 8),
+        num_test_defect=max(args.images or 8, 8) * args.batch_size,
         image_size=240,
     )
     for arch in args.archs:

@@ -101,6 +101,10 @@ class RefinerOptions:
             in the span of a few normal prototypes and cannot rebuild a defect from the whole bank.
         affine: With ``neighbors``, constrain each row of W to sum to one, so a refined prototype
             lies on the affine hull of its neighbours (``neighbors=1`` is then plain PatchCore).
+        sinkhorn_overrelaxation: Over-relaxation factor ``omega`` in ``[1, 2)`` of the batched
+            Sinkhorn of ``sinkhorn_method="auto"`` (``1``: plain Sinkhorn). Same plan (fixed point),
+            2-4x fewer iterations when the plan is nearly deterministic (large ``lambda_``); a query
+            whose marginal violation grows falls back to ``omega = 1``.
 
     Example:
         >>> opts = RefinerOptions(distance="cosine", lambda_=0.1)
@@ -126,6 +130,7 @@ class RefinerOptions:
     scoring_bank: ScoringBank = "refined"
     neighbors: int | None = None
     affine: bool = False
+    sinkhorn_overrelaxation: float = 1.7
 
     def __post_init__(self) -> None:
         """Validate every field; raise with the parameter name and a fix."""
@@ -157,6 +162,12 @@ class RefinerOptions:
             if value not in choices:
                 msg = f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}."
                 raise ValueError(msg)
+        _check_number(
+            "sinkhorn_overrelaxation", self.sinkhorn_overrelaxation, minimum=1.0, inclusive=True, example="1.7"
+        )
+        if self.sinkhorn_overrelaxation >= 2.0:
+            msg = f"sinkhorn_overrelaxation must be < 2 (Sinkhorn diverges beyond), got {self.sinkhorn_overrelaxation}."
+            raise ValueError(msg)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the options as a plain dictionary (for logging and hyper-parameters)."""

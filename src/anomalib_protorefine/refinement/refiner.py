@@ -50,11 +50,13 @@ from .m_step import (
 )
 from .options import RefinerOptions
 from .precision import float32_compute
-from .transport import TransportState, solve_plan
+from .transport import QueryPotential, check_marginals, plan_is_valid, solve_plan, solve_plans
 
 logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
+#: Largest block of query-prototype dot products formed at once when scoring (elements, 8 MB).
+_SCORE_CHUNK = 1 << 21
 
 
 @dataclass
@@ -103,6 +105,7 @@ class PrototypeRefiner(nn.Module, Callback):
         scoring_bank: ``"refined"``, ``"matched"`` or ``"union"``.
         neighbors: Restrict each row of W to the patch's K nearest bank prototypes (``None``: all).
         affine: With ``neighbors``, rows of W sum to one (refined prototypes on the neighbours' affine hull).
+        sinkhorn_overrelaxation: Over-relaxation of the batched Sinkhorn, in ``[1, 2)``.
 
     See :class:`~anomalib_protorefine.refinement.options.RefinerOptions` for details.
 
@@ -134,6 +137,7 @@ class PrototypeRefiner(nn.Module, Callback):
         scoring_bank: str = "refined",
         neighbors: int | None = None,
         affine: bool = False,
+        sinkhorn_overrelaxation: float = 1.7,
     ) -> None:
         super().__init__()
         self.options = RefinerOptions(
@@ -155,6 +159,7 @@ class PrototypeRefiner(nn.Module, Callback):
             scoring_bank=scoring_bank,  # type: ignore[arg-type]
             neighbors=neighbors,
             affine=affine,
+            sinkhorn_overrelaxation=sinkhorn_overrelaxation,
         )
         self._factor_cache: OrderedDict[tuple, BankFactors] = OrderedDict()
         self.last_stats: dict[str, float] = {}
@@ -254,7 +259,7 @@ class PrototypeRefiner(nn.Module, Callback):
         plan: torch.Tensor | None = None
         sinkhorn_iterations = em_iterations = 0
         if opts.transport:
-            states: list[TransportState | None] = [None] * queries.shape[0]
+            states: list[Any] = [None] * queries.shape[0]  # per-query Sinkhorn warm starts
             scale: torch.Tensor | None = None
             closed_form = None
             if opts.m_step == "closed_form":
@@ -278,9 +283,12 @@ class PrototypeRefiner(nn.Module, Callback):
                         weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps, mask
                     )
                     new_weighted_gram = new_weights @ factors.gram
-                keep = active[:, None, None]
-                weights = torch.where(keep, new_weights, weights)
-                weighted_gram = torch.where(keep, new_weighted_gram, weighted_gram)
+                if bool(active.all()):
+                    weights, weighted_gram = new_weights, new_weighted_gram
+                else:
+                    keep = active[:, None, None]
+                    weights = torch.where(keep, new_weights, weights)
+                    weighted_gram = torch.where(keep, new_weighted_gram, weighted_gram)
                 if previous is not None and opts.em_tol > 0:
                     # Total-variation change of each query's plan (plans sum to 1).
                     active &= (plan - previous).abs().sum((-1, -2)) / 2 >= opts.em_tol
@@ -302,25 +310,62 @@ class PrototypeRefiner(nn.Module, Callback):
     def _e_step(
         self,
         costs: torch.Tensor,
-        states: list[TransportState | None],
+        states: list[Any],
         active: torch.Tensor,
         previous: torch.Tensor | None,
     ) -> torch.Tensor:
         """Sinkhorn for each active query's normalised cost ``(B, n, m)``, warm-started from ``states``.
 
-        Frozen (converged) queries keep their previous plan. ``states`` is updated in place.
+        ``sinkhorn_method="auto"`` solves all active queries at once (:func:`solve_plans`); the other
+        methods call POT once per query (:func:`solve_plan`, the reference). Frozen (converged)
+        queries keep their previous plan. ``states`` is updated in place.
         """
         opts = self.options
-        plans = []
-        for index, cost in enumerate(costs):
-            if previous is not None and not active[index]:
-                plans.append(previous[index])
-                continue
-            plan, states[index] = solve_plan(
-                cost, opts.epsilon, opts.sinkhorn_method, opts.sinkhorn_max_iter, opts.sinkhorn_tol, states[index]
+        everyone = previous is None or bool(active.all())
+        index = torch.arange(costs.shape[0], device=costs.device) if everyone else active.nonzero()[:, 0]
+        if opts.sinkhorn_method == "auto":
+            warm = [states[i] for i in index.tolist()]
+            potential = None if any(s is None for s in warm) else torch.stack([s.potential for s in warm])
+            solved, batch_state = solve_plans(
+                costs if everyone else costs[index],
+                opts.epsilon,
+                opts.sinkhorn_max_iter,
+                opts.sinkhorn_tol,
+                potential,
+                overrelaxation=opts.sinkhorn_overrelaxation,
             )
-            plans.append(plan)
-        return torch.stack(plans)
+            valid = plan_is_valid(solved)
+            counts = batch_state.iterations.tolist()
+            for row, query in enumerate(index.tolist()):
+                total = counts[row] + (0 if states[query] is None else states[query].iterations_total)
+                potential_row = batch_state.potential[row]
+                if not valid[row]:
+                    # Numerical breakdown (tiny epsilon, far warm start): recompute cold in the log domain.
+                    plan, pot_state = solve_plan(
+                        costs[query], opts.epsilon, "sinkhorn_log", opts.sinkhorn_max_iter, opts.sinkhorn_tol
+                    )
+                    solved[row] = plan
+                    potential_row = opts.epsilon * pot_state.log_v
+                    total += pot_state.iterations
+                    check_marginals(plan[None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
+                states[query] = QueryPotential(potential_row, counts[row], total)
+            if everyone:
+                return solved
+            plans = previous.clone()
+            plans[index] = solved
+            return plans
+        plans = torch.empty_like(costs) if previous is None else previous.clone()
+        for query in index.tolist():
+            plans[query], states[query] = solve_plan(
+                costs[query],
+                opts.epsilon,
+                opts.sinkhorn_method,
+                opts.sinkhorn_max_iter,
+                opts.sinkhorn_tol,
+                states[query],
+            )
+            check_marginals(plans[query][None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
+        return plans
 
     def forward(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Return the refined prototypes ``P = W M``, ``(B, m, c)``, in the input dtype."""
@@ -342,12 +387,36 @@ class PrototypeRefiner(nn.Module, Callback):
             dots = (terms.cross * weights).sum(-1)  # f_j . p_j
             refined = self._distance(dots, terms.sq_norms, proto_sq, cosine=cosine)
         else:
-            dots = terms.cross @ weights.transpose(1, 2)  # (B, m, m): f_j . p_k
-            refined = self._distance(dots, terms.sq_norms[..., None], proto_sq[:, None, :], cosine=cosine).amin(-1)
+            # Nearest refined prototype of every query patch, in chunks of query patches so that the
+            # (B, rows, m) block of dot products f_j . p_k stays below _SCORE_CHUNK elements: memory
+            # linear in m, and the values of one (B, m, m) block up to BLAS rounding (each row's minimum is whole).
+            batch, num_patches = proto_sq.shape
+            rows = max(1, _SCORE_CHUNK // max(batch * num_patches, 1))
+            refined = torch.cat(
+                [
+                    self._nearest(cross @ weights.transpose(1, 2), sq, proto_sq, cosine=cosine)
+                    for cross, sq in zip(terms.cross.split(rows, 1), terms.sq_norms.split(rows, 1), strict=True)
+                ],
+                dim=1,
+            )
         if mode == "union":
             bank = self._distance(terms.cross, terms.sq_norms[..., None], factors.sq_norms[None, None], cosine=cosine)
             refined = torch.minimum(refined, bank.amin(-1))
         return refined
+
+    @staticmethod
+    def _nearest(dots: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, *, cosine: bool) -> torch.Tensor:
+        """``_distance(dots, sq_a[..., None], sq_b[:, None], cosine).amin(-1)`` without its temporaries.
+
+        ``dots`` ``(B, rows, k)`` is overwritten. The distances are monotone in one expression
+        (``sq_b - 2 dots`` or the cosine), so its extremum is taken first and the rest is applied to
+        the ``(B, rows)`` result: the same values, but only one ``(B, rows, k)`` block in memory.
+        """
+        if cosine:
+            dots.div_((sq_a[..., None] * sq_b[:, None, :]).clamp_min(torch.finfo(dots.dtype).tiny).sqrt())
+            return ((1.0 - dots.amax(-1)) / 2.0).clamp(0.0, 1.0)
+        closest = dots.mul_(-2.0).add_(sq_a[..., None] + sq_b[:, None, :]).amin(-1)
+        return closest.clamp_min(0.0).sqrt()
 
     @staticmethod
     def _distance(dots: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, *, cosine: bool) -> torch.Tensor:
