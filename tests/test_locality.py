@@ -149,3 +149,19 @@ def test_gradient_m_step_keeps_weights_on_the_neighbours() -> None:
 def test_invalid_locality_options(options: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         RefinerOptions(**options)
+
+
+@pytest.mark.parametrize("scoring_bank", ["refined", "matched", "union"])
+def test_geometric_fusion_is_the_geometric_mean_with_the_nearest_neighbour(scoring_bank: str) -> None:
+    queries, bank = _data(6)
+    result = PrototypeRefiner(scoring_bank=scoring_bank).refine(queries, bank)
+    plain = PrototypeRefiner(scoring_bank=scoring_bank).score_result(result)
+    fused = PrototypeRefiner(scoring_bank=scoring_bank, score_fusion="geometric").score_result(result)
+    nearest = torch.cdist(queries.double(), bank.double()).amin(-1)
+    torch.testing.assert_close(fused.double(), (plain.double() * nearest).sqrt(), rtol=1e-4, atol=1e-5)
+    assert (fused - plain).abs().max() > 1e-2  # the fusion changes the scores
+
+
+def test_invalid_score_fusion_names_the_option() -> None:
+    with pytest.raises(ValueError, match=r"^score_fusion must be one of 'none', 'geometric'"):
+        RefinerOptions(score_fusion="mean")

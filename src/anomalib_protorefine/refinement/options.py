@@ -26,6 +26,7 @@ Optimizer = Literal["sgd", "adam"]
 CostNormalization = Literal["mean", "max", "none"]
 SinkhornMethod = Literal["auto", "sinkhorn", "sinkhorn_log"]
 ScoringBank = Literal["refined", "matched", "union"]
+ScoreFusion = Literal["none", "geometric"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "distance": ("euclidean", "cosine"),
@@ -34,6 +35,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "cost_normalization": ("mean", "max", "none"),
     "sinkhorn_method": ("auto", "sinkhorn", "sinkhorn_log"),
     "scoring_bank": ("refined", "matched", "union"),
+    "score_fusion": ("none", "geometric"),
 }
 
 
@@ -101,6 +103,9 @@ class RefinerOptions:
             in the span of a few normal prototypes and cannot rebuild a defect from the whole bank.
         affine: With ``neighbors``, constrain each row of W to sum to one, so a refined prototype
             lies on the affine hull of its neighbours (``neighbors=1`` is then plain PatchCore).
+        score_fusion: ``"geometric"`` scores a patch with the geometric mean of its refined
+            distance (``scoring_bank``) and its plain nearest-neighbour distance to the original
+            bank; ``"none"`` (the paper) uses the refined distance alone.
         sinkhorn_overrelaxation: Over-relaxation factor ``omega`` in ``[1, 2)`` of the batched
             Sinkhorn of ``sinkhorn_method="auto"`` (``1``: plain Sinkhorn). Same plan (fixed point),
             2-4x fewer iterations when the plan is nearly deterministic (large ``lambda_``); a query
@@ -131,6 +136,7 @@ class RefinerOptions:
     neighbors: int | None = None
     affine: bool = False
     sinkhorn_overrelaxation: float = 1.7
+    score_fusion: ScoreFusion = "none"
 
     def __post_init__(self) -> None:
         """Validate every field; raise with the parameter name and a fix."""

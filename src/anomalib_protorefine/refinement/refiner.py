@@ -106,6 +106,7 @@ class PrototypeRefiner(nn.Module, Callback):
         neighbors: Restrict each row of W to the patch's K nearest bank prototypes (``None``: all).
         affine: With ``neighbors``, rows of W sum to one (refined prototypes on the neighbours' affine hull).
         sinkhorn_overrelaxation: Over-relaxation of the batched Sinkhorn, in ``[1, 2)``.
+        score_fusion: ``"none"`` or ``"geometric"`` (geometric mean with the nearest-neighbour distance).
 
     See :class:`~anomalib_protorefine.refinement.options.RefinerOptions` for details.
 
@@ -138,6 +139,7 @@ class PrototypeRefiner(nn.Module, Callback):
         neighbors: int | None = None,
         affine: bool = False,
         sinkhorn_overrelaxation: float = 1.7,
+        score_fusion: str = "none",
     ) -> None:
         super().__init__()
         self.options = RefinerOptions(
@@ -160,6 +162,7 @@ class PrototypeRefiner(nn.Module, Callback):
             neighbors=neighbors,
             affine=affine,
             sinkhorn_overrelaxation=sinkhorn_overrelaxation,
+            score_fusion=score_fusion,  # type: ignore[arg-type]
         )
         self._factor_cache: OrderedDict[tuple, BankFactors] = OrderedDict()
         self.last_stats: dict[str, float] = {}
@@ -377,7 +380,8 @@ class PrototypeRefiner(nn.Module, Callback):
         """Distance of every query patch to its scoring bank, ``(B, m)``, float32.
 
         Euclidean: ``||f_j - p||``; cosine: ``(1 - cos(f_j, p)) / 2``; ``p`` ranges over the
-        prototypes chosen by ``scoring_bank``.
+        prototypes chosen by ``scoring_bank``. With ``score_fusion="geometric"`` the result is the
+        geometric mean of that distance and the distance to the nearest prototype of the original bank.
         """
         terms, factors, weights = result.terms, result.factors, result.weights
         proto_sq = prototype_sq_norms(weights, factors.gram)  # (B, m)
@@ -399,9 +403,13 @@ class PrototypeRefiner(nn.Module, Callback):
                 ],
                 dim=1,
             )
-        if mode == "union":
-            bank = self._distance(terms.cross, terms.sq_norms[..., None], factors.sq_norms[None, None], cosine=cosine)
-            refined = torch.minimum(refined, bank.amin(-1))
+        if mode == "union" or self.options.score_fusion == "geometric":
+            sq_bank = factors.sq_norms[None].expand(terms.cross.shape[0], -1)
+            nearest = self._nearest(terms.cross.clone(), terms.sq_norms, sq_bank, cosine=cosine)
+            if mode == "union":
+                refined = torch.minimum(refined, nearest)
+            if self.options.score_fusion == "geometric":
+                refined = (refined * nearest).sqrt()
         return refined
 
     @staticmethod
