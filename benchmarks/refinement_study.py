@@ -230,7 +230,7 @@ def table(paths: list[Path], baseline: str = "baseline/nn/max") -> None:
         cells[(r["dataset"], r["k"], f"{r['config']}/{r['scoring']}/{r['agg']}")][r["seed"]] = r
     methods = sorted({m for (_, _, m) in cells})
     groups = sorted({(d, k) for (d, k, _) in cells})
-    summary: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    summary: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     print("| dataset | k | method | seeds | image AUROC | Δ | pixel AUROC | Δ | pixel F1-max | Δ |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dataset, k in groups:
@@ -249,16 +249,18 @@ def table(paths: list[Path], baseline: str = "baseline/nn/max") -> None:
                 diffs = [runs[s][metric] - base[s][metric] for s in seeds]
                 line += [_fmt(values), f"{100 * sum(diffs) / len(diffs):+.1f}"]
                 gains.append(100 * sum(diffs) / len(diffs))
-            summary[method].append((gains[0], gains[1]))
+            summary[method].append((gains[0], gains[1], gains[2]))
             print("| " + " | ".join(line) + " |")
-    print("\n| method | cells | mean Δ image AUROC | mean Δ pixel AUROC | worst Δ image | worst Δ pixel |")
-    print("|---|---|---|---|---|---|")
-    for method, gains in sorted(summary.items(), key=lambda kv: -sum(a + b for a, b in kv[1]) / len(kv[1])):
-        img = [g[0] for g in gains]
-        pix = [g[1] for g in gains]
+    print(
+        "\n| method | cells | mean Δ image AUROC | mean Δ pixel AUROC | mean Δ pixel F1-max | worst Δ image | "
+        "worst Δ pixel |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for method, gains in sorted(summary.items(), key=lambda kv: -sum(g[0] + g[1] for g in kv[1]) / len(kv[1])):
+        img, pix, f1 = ([g[i] for g in gains] for i in range(3))
         print(
             f"| {method} | {len(gains)} | {sum(img) / len(img):+.2f} | {sum(pix) / len(pix):+.2f} | "
-            f"{min(img):+.1f} | {min(pix):+.1f} |"
+            f"{sum(f1) / len(f1):+.2f} | {min(img):+.1f} | {min(pix):+.1f} |"
         )
 
 
