@@ -846,3 +846,18 @@ def test_chunked_scoring_is_exact(monkeypatch: pytest.MonkeyPatch, distance: str
     for chunk in (1, 7 * B * M_PATCHES, 3 * B * M_PATCHES + 5):
         monkeypatch.setattr(refiner_module, "_SCORE_CHUNK", chunk)
         torch.testing.assert_close(refiner.score_result(result), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu() -> None:
+    """``benchmarks/gpu_check.py --device cpu`` (the CPU path of ``benchmarks/gpu.sh``) runs and agrees."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| PatchCorePlus lambda 3 closed_form |" in done.stdout
+    assert "| WinClipPlus refined (tiny) |" in done.stdout
