@@ -213,7 +213,9 @@ def solve_plans(
     """Solve B entropic OT problems with uniform marginals at once (stabilised scaling iterations).
 
     Same fixed point and stopping rule as :func:`solve_plan` (POT's ``ot.sinkhorn``), written once
-    for a ``(B, n, m)`` batch on POT's backend:
+    for a ``(B, n, m)`` batch. The array arithmetic goes through POT's backend
+    (``ot.backend.get_backend``); the per-query bookkeeping (masks, indices) is torch, so the costs
+    must be a torch tensor (any device).
 
     * the first row update runs from the column potentials ``potential`` (a warm start from the
       previous EM iteration, in cost units) and is done with a row-max shift, so the kernel
