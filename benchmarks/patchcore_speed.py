@@ -10,7 +10,7 @@ form only) and
 for ``--repeats`` rounds and the median per-image time is reported, with the refinement
 statistics and a breakdown of one refined batch (backbone, refinement, scoring).
 
-``--memory`` then measures the peak memory of refinement + scoring of one image at
+Then (unless ``--no-memory``) it measures the peak memory of refinement + scoring of one image at
 m = 1024, 4096, 16384 patches (n = 204, c = 1536), each size in a fresh subprocess: on CPU the
 growth of the peak resident set (``VmHWM``, reset once the inputs exist; Linux), on GPU
 ``torch.cuda.max_memory_allocated``; after the refinement and after the scoring. ``one block`` is
@@ -18,7 +18,8 @@ the previous scoring (one (B, m, m) block of distances), ``chunked`` the current
 blocks of query patches.
 
 Usage:
-    python benchmarks/patchcore_speed.py --threads 2 --repeats 3 --memory
+    python benchmarks/patchcore_speed.py --threads 2 --repeats 3
+    python benchmarks/patchcore_speed.py --threads 1 --clock process --solvers auto pot --em-tol 1e-3
     python benchmarks/patchcore_speed.py --device cuda --batch-size 32 --solvers auto
 """
 
@@ -172,7 +173,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--solvers", nargs="+", default=["auto"], choices=["auto", "pot"])
     parser.add_argument("--em-tol", type=float, default=None, help="also time closed-form variants with this em_tol")
-    parser.add_argument("--memory", action="store_true", help="also measure peak memory vs m (subprocesses)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (subprocesses)")
     parser.add_argument("--memory-sizes", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--skip-timing", action="store_true", help="only the memory table")
     parser.add_argument(
@@ -191,7 +192,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.skip_timing:
         timing(args)
-    if args.memory or args.skip_timing:
+    if not args.no_memory or args.skip_timing:
         memory_table(args)
 
 
