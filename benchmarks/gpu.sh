@@ -31,7 +31,7 @@ echo "== 1. scores on $DEVICE vs CPU"
 for batch in $BATCHES; do
     echo "== 2. speed, batch $batch"
     "$PY" benchmarks/patchcore_speed.py --device "$DEVICE" --batch-size "$batch" "${PATCHCORE[@]}" \
-        --json "$OUT/patchcore.jsonl" | tee "$OUT/patchcore_b$batch.txt"
+        --no-memory --json "$OUT/patchcore.jsonl" | tee "$OUT/patchcore_b$batch.txt"
     "$PY" benchmarks/winclip_speed.py --device "$DEVICE" --batch-size "$batch" "${WINCLIP[@]}" \
         --json "$OUT/winclip.jsonl" | tee "$OUT/winclip_b$batch.txt"
 done

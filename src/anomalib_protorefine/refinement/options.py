@@ -88,10 +88,12 @@ class RefinerOptions:
             ``M M^T`` is singular whenever the bank has duplicate rows or more rows than channels.
         cost_normalization: Scale the transport cost by its ``"mean"`` or ``"max"`` at the
             initial W (per query), or ``"none"`` (then ``epsilon`` is in feature units).
-        sinkhorn_method: ``"auto"`` (default) and ``"sinkhorn"`` run POT's fast scaling iterations,
-            ``"sinkhorn_log"`` the log-domain solver. In every mode a plan that comes back
-            non-finite or far from its marginals (underflow for a tiny ``epsilon``) is recomputed
-            in the log domain, so no mode returns NaN.
+        sinkhorn_method: ``"auto"`` (default) solves the queries of a batch at once with
+            stabilised, over-relaxed scaling iterations (``transport.solve_plans``);
+            ``"sinkhorn"`` and ``"sinkhorn_log"`` call POT's scaling or log-domain solver once per
+            query (the reference). In every mode a plan that comes back non-finite or far from its
+            marginals is recomputed in the log domain, and one that still misses its marginals
+            raises ``SinkhornMarginalError`` (an ``epsilon`` far below the safe range).
         sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step.
         sinkhorn_tol: Stop when the L2 marginal violation, relative to the marginal's norm,
             is below this value.

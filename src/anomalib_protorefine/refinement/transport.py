@@ -213,7 +213,9 @@ def solve_plans(
     """Solve B entropic OT problems with uniform marginals at once (stabilised scaling iterations).
 
     Same fixed point and stopping rule as :func:`solve_plan` (POT's ``ot.sinkhorn``), written once
-    for a ``(B, n, m)`` batch on POT's backend:
+    for a ``(B, n, m)`` batch. The array arithmetic goes through POT's backend
+    (``ot.backend.get_backend``); the per-query bookkeeping (masks, indices) is torch, so the costs
+    must be a torch tensor (any device).
 
     * the first row update runs from the column potentials ``potential`` (a warm start from the
       previous EM iteration, in cost units) and is done with a row-max shift, so the kernel
@@ -260,11 +262,13 @@ def solve_plans(
         g = epsilon * (math.log(b) - nx.logsumexp((row_min[:, :, None] - costs) / epsilon, axis=1))
     else:
         g = potential.to(costs.dtype)
-    # Row update in the log domain with a row-max shift: K <= 1 and each row of K holds a 1.
-    exponent = (g[:, None, :] - costs) / epsilon
-    row_max = nx.max(exponent, axis=2)
-    kernel = nx.exp(exponent - row_max[:, :, None])
-    del exponent
+    # Row update in the log domain with a row-max shift: K <= 1 and each row of K holds a 1
+    # (arithmetic in place on one (B, n, m) buffer).
+    kernel = g[:, None, :] - costs
+    kernel /= epsilon
+    row_max = nx.max(kernel, axis=2)
+    kernel -= row_max[:, :, None]
+    kernel = nx.exp(kernel)
     f = -epsilon * row_max  # potentials of K: K = exp((f + g - C) / epsilon)
     u = a / nx.sum(kernel, axis=2)
     v = nx.ones((batch, m), type_as=costs)
