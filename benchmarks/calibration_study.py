@@ -9,7 +9,7 @@ files of ``refinement_study.py`` for the same draws (image AUROC + pixel AUROC o
 
 Usage:
     python benchmarks/calibration_study.py --datasets bsdata --k 1 2 4 --seeds 0 1 2 3 4 \\
-        --candidates baseline affine16 paper --results results/study/sel_bsdata_k12.jsonl
+        --candidates baseline paper:geo_refined --results results/study/sel_bsdata_k12.jsonl
 """
 
 from __future__ import annotations
@@ -31,16 +31,29 @@ from anomalib_protorefine.few_shot import support_from_dataset
 from refinement_study import CONFIGS, DATA, cached_split
 
 
-def real_metrics(paths: list[Path], scoring: str, agg: str) -> dict[tuple, float]:
-    """(dataset, k, seed, config) -> image AUROC + pixel AUROC on the real test set."""
+def real_metrics(paths: list[Path], agg: str) -> dict[tuple, float]:
+    """(dataset, k, seed, "config:scoring") -> image AUROC + pixel AUROC on the real test set."""
     out = {}
     for path in paths:
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            wanted = ("nn" if r["config"] == "baseline" else scoring, agg)
-            if (r["scoring"], r["agg"]) == wanted:
-                out[(r["dataset"], r["k"], r["seed"], r["config"])] = r["image_auroc"] + r["pixel_auroc"]
+            if r["agg"] == agg:
+                name = "baseline" if r["config"] == "baseline" else f"{r['config']}:{r['scoring']}"
+                if r["scoring"] != "nn_centred":
+                    out[(r["dataset"], r["k"], r["seed"], name)] = r["image_auroc"] + r["pixel_auroc"]
     return out
+
+
+def candidate_refiner(name: str) -> PrototypeRefiner | None:
+    """The refiner of a candidate ``"baseline"`` or ``"config:scoring"`` (scoring refined, matched or geo_*)."""
+    if name == "baseline":
+        return None
+    config, scoring = name.split(":")
+    options = dict(CONFIGS[config])
+    options["scoring_bank"] = scoring.removeprefix("geo_")
+    if scoring.startswith("geo_"):
+        options["score_fusion"] = "geometric"
+    return PrototypeRefiner(**options)
 
 
 def main() -> None:
@@ -49,9 +62,10 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["bsdata"])
     parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--candidates", nargs="+", default=["baseline", "affine16", "paper"])
+    parser.add_argument(
+        "--candidates", nargs="+", default=["baseline", "paper:geo_refined"], help='"baseline" or "config:scoring"'
+    )
     parser.add_argument("--results", nargs="+", type=Path, required=True)
-    parser.add_argument("--scoring", default="refined")
     parser.add_argument("--agg", default="max")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
@@ -78,8 +92,8 @@ def main() -> None:
     assert isinstance(transform, Compose)
     resize = Resize(size, antialias=True)
     normalize = next(t for t in transform.transforms if isinstance(t, Normalize))
-    real = real_metrics(args.results, args.scoring, args.agg)
-    refiners = {c: None if c == "baseline" else PrototypeRefiner(**CONFIGS[c]) for c in args.candidates}
+    real = real_metrics(args.results, args.agg)
+    refiners = {c: candidate_refiner(c) for c in args.candidates}
 
     def fit_bank(images: torch.Tensor) -> tuple[int, int]:
         model.fit_support(images)

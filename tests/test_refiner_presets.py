@@ -1,4 +1,4 @@
-"""The ``refiner`` argument of the models: presets (default ``"local"``, ``"paper"``, ``"off"``), dicts over
+"""The ``refiner`` argument of the models: presets (default ``"fused"``, ``"paper"``, ``"off"``), dicts over
 the default, and self-calibration (``"auto"``) end to end on the quick synthetic data set."""
 
 from __future__ import annotations
@@ -30,26 +30,30 @@ def _options(model: PatchCorePlus) -> dict | None:
     return None if model.model.refiner is None else model.model.refiner.options.as_dict()
 
 
-def test_default_is_the_local_form_and_paper_is_one_argument_away() -> None:
+def test_default_is_the_fused_form_and_paper_is_one_argument_away() -> None:
     default = _options(make_model())
-    assert default == PrototypeRefiner(**PATCHCORE_REFINER_PRESETS["local"]).options.as_dict()
-    assert (default["neighbors"], default["affine"], default["lambda_"]) == (16, True, 0.3)
+    assert default == PrototypeRefiner(**PATCHCORE_REFINER_PRESETS["fused"]).options.as_dict()
+    assert (default["score_fusion"], default["lambda_"], default["num_iterations"]) == ("geometric", 0.3, 10)
+    assert (default["neighbors"], default["scoring_bank"]) == (None, "refined")
     paper = _options(make_model(refiner="paper"))
     assert paper == PrototypeRefiner(**PATCHCORE_PAPER_REFINER).options.as_dict()
-    assert (paper["neighbors"], paper["affine"], paper["lambda_"], paper["num_iterations"]) == (None, False, 0.3, 10)
+    assert (paper["score_fusion"], paper["lambda_"], paper["num_iterations"]) == ("none", 0.3, 10)
+    assert {k for k in default if default[k] != paper[k]} == {"score_fusion"}
     assert _options(make_model(refiner="off")) is None
     assert _options(make_model(refiner=False)) is None
 
 
 def test_dict_overrides_the_default_form() -> None:
     options = _options(make_model(refiner={"lambda_": 1.0}))
-    assert (options["lambda_"], options["neighbors"], options["affine"]) == (1.0, 16, True)
-    paper_like = _options(make_model(refiner={"neighbors": None, "affine": False}))
+    assert (options["lambda_"], options["score_fusion"]) == (1.0, "geometric")
+    paper_like = _options(make_model(refiner={"score_fusion": "none"}))
     assert paper_like == PrototypeRefiner(**PATCHCORE_PAPER_REFINER).options.as_dict()
+    local = _options(make_model(refiner={"neighbors": 16, "affine": True}))
+    assert (local["neighbors"], local["affine"], local["score_fusion"]) == (16, True, "geometric")
 
 
 def test_unknown_preset_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="refiner='fast' is not a preset: use one of 'local', 'paper'"):
+    with pytest.raises(ValueError, match="refiner='fast' is not a preset: use one of 'fused', 'paper', 'off'"):
         make_model(refiner="fast")
 
 

@@ -52,16 +52,16 @@ logger = logging.getLogger(__name__)
 
 #: Paper defaults of the PatchCore+ refiner (Euclidean distance, lambda = 0.3, N = 10).
 PATCHCORE_PAPER_REFINER: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10, "distance": "euclidean"}
-#: The default form (docs/method.md, "Locality"): each refined prototype is an affine combination of
-#: the query patch's 16 nearest bank prototypes, pulled toward its transport barycentre.
-PATCHCORE_LOCAL_REFINER: dict[str, Any] = {**PATCHCORE_PAPER_REFINER, "neighbors": 16, "affine": True}
+#: The default form (docs/method.md, "Score fusion"; chosen on BSData seeds 0-4, docs/benchmarks.md): the
+#: paper's EM, each patch scored with the geometric mean of its refined and its nearest-neighbour distance.
+PATCHCORE_FUSED_REFINER: dict[str, Any] = {**PATCHCORE_PAPER_REFINER, "score_fusion": "geometric"}
 #: Named refiner settings of PatchCorePlus (``refiner="paper"`` etc.).
 PATCHCORE_REFINER_PRESETS: dict[str, dict[str, Any]] = {
-    "local": PATCHCORE_LOCAL_REFINER,
+    "fused": PATCHCORE_FUSED_REFINER,
     "paper": PATCHCORE_PAPER_REFINER,
 }
 #: The preset of ``refiner=True``.
-PATCHCORE_DEFAULT_PRESET = "local"
+PATCHCORE_DEFAULT_PRESET = "fused"
 #: What ``refiner="auto"`` chooses between, by self-calibration on the support images.
 PATCHCORE_AUTO_CANDIDATES: tuple[str, ...] = ("off", PATCHCORE_DEFAULT_PRESET)
 
@@ -132,12 +132,13 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         few_shot_seed: Seed of the support image draw.
         few_shot_source: Folder of normal images to draw the support images from instead of the
             datamodule's training set (needed to predict on a folder without a checkpoint).
-        refiner: ``True`` or ``"local"`` (the default form: locality K = 16, affine, lambda 0.3,
-            N 10; see docs/method.md), ``"paper"`` (the paper's exact form: whole bank, lambda 0.3,
-            N 10), ``"auto"`` (self-calibration: refinement on or off, chosen per task from the
-            support images alone), ``False`` or ``"off"`` (plain PatchCore scored with the same
-            code: the baseline), a dict of the options to change (the others keep the default
-            form's; CLI: ``--model.refiner.lambda_ 0.2``), or a :class:`PrototypeRefiner` (used as given).
+        refiner: ``True`` or ``"fused"`` (the default form: the paper's EM, lambda 0.3, N 10, with
+            each patch scored by the geometric mean of its refined and nearest-neighbour distances;
+            see docs/method.md), ``"paper"`` (the paper's exact form: refined distance alone),
+            ``"auto"`` (self-calibration: refinement on or off, chosen per task from the support
+            images alone), ``False`` or ``"off"`` (plain PatchCore scored with the same code: the
+            baseline), a dict of the options to change (the others keep the default form's; CLI:
+            ``--model.refiner.lambda_ 0.2``), or a :class:`PrototypeRefiner` (used as given).
         online: "Online PatchCore+" (paper Table 6): refined prototypes join a bounded extra bank.
         online_capacity: Size bound of the online bank (default: the support bank's size).
         pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
