@@ -569,6 +569,7 @@ def test_paper_config(repo_root: Path, deeppcb_subset: Path, tmp_path: Path) -> 
     refiner = init["refiner"]
     refiner = refiner.get("init_args", refiner)  # jsonargparse turns the dict into PrototypeRefiner arguments
     assert (refiner["lambda_"], refiner["num_iterations"], refiner["distance"]) == (0.3, 10, "euclidean")
+    assert refiner["score_fusion"] == "none"  # the paper's scoring, not the package default
     assert parsed["data"]["init_args"]["root"] == "../shared/data/deeppcb"
 
     args = ["test", "--config", str(config), "--data.root", str(deeppcb_subset), "--data.num_workers", "0"]
@@ -587,6 +588,7 @@ def test_cli_predict_and_export(
     config = repo_root / "configs" / "patchcore_plus_offline.yaml"
     results = tmp_path / "results"
     args = ["fit", "--config", str(config), "--model.k_shot", "2", "--data.root", str(deeppcb_subset)]
+    args += ["--model.refiner.lambda_", "3.0"]  # differs from the constructor default that predict builds
     result = _anomalib([*args, "--data.num_workers", "0", "--default_root_dir", str(results)], cwd=tmp_path)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     (checkpoint,) = results.rglob("*.ckpt")
