@@ -45,6 +45,8 @@ BASELINE = "PatchCore (baseline)"
 def variants(solvers: list[str], em_tol: float | None) -> dict[str, dict[str, Any] | None]:
     """Name -> refiner options (``None``: the baseline)."""
     table: dict[str, dict[str, Any] | None] = {BASELINE: None}
+    # PatchCorePlus's default form: the paper's EM (lambda 0.3, closed form) with geometric score fusion.
+    table["default (fused): lambda 0.3, closed form, auto"] = {"lambda_": 0.3, "score_fusion": "geometric"}
     for solver in solvers:
         method = "auto" if solver == "auto" else "sinkhorn"
         for lambda_ in (0.3, 3.0):
