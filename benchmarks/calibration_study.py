@@ -25,10 +25,10 @@ import torch
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
+from anomalib_protorefine import PrototypeRefiner
 from anomalib_protorefine.calibration import calibrate
 from anomalib_protorefine.few_shot import support_from_dataset
-from refinement_study import CONFIGS, DATA, cached_split
+from refinement_study import CONFIGS, add_model_arguments, cached_split, make_model
 
 
 def real_metrics(paths: list[Path], agg: str) -> dict[tuple, float]:
@@ -67,27 +67,11 @@ def main() -> None:
     )
     parser.add_argument("--results", nargs="+", type=Path, required=True)
     parser.add_argument("--agg", default="max")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--max-test", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-root", type=Path, default=DATA)
+    add_model_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = (args.image_size, args.image_size)
-    model = PatchCorePlus(
-        backbone=args.backbone,
-        layers=tuple(args.layers),
-        coreset_sampling_ratio=args.alpha,
-        k_shot=1,
-        refiner=False,
-        visualizer=False,
-        evaluator=False,
-        pre_processor=PatchCorePlus.configure_pre_processor(size, args.backbone),
-    ).eval()
+    model = make_model(args)
     transform = model.pre_processor.transform
     assert isinstance(transform, Compose)
     resize = Resize(size, antialias=True)

@@ -161,16 +161,7 @@ def done_keys(path: Path) -> set[tuple]:
 def run(args: argparse.Namespace) -> None:
     """Score every (dataset, k, seed, config) cell not yet in ``args.out``."""
     torch.set_num_threads(args.threads)
-    model = PatchCorePlus(
-        backbone=args.backbone,
-        layers=tuple(args.layers),
-        coreset_sampling_ratio=args.alpha,
-        k_shot=1,
-        refiner=False,
-        visualizer=False,
-        evaluator=False,
-        pre_processor=PatchCorePlus.configure_pre_processor((args.image_size, args.image_size), args.backbone),
-    ).eval()
+    model = make_model(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(args.out)
     configs = ["baseline", *args.configs]
@@ -270,13 +261,8 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def main() -> None:
-    """Parse arguments; run the study or print its table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["bsdata"])
-    parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--configs", nargs="+", default=["paper", "local16"])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Backbone, data and run options shared with ``calibration_study.py``."""
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
     parser.add_argument("--image-size", type=int, default=256)
@@ -285,6 +271,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", type=Path, default=DATA)
+
+
+def make_model(args: argparse.Namespace) -> PatchCorePlus:
+    """The PatchCorePlus whose backbone, pre-processor, bank building and scoring the studies use."""
+    return PatchCorePlus(
+        backbone=args.backbone,
+        layers=tuple(args.layers),
+        coreset_sampling_ratio=args.alpha,
+        k_shot=1,
+        refiner=False,
+        visualizer=False,
+        evaluator=False,
+        pre_processor=PatchCorePlus.configure_pre_processor((args.image_size, args.image_size), args.backbone),
+    ).eval()
+
+
+def main() -> None:
+    """Parse arguments; run the study or print its table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["bsdata"])
+    parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--configs", nargs="+", default=["paper", "affine16"])
+    add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "study" / "study.jsonl")
     parser.add_argument("--table", type=Path, nargs="+", default=None, help="print the table of these result files")
     parser.add_argument("--baseline", default="baseline/nn/max")

@@ -8,7 +8,7 @@ files into a pytest temporary folder (never into the repository) with :func:`mak
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,6 +80,20 @@ def make_folder_subset(source: Path, target: Path, num_train: int, num_good: int
             raise FileNotFoundError(msg)
         shutil.copy2(mask, target / "ground_truth" / "defect" / mask.name)
     return target
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """Run a module with one intra-op thread (restored afterwards): its small tensors gain nothing from
+    threads, and on a busy two-core machine OpenMP's hand-offs make every small operation slow.
+    Use with ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@ choose the refinement setting of a task without any test image."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
@@ -12,13 +10,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_protorefine.calibration import augment, calibrate, paste_defects, split_transform
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _flat_images(k: int, size: tuple[int, int] = (64, 64)) -> torch.Tensor:

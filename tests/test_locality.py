@@ -5,8 +5,6 @@ independently in float64.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -17,12 +15,7 @@ from anomalib_protorefine.refinement.m_step import LocalClosedFormStep, QueryTer
 B, M, N, C = 2, 40, 24, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _data(seed: int = 0, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:

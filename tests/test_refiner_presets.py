@@ -3,8 +3,6 @@ the default, and self-calibration (``"auto"``) end to end on the quick synthetic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from anomalib.engine import Engine
@@ -17,13 +15,7 @@ from anomalib_protorefine.models.patchcore_plus.lightning_model import (
 )
 from test_patchcore_plus import QUIET, make_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _options(model: PatchCorePlus) -> dict | None:
