@@ -68,8 +68,10 @@ def test_auto_calibrates_on_the_support_images(quick_datamodule, tmp_path) -> No
         expected = None if model.calibration.choice == "off" else PATCHCORE_REFINER_PRESETS[model.calibration.choice]
         if expected is None:
             assert model.model.refiner is None
+            assert model.hparams["refiner"] is False
         else:
             assert model.model.refiner.options == PrototypeRefiner(**expected).options
+            assert model.hparams["refiner"] == model.model.refiner.options.as_dict()
         # The bank is the full support bank again after the leave-one-out folds.
         assert model.model.memory_bank.shape[0] == make_bank_size(model)
         choices.append((model.calibration.choice, model.calibration.scores))

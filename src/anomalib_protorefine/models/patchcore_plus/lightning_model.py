@@ -314,6 +314,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
                 raw, photometric, fit_bank, {name: scorer(r) for name, r in candidates.items()}, seed=self.few_shot_seed
             )
         self.model.refiner = candidates[result.choice]
+        self._store_plain_hparams()  # hparams (and checkpoints) hold the refiner actually used
         self.calibration = result
         scores = ", ".join(f"{name} {value:.3f}" for name, value in result.scores.items())
         logger.info("Self-calibration chose refiner=%r (calibration scores: %s).", result.choice, scores)
