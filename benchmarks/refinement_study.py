@@ -57,7 +57,6 @@ for _k in (4, 8, 16, 32, 64):
     CONFIGS[f"affine{_k}_lam0"] = {"neighbors": _k, "affine": True, "transport": False}
     CONFIGS[f"local{_k}_lam0"] = {"neighbors": _k, "transport": False}
 
-SCORINGS = ("refined", "matched", "geo_refined", "geo_matched")
 AGGREGATIONS = ("max", "top1")
 
 
@@ -80,23 +79,27 @@ def image_scores(patch: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"max": patch.amax(1), "top1": patch.topk(top, dim=1).values.mean(1)}
 
 
+#: Scoring name -> (scoring_bank, score_fusion) applied to one refinement.
+SCORING_OPTIONS = {
+    "refined": ("refined", "none"),
+    "matched": ("matched", "none"),
+    "geo_refined": ("refined", "geometric"),
+    "geo_matched": ("matched", "geometric"),
+}
+
+
 def scorings(model: PatchCorePlus, refiner: PrototypeRefiner | None, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Patch scores ``(B, m)`` of one batch under every scoring (one refinement)."""
-    nn_scores = model.model.patch_scores(chunk) if refiner is None else None
+    """Patch scores ``(B, m)`` of one batch under every scoring (one refinement, scored by the product's code)."""
     if refiner is None:
+        nn_scores = model.model.patch_scores(chunk)
         return {"nn": nn_scores, "nn_centred": _centred(nn_scores)}
-    bank = model.model.memory_bank
-    result = refiner.refine(chunk, bank)
-    terms, factors, weights = result.terms, result.factors, result.weights
-    nearest = (terms.sq_norms[..., None] + factors.sq_norms - 2 * terms.cross).clamp_min(0).amin(-1).sqrt()
-    out = {}
-    for mode in ("refined", "matched"):
-        refiner.options.__dict__["scoring_bank"] = mode  # frozen dataclass: scoring mode only, no refit
-        out[mode] = refiner.score_result(result)
-    out["geo_refined"] = (out["refined"] * nearest).sqrt()
-    out["geo_matched"] = (out["matched"] * nearest).sqrt()
+    result = refiner.refine(chunk, model.model.memory_bank)
+    options = refiner.options.as_dict()
+    out = {
+        name: PrototypeRefiner(**{**options, "scoring_bank": bank, "score_fusion": fusion}).score_result(result)
+        for name, (bank, fusion) in SCORING_OPTIONS.items()
+    }
     out["refined_centred"] = _centred(out["refined"])
-    del weights
     return out
 
 

@@ -186,8 +186,9 @@ def calibrate(
                 masks.append(mask)
         grid = fit_bank(normalize(bank_images))
         batch = normalize(torch.stack(queries))
-        labels = _patch_labels(torch.stack(masks), grid)
-        image_labels = torch.stack(masks).flatten(1).any(1)
+        fold_masks = torch.stack(masks)
+        labels = _patch_labels(fold_masks, grid)
+        image_labels = fold_masks.flatten(1).any(1)
         for name, scorer in scorers.items():
             patch = scorer(batch).float()
             # torchmetrics squashes scores outside [0, 1] with a sigmoid: min-max normalise first.
