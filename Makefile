@@ -38,7 +38,7 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 bench: install
-	$(PY) benchmarks/patchcore_accuracy.py
+	$(PY) -m anomalib_protorefine.benchmark --config configs/benchmark/offline.yaml
 	$(PY) benchmarks/patchcore_speed.py
 	$(PY) benchmarks/winclip_speed.py
 

@@ -251,7 +251,19 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         self.model.train(was_training)
         self._is_fitted = torch.tensor([True], device=self.device)
 
-    def _ensure_ready(self) -> None:
+    def prepare_support(self, datamodule: object | None = None) -> None:
+        """Build the memory bank now, as a test run would: k seeded support images of ``datamodule``'s training set.
+
+        Does nothing when the bank exists. Used by the few-shot benchmark, which scores cached test
+        features without a ``Trainer``; within Lightning the bank is built on demand.
+
+        Args:
+            datamodule: The anomalib datamodule whose training set the support images come from
+                (not needed with ``few_shot_source``).
+        """
+        self._ensure_ready(datamodule)
+
+    def _ensure_ready(self, datamodule: object | None = None) -> None:
         """Build the bank if it is empty: from k seeded support images, or from collected embeddings."""
         if self.model.memory_bank.numel():
             return
@@ -260,7 +272,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             if self.few_shot_source is not None:
                 support = support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
             else:
-                dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
+                dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__, datamodule)
                 support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
             self.support_paths = support.paths
             if self.auto_refiner:

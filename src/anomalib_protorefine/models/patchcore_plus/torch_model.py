@@ -157,12 +157,31 @@ class PatchcorePlusModel(PatchcoreModel):
             flat = embedding.reshape(-1, embedding.shape[-1])
             self.embedding_store.append(flat)
             return flat
+        return self.score_embedding(embedding, (height, width), output_size)
+
+    def score_embedding(
+        self, embedding: torch.Tensor, grid: tuple[int, int], output_size: tuple[int, int] | torch.Size
+    ) -> InferenceBatch:
+        """Image scores and anomaly maps of patch embeddings ``(B, h*w, c)`` (the inference half of ``forward``).
+
+        ``forward`` is ``embed`` followed by this, so a caller that caches embeddings (the few-shot
+        benchmark) gets exactly the model's outputs.
+
+        Args:
+            embedding: Patch embeddings of pre-processed images, as returned by :meth:`embed`.
+            grid: The patch grid ``(h, w)``.
+            output_size: The size ``(H, W)`` of the pre-processed images (the map's size).
+
+        Returns:
+            ``InferenceBatch(pred_score, anomaly_map)``.
+        """
         if self.memory_bank.size(0) == 0:
             msg = (
                 "Memory bank is empty: give PatchCorePlus support images first (k_shot with a datamodule, "
                 "model.fit_support(images), Engine.fit, or a checkpoint)."
             )
             raise ValueError(msg)
+        height, width = grid
         patch_scores = self.patch_scores(embedding)
         with autocast_disabled(patch_scores):  # keep the map (interpolation, blur) in the scores' precision
             pred_score = patch_scores.amax(1)
