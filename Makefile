@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # These two install from this machine's disk; other versions download gigabytes.
 TORCH := torch==2.14.1 torchvision==0.29.1
-EXTRAS := offline,clip,dev
+EXTRAS := offline,clip,dev,export
 
 .PHONY: install demo test test-fast lint format bench clean
 

@@ -21,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -112,6 +113,37 @@ class PatchcorePlusModel(PatchcoreModel):
         if self.online and self.online_bank.numel():
             return torch.cat((self.memory_bank, self.online_bank.to(self.memory_bank.dtype)))
         return self.memory_bank
+
+    @contextlib.contextmanager
+    def exporting(self, sinkhorn_iterations: int | None = None) -> Iterator[None]:
+        """Trace-friendly scoring inside the block (ONNX/OpenVINO export): see :meth:`PrototypeRefiner.exporting`.
+
+        Plain PatchCore (``refiner=None``) is already a static graph; a refiner is switched to a fixed
+        number of Sinkhorn iterations per E-step for the current memory bank.
+
+        Args:
+            sinkhorn_iterations: Sinkhorn iterations per E-step (``None``: the refiner's default for export).
+
+        Raises:
+            ValueError: The memory bank is empty, or ``online=True`` (an exported graph cannot grow a bank).
+        """
+        if self.memory_bank.numel() == 0:
+            msg = (
+                "Memory bank is empty: give PatchCorePlus support images before exporting (model.fit_support(images), "
+                "a checkpoint with --ckpt_path, or few_shot_source)."
+            )
+            raise ValueError(msg)
+        if self.refiner is None:
+            yield
+            return
+        if self.online:
+            msg = (
+                "online=True grows the bank with every query, which an exported (static) graph cannot do: export "
+                "a model with online=False, or use --export_type torch."
+            )
+            raise ValueError(msg)
+        with self.refiner.exporting(self.scoring_bank(), sinkhorn_iterations):
+            yield
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
         """Scores ``(B, m)`` of query embeddings ``(B, m, c)``: refined, or plain nearest neighbour.
