@@ -179,6 +179,8 @@ def test_anomalib_benchmark_cli_runs_the_few_shot_pipeline(tiny_config: dict, tm
     if not anomalib.exists():
         pytest.skip("the anomalib console script is not installed next to this Python")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if env.get("PYTHONPATH"):  # the command runs in another folder: keep a relative PYTHONPATH (e.g. src) valid
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep))
     result = subprocess.run(
         [str(anomalib), "benchmark", "--config", str(_write(tiny_config, tmp_path))],
         capture_output=True,
