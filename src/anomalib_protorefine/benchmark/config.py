@@ -219,6 +219,23 @@ def _refiner_options(method: MethodSpec) -> dict[str, Any]:
     return module.options.as_dict()
 
 
+def parameter_value(method: MethodSpec, parameter: str) -> Any:
+    """The value of ``parameter`` in ``method`` (a refiner option or a constructor argument), or ``None``.
+
+    Example:
+        >>> parameter_value(MethodSpec("m", "PatchCorePlus", {"refiner": "paper"}), "lambda_")
+        0.3
+    """
+    from anomalib_protorefine.models.common import refiner_option_names
+
+    if parameter in refiner_option_names():
+        try:
+            return _refiner_options(method)[parameter]
+        except BenchmarkConfigError:
+            return None
+    return method.init_args.get(parameter)
+
+
 def _label(config: dict[str, Any]) -> str:
     init_args = config.get("init_args") or {}
     name = init_args.get("name") or Path(str(init_args.get("root", config["class_path"]))).name

@@ -25,7 +25,7 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .config import BenchmarkPlan
+from .config import BenchmarkPlan, MethodSpec, parameter_value
 from .job import read_results
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,11 @@ def sweep_plots(plan: BenchmarkPlan, frame: pd.DataFrame, folder: Path) -> list[
     for method in plan.methods:
         if method.sweep is not None:
             groups.setdefault(method.sweep[:2], []).append(method)
+    for (base, parameter), methods in groups.items():  # the swept method itself is a point of its curve
+        value = parameter_value(plan.method(base), parameter)
+        if value is not None and all(float(m.sweep[2]) != float(value) for m in methods):
+            origin = plan.method(base)
+            methods.append(MethodSpec(origin.name, origin.class_path, origin.init_args, None, (base, parameter, value)))
     paths = []
     for (base, parameter), methods in groups.items():
         figure, axes = plt.subplots(1, 2, figsize=(10, 3.4))
