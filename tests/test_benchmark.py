@@ -106,7 +106,8 @@ def test_fastrecon_reconstructs_the_bank_and_scores_outliers_higher() -> None:
 # ------------------------------------------------------------------------------------------- runs
 @pytest.mark.slow
 def test_a_cell_equals_anomalib_engine_test(tiny_config: dict) -> None:
-    """The cached-feature path reports exactly what ``Engine.test`` reports for the same model and draw."""
+    """The cached-feature path reports exactly what ``Engine.test`` reports for the same model, draw and test images."""
+    tiny_config["benchmark"]["max_test_images"] = 5  # a subset (in the shuffled order) of the 7 test images
     plan = plan_from_config(tiny_config)
     context = RunContext(plan)
     data = plan.datasets[0]
@@ -116,6 +117,22 @@ def test_a_cell_equals_anomalib_engine_test(tiny_config: dict) -> None:
     engine = run_engine(method, make_datamodule(data.config), plan, 1, 1)
     for metric in METRICS:
         assert cached[metric] == pytest.approx(engine[metric], abs=1e-5), metric
+
+
+@pytest.mark.slow
+def test_an_anomalib_model_is_fitted_on_the_same_k_support_images(tiny_config: dict) -> None:
+    """Any anomalib model runs through Engine on the cell's draw: its training set is cut to those k images."""
+    from anomalib_protorefine.benchmark.config import MethodSpec
+    from anomalib_protorefine.benchmark.methods import support_paths
+
+    plan = plan_from_config(tiny_config)
+    datamodule = make_datamodule(plan.datasets[0].config)
+    expected = sorted(support_paths(make_datamodule(plan.datasets[0].config), 2, 1))
+    method = MethodSpec("Patchcore", "Patchcore", {"backbone": "resnet18", "layers": ["layer2"], "pre_trained": False})
+    values = run_engine(method, datamodule, plan, 2, 1)
+    assert sorted(str(p) for p in datamodule.train_data.samples.image_path) == expected
+    assert all(0.0 <= values[metric] <= 1.0 for metric in METRICS)
+    assert values["time_ms"] > 0
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from anomalib.data import AnomalibDataModule, get_datamodule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Subset
 
 from anomalib_protorefine.models import PatchCorePlus
@@ -65,16 +66,26 @@ def make_datamodule(config: dict[str, Any]) -> AnomalibDataModule:
     config.setdefault("init_args", {}).setdefault("num_workers", 0)
     datamodule = get_datamodule(config)
     datamodule.prepare_data()
-    datamodule.setup()
+    # A Trainer stage marks the datamodule as set up, so that Engine/Lightning do not build the
+    # subsets again (that would undo the benchmark's cut to the k support and the scored test images).
+    datamodule.setup(TrainerFn.FITTING)
     return datamodule
 
 
 def scored_indices(size: int, max_images: int | None) -> list[int]:
-    """The test images a run scores: all, or a seeded (1234) subset of ``max_images``, in dataset order."""
-    if max_images is None or max_images >= size:
-        return list(range(size))
-    generator = torch.Generator().manual_seed(1234)
-    return sorted(torch.randperm(size, generator=generator)[:max_images].tolist())
+    """The test images a run scores, in the order it scores them: a seeded (1234) shuffle, cut to ``max_images``.
+
+    The order matters to order-dependent methods only (Online PatchCore+, whose extra bank grows with
+    every query): anomalib's ``Folder`` lists all defective test images first, an order that would
+    favour them, so every method scores the same seeded random order (threshold-free metrics and
+    per-query refinement do not depend on it).
+
+    Example:
+        >>> sorted(scored_indices(5, None)) == list(range(5)), len(scored_indices(5, 3))
+        (True, 3)
+    """
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(1234)).tolist()
+    return order if max_images is None else order[:max_images]
 
 
 def feature_key(data_config: dict[str, Any], paths: list[str], model_args: dict[str, Any], weights: Any) -> str:
