@@ -43,6 +43,7 @@ class BankFactors:
         em_map: ``[H^-1 | H^-1 G]`` ``(n, 2n)``, or ``M^T [H^-1 | H^-1 G]`` ``(c, 2n)``, with
             ``H = (1 + lambda) G + rho I``.
         gram_em_pair: ``[G H^-1 | G H^-1 G]``, ``(n, 2n)``: ``T^T gram_em_pair`` gives the plan part.
+        gram_em_gram: ``G H^-1 G``, ``(n, n)``, contiguous: ``gram_em_gram T`` is the plan part of ``G W^T``.
         gram_max_eig: Largest eigenvalue of ``G`` (step size of the gradient M-step).
     """
 
@@ -55,6 +56,7 @@ class BankFactors:
     init_map: torch.Tensor
     em_map: torch.Tensor
     gram_em_pair: torch.Tensor
+    gram_em_gram: torch.Tensor
     gram_max_eig: float
 
     @classmethod
@@ -81,6 +83,8 @@ class BankFactors:
         init_solve = torch.cholesky_inverse(torch.linalg.cholesky(gram64 + rho * eye))
         em_solve = torch.cholesky_inverse(torch.linalg.cholesky((1.0 + lambda_) * gram64 + rho * eye))
         em_pair = torch.cat((em_solve, em_solve @ gram64), dim=1)
+        gram_em_gram = gram64 @ em_solve @ gram64
+        gram_em_gram = (gram_em_gram + gram_em_gram.T) / 2  # symmetric up to rounding: make it exact
         feature_space = num_bank > channels
         if feature_space:
             init_solve, em_pair = bank64.T @ init_solve, bank64.T @ em_pair
@@ -93,7 +97,8 @@ class BankFactors:
             feature_space=feature_space,
             init_map=init_solve.float(),
             em_map=em_pair.float(),
-            gram_em_pair=torch.cat((gram64 @ em_solve, gram64 @ em_solve @ gram64), dim=1).float(),
+            gram_em_pair=torch.cat((gram64 @ em_solve, gram_em_gram), dim=1).float(),
+            gram_em_gram=gram_em_gram.float(),
             gram_max_eig=float(torch.linalg.eigvalsh(gram64)[-1]),
         )
 

@@ -47,7 +47,13 @@ class QueryTerms:
     @classmethod
     def from_features(cls, features: torch.Tensor, factors: BankFactors) -> QueryTerms:
         """Compute the products for float32 query features ``(B, m, c)`` (normalised if cosine)."""
-        return cls(features=features, cross=features @ factors.bank.T, sq_norms=features.pow(2).sum(-1))
+        if features.stride(-1) == 1:
+            # One fused reduction (8x faster than pow + sum, which writes a (B, m, c) temporary)...
+            sq_norms = torch.linalg.vector_norm(features, dim=-1).square()
+        else:
+            # ...but only along contiguous channels (backbone maps are often (B, c, m) in memory).
+            sq_norms = features.pow(2).sum(-1)
+        return cls(features=features, cross=features @ factors.bank.T, sq_norms=sq_norms)
 
     def initial_weights(self, factors: BankFactors) -> torch.Tensor:
         """``W0 = F M^T (G + rho I)^-1``, the minimiser without the transport term, ``(B, m, n)``."""
@@ -76,6 +82,32 @@ def transport_cost(
     return cost.clamp_min(0.0)
 
 
+def coupling_cost(coupling: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The E-step's cost ``(offset_j - 2 (G W^T)_ij) / s``, ``(B, n, m)``, from the coupling ``G W^T``.
+
+    It differs from :func:`transport_cost` ``/ s`` by a row constant ``||M_i||^2 / s`` plus a column
+    constant ``(||(W M)_j||^2 - offset_j) / s``, which the entropic plan does not depend on (they
+    only shift the Sinkhorn potentials): the same plan without ``W`` itself or a clamp. The offset
+    (the initial prototypes' squared norms) keeps the columns on the scale of the true cost, so
+    that no column of the Sinkhorn kernel starts out negligible.
+
+    Args:
+        coupling: ``G W^T``, ``(B, n, m)``, any strides (e.g. ``(W G).transpose(1, 2)``).
+        scale: Per-query cost scale ``s``, ``(B,)``.
+        offset: Per-column offset, ``(B, m)``.
+
+    Returns:
+        The cost, contiguous ``(B, n, m)``.
+
+    Example:
+        >>> import torch
+        >>> coupling_cost(torch.ones(1, 2, 3), torch.tensor([4.0]), torch.full((1, 3), 6.0))[0, 0].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    cost = torch.empty(coupling.shape, dtype=coupling.dtype, device=coupling.device)
+    return torch.addcmul((offset / scale[:, None])[:, None, :], coupling, (-2.0 / scale)[:, None, None], out=cost)
+
+
 def objective(
     weights: torch.Tensor,
     terms: QueryTerms,
@@ -83,6 +115,7 @@ def objective(
     plan: torch.Tensor | None,
     lambda_: float,
     transport: torch.Tensor | None = None,
+    proto_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Value of ``J(W)`` per query, ``(B,)`` (the entropy term is constant in W and left out).
 
@@ -93,9 +126,11 @@ def objective(
         plan: Transport plan ``(B, n, m)``, or ``None`` (no transport term).
         lambda_: Weight of the transport term.
         transport: ``<C(W), T>`` per query if already known (saves recomputing the cost).
+        proto_sq: ``||(W M)_j||^2``, ``(B, m)``, if already known (saves a ``W G`` product).
     """
     num_patches = weights.shape[1]
-    proto_sq = prototype_sq_norms(weights, factors.gram)
+    if proto_sq is None:
+        proto_sq = prototype_sq_norms(weights, factors.gram)
     fidelity = (terms.sq_norms - 2.0 * (terms.cross * weights).sum(-1) + proto_sq).mean(-1)
     value = fidelity + factors.ridge * weights.pow(2).sum((-1, -2)) / num_patches
     if plan is not None and lambda_ > 0:
@@ -122,17 +157,42 @@ class ClosedFormStep:
         self.fixed = factors.solve_input(terms.features, terms.cross) @ factors.em_map  # (B, m, 2n)
         self.factors = factors
         self.lambda_ = lambda_
+        self._fixed_coupling: torch.Tensor | None = None
 
     def __call__(self, plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(W, W G)`` for the plan ``(B, n, m)``."""
         num_bank, num_patches = plan.shape[-2:]
-        both = torch.baddbmm(
-            self.fixed,
-            plan.transpose(1, 2),
-            self.factors.gram_em_pair.expand(plan.shape[0], -1, -1),
+        # matmul + in-place add: one output buffer (baddbmm first copies `fixed` into its output,
+        # and runs its transposed-batch product at about half the speed on CPU).
+        both = torch.matmul(plan.transpose(1, 2), self.factors.gram_em_pair).mul_(self.lambda_ * num_patches)
+        both += self.fixed
+        return both[..., :num_bank], both[..., num_bank:]
+
+    def coupling(self, plan: torch.Tensor) -> torch.Tensor:
+        """``(W G)^T = G W^T`` of the minimiser for the plan ``(B, n, m)``, as ``(B, n, m)``; W itself is not formed.
+
+        ``G W^T = (F M^T H^-1 G)^T + lambda m (G H^-1 G) T``: one ``(n x n) @ (n x m)`` product per
+        query, half of :meth:`__call__`'s, already in the ``(B, n, m)`` layout of the transport cost.
+        This is all the next E-step needs (see :func:`coupling_cost`).
+
+        Example:
+            >>> import torch
+            >>> from anomalib_protorefine.refinement.bank import BankFactors
+            >>> factors = BankFactors.from_bank(torch.randn(5, 8), lambda_=0.3, ridge=1e-3, normalize=False)
+            >>> step = ClosedFormStep(QueryTerms.from_features(torch.randn(2, 7, 8), factors), factors, 0.3)
+            >>> plan = torch.full((2, 5, 7), 1 / 35)
+            >>> torch.allclose(step.coupling(plan), step(plan)[1].transpose(1, 2), atol=1e-5)
+            True
+        """
+        num_bank, num_patches = plan.shape[-2:]
+        if self._fixed_coupling is None:
+            self._fixed_coupling = self.fixed[..., num_bank:].transpose(1, 2).contiguous()
+        return torch.baddbmm(
+            self._fixed_coupling,
+            self.factors.gram_em_gram.expand(plan.shape[0], -1, -1),
+            plan,
             alpha=self.lambda_ * num_patches,
         )
-        return both[..., :num_bank], both[..., num_bank:]
 
 
 class LocalClosedFormStep:
