@@ -6,7 +6,8 @@
 * ``solve_plans`` warm-started from row potentials: the cold plan, in fewer iterations, and blind
   to a column constant added to the cost;
 * the kernel floor: no float32 subnormals in the plans (slow CPU arithmetic), same plan as POT;
-* the closed-form gradient of the gradient M-step equals autograd's;
+* the closed-form gradient of the gradient M-step equals autograd's, and SGD computed in closed
+  form in the eigenbasis of ``G`` equals torch's SGD;
 * the finiteness check by a sum still rejects NaN/Inf and accepts huge finite features.
 """
 
@@ -23,6 +24,7 @@ from anomalib_protorefine.refinement.m_step import (
     ClosedFormStep,
     QueryTerms,
     coupling_cost,
+    gradient_step,
     objective,
     objective_gradient,
     transport_cost,
@@ -159,3 +161,25 @@ def test_finiteness_check_by_sum() -> None:
     huge = torch.full((1, 4, 16), 3e38)
     assert not torch.isfinite(huge.sum())
     refiner._validate_inputs(huge, torch.randn(5, 16))
+
+
+@pytest.mark.parametrize(("n", "c"), [(24, 16), (20, 40)])
+@pytest.mark.parametrize(("lr", "steps"), [(1.0, 5), (1.5, 3), (0.5, 1)])
+def test_sgd_in_closed_form_equals_the_optimizer(n: int, c: int, lr: float, steps: int) -> None:
+    """SGD without a mask (eigenbasis of G, closed form over the steps) == torch's SGD step by step."""
+    queries, bank = _data(n=n, c=c)
+    factors = BankFactors.from_bank(bank, 0.3, 1e-3, normalize=False)
+    torch.testing.assert_close(
+        factors.gram_eigvecs @ torch.diag(factors.gram_eigvals) @ factors.gram_eigvecs.T,
+        factors.gram,
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    terms = QueryTerms.from_features(queries, factors)
+    plan = torch.softmax(torch.randn(3, n, 40, generator=torch.Generator().manual_seed(5)), dim=1) / 40
+    weights = terms.initial_weights(factors)
+    fast = gradient_step(weights, terms, factors, plan, 0.3, "sgd", lr, steps)
+    everywhere = torch.ones(3, 40, n, dtype=torch.bool)  # a mask that masks nothing: the optimizer path
+    reference = gradient_step(weights, terms, factors, plan, 0.3, "sgd", lr, steps, everywhere)
+    assert not torch.equal(fast, weights)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
