@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # These two install from this machine's disk; other versions download gigabytes.
 TORCH := torch==2.14.1 torchvision==0.29.1
-EXTRAS := offline,clip,dev
+EXTRAS := offline,clip,dev,export
 
 .PHONY: install demo test test-fast lint format bench clean
 
@@ -38,7 +38,7 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 bench: install
-	$(PY) benchmarks/patchcore_accuracy.py
+	$(PY) -m anomalib_protorefine.benchmark --config configs/benchmark/offline.yaml
 	$(PY) benchmarks/patchcore_speed.py
 	$(PY) benchmarks/winclip_speed.py
 

@@ -18,11 +18,10 @@ class _RecordingLoader(importlib.abc.Loader):
         module.ran = True
 
 
-def test_registration_failure_never_breaks_anomalib(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_autoload, "_TARGET", "anomalib_protorefine._no_such_module")
+def test_registration_failure_never_breaks_anomalib() -> None:
     module = types.ModuleType("anomalib.models")
     with pytest.warns(RuntimeWarning, match="could not register"):
-        _autoload._RegisteringLoader(_RecordingLoader()).exec_module(module)
+        _autoload._RegisteringLoader(_RecordingLoader(), "anomalib_protorefine._no_such_module").exec_module(module)
     assert module.ran  # anomalib.models itself still loaded
 
 
@@ -31,3 +30,11 @@ def test_registration_imports_the_models(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(_autoload.importlib, "import_module", imported.append)
     _autoload._RegisteringLoader(_RecordingLoader()).exec_module(types.ModuleType("anomalib.models"))
     assert imported == ["anomalib_protorefine.models"]
+
+
+def test_cli_pipelines_get_the_few_shot_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
+    imported: list[str] = []
+    monkeypatch.setattr(_autoload.importlib, "import_module", imported.append)
+    target = _autoload._TARGETS["anomalib.cli.pipelines"]
+    _autoload._RegisteringLoader(_RecordingLoader(), target).exec_module(types.ModuleType("anomalib.cli.pipelines"))
+    assert imported == ["anomalib_protorefine.benchmark.register"]

@@ -3,7 +3,8 @@
 The wheel installs ``anomalib_protorefine_autoload.pth``, which imports this tiny module at
 interpreter start. It adds an import hook and nothing else: only when some code imports
 ``anomalib.models`` (the ``anomalib`` CLI, ``get_model``) are our models imported too, right
-after it, so ``anomalib test --model PatchCorePlus`` works with the stock command.
+after it, so ``anomalib test --model PatchCorePlus`` works with the stock command; and when the
+CLI loads its pipelines, ``anomalib benchmark`` gets the few-shot benchmark pipeline.
 Set ``ANOMALIB_PROTOREFINE_NO_AUTOLOAD=1`` to disable it.
 """
 
@@ -20,13 +21,20 @@ from types import ModuleType
 
 _TRIGGER = "anomalib.models"
 _TARGET = "anomalib_protorefine.models"
+#: anomalib module -> our module imported right after it.
+_TARGETS = {
+    _TRIGGER: _TARGET,
+    # `anomalib benchmark` runs the few-shot benchmark pipeline (a strict extension of anomalib's).
+    "anomalib.cli.pipelines": "anomalib_protorefine.benchmark.register",
+}
 
 
 class _RegisteringLoader(importlib.abc.Loader):
     """Run the real loader of ``anomalib.models``, then import our models."""
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+    def __init__(self, loader: importlib.abc.Loader, target: str = _TARGET) -> None:
         self._loader = loader
+        self._target = target
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         """Delegate module creation."""
@@ -40,18 +48,21 @@ class _RegisteringLoader(importlib.abc.Loader):
         """
         self._loader.exec_module(module)
         try:
-            importlib.import_module(_TARGET)
+            importlib.import_module(self._target)
         except Exception as error:
             warnings.warn(
-                f"anomalib-protorefine: could not register PatchCorePlus/WinClipPlus with anomalib ({error!r}); "
-                f"run `python -c 'import {_TARGET}'` for the full traceback.",
+                f"anomalib-protorefine: could not register {self._target} with anomalib ({error!r}); "
+                f"run `python -c 'import {self._target}'` for the full traceback.",
                 RuntimeWarning,
                 stacklevel=2,
             )
 
 
 class _AnomalibModelsHook(importlib.abc.MetaPathFinder):
-    """Meta-path finder that wraps the loader of ``anomalib.models`` once."""
+    """Meta-path finder that wraps the loaders of the modules in ``_TARGETS`` once each."""
+
+    def __init__(self) -> None:
+        self._pending = set(_TARGETS)
 
     def find_spec(
         self,
@@ -59,14 +70,19 @@ class _AnomalibModelsHook(importlib.abc.MetaPathFinder):
         path: object = None,
         target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        """Return the real spec of ``anomalib.models`` with a registering loader."""
-        if fullname != _TRIGGER:
+        """Return the real spec of a trigger module with a registering loader."""
+        if fullname not in self._pending:
             return None
+        self._pending.discard(fullname)
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            if self._pending:
+                sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _RegisteringLoader(spec.loader)
+        spec.loader = _RegisteringLoader(spec.loader, _TARGETS[fullname])
         return spec
 
 
@@ -74,11 +90,13 @@ def install() -> None:
     """Install the hook (idempotent); import our models now if anomalib.models is already loaded."""
     if os.environ.get("ANOMALIB_PROTOREFINE_NO_AUTOLOAD"):
         return
-    if _TRIGGER in sys.modules:
-        importlib.import_module(_TARGET)
-        return
-    if not any(isinstance(finder, _AnomalibModelsHook) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AnomalibModelsHook())
+    hook = _AnomalibModelsHook()
+    for trigger, target in _TARGETS.items():
+        if trigger in sys.modules:
+            importlib.import_module(target)
+            hook._pending.discard(trigger)
+    if hook._pending and not any(isinstance(finder, _AnomalibModelsHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, hook)
 
 
 install()

@@ -129,7 +129,7 @@ class RefinedFewShotMixin:
     support_paths: tuple[str, ...]
     hparams: Any
 
-    def _ensure_ready(self) -> None:
+    def _ensure_ready(self, datamodule: object | None = None) -> None:
         """Prepare the support data before evaluation (implemented by the model)."""
         raise NotImplementedError
 

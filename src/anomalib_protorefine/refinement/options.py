@@ -24,7 +24,7 @@ Distance = Literal["euclidean", "cosine"]
 MStep = Literal["closed_form", "gradient"]
 Optimizer = Literal["sgd", "adam"]
 CostNormalization = Literal["mean", "max", "none"]
-SinkhornMethod = Literal["auto", "sinkhorn", "sinkhorn_log"]
+SinkhornMethod = Literal["auto", "sinkhorn", "sinkhorn_log", "fixed"]
 ScoringBank = Literal["refined", "matched", "union"]
 ScoreFusion = Literal["none", "geometric"]
 
@@ -33,7 +33,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "m_step": ("closed_form", "gradient"),
     "optimizer": ("sgd", "adam"),
     "cost_normalization": ("mean", "max", "none"),
-    "sinkhorn_method": ("auto", "sinkhorn", "sinkhorn_log"),
+    "sinkhorn_method": ("auto", "sinkhorn", "sinkhorn_log", "fixed"),
     "scoring_bank": ("refined", "matched", "union"),
     "score_fusion": ("none", "geometric"),
 }
@@ -94,7 +94,11 @@ class RefinerOptions:
             query (the reference). In every mode a plan that comes back non-finite or far from its
             marginals is recomputed in the log domain, and one that still misses its marginals
             raises ``SinkhornMarginalError`` (an ``epsilon`` far below the safe range).
-        sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step.
+            ``"fixed"`` runs exactly ``sinkhorn_max_iter`` log-domain iterations per E-step, in pure
+            torch, with no convergence check and no fallback (``transport.solve_plans_fixed``): the
+            static graph that ONNX/OpenVINO export traces (a plan that misses its marginals still
+            raises outside an export).
+        sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step (with ``"fixed"``: the exact number).
         sinkhorn_tol: Stop when the L2 marginal violation, relative to the marginal's norm,
             is below this value.
         scoring_bank: Which prototypes a query patch is scored against: ``"refined"`` (nearest

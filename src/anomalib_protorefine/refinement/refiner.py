@@ -27,10 +27,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,13 +53,16 @@ from .m_step import (
 )
 from .options import RefinerOptions
 from .precision import float32_compute
-from .transport import QueryPotential, check_marginals, plan_is_valid, solve_plan, solve_plans
+from .transport import QueryPotential, check_marginals, plan_is_valid, solve_plan, solve_plans, solve_plans_fixed
 
 logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
 #: Largest block of query-prototype dot products formed at once when scoring (elements, 8 MB).
 _SCORE_CHUNK = 1 << 21
+#: Sinkhorn iterations per E-step of an exported refiner (``sinkhorn_method="fixed"``), unless the
+#: refiner already uses ``"fixed"`` (then its ``sinkhorn_max_iter``) or the export names another number.
+EXPORT_SINKHORN_ITERATIONS = 100
 
 
 @dataclass
@@ -166,6 +171,7 @@ class PrototypeRefiner(nn.Module, Callback):
             score_fusion=score_fusion,  # type: ignore[arg-type]
         )
         self._factor_cache: OrderedDict[tuple, BankFactors] = OrderedDict()
+        self._export_factors: BankFactors | None = None  # set while a static graph is being exported
         self.last_stats: dict[str, float] = {}
 
     def extra_repr(self) -> str:
@@ -174,8 +180,8 @@ class PrototypeRefiner(nn.Module, Callback):
 
     # ------------------------------------------------------------------ validation
     @staticmethod
-    def _validate_inputs(queries: torch.Tensor, bank: torch.Tensor) -> None:
-        """Check shapes, dtypes and finiteness before any heavy work."""
+    def _validate_inputs(queries: torch.Tensor, bank: torch.Tensor, *, check_values: bool = True) -> None:
+        """Check shapes, dtypes and (with ``check_values``; not in an exported graph) finiteness before any work."""
         if not isinstance(queries, torch.Tensor) or queries.ndim != 3:
             shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
             msg = f"queries must be a tensor of shape (B, m, c) (batch, patches, channels), got {shape}."
@@ -187,7 +193,7 @@ class PrototypeRefiner(nn.Module, Callback):
         if bank.shape[0] == 0:
             msg = "bank is empty (n = 0): build the memory bank from support images before refining."
             raise ValueError(msg)
-        if queries.shape[0] == 0:
+        if check_values and queries.shape[0] == 0:  # the batch size of an exported graph is symbolic
             msg = "queries is an empty batch (B = 0): pass features of shape (B, m, c) with B >= 1."
             raise ValueError(msg)
         if queries.shape[1] == 0:
@@ -205,7 +211,7 @@ class PrototypeRefiner(nn.Module, Callback):
                 raise TypeError(msg)
             # A NaN or Inf entry makes the sum non-finite: one reduction instead of a full isfinite
             # pass (a tenth of its time); the full check only runs when the sum is not finite.
-            if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+            if check_values and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
                 msg = f"{name} contains NaN or Inf values: check the feature extractor and its input."
                 raise ValueError(msg)
         if queries.device != bank.device:
@@ -227,6 +233,85 @@ class PrototypeRefiner(nn.Module, Callback):
         else:
             self._factor_cache.move_to_end(key)
         return factors
+
+    @property
+    def is_exporting(self) -> bool:
+        """Whether the refiner is inside :meth:`exporting` (its forward is being traced into a static graph)."""
+        return self._export_factors is not None
+
+    def check_exportable(self) -> None:
+        """Raise an error naming the option when these options cannot be exported as a static graph.
+
+        Example:
+            >>> PrototypeRefiner(m_step="gradient").check_exportable()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: ONNX/OpenVINO export needs m_step='closed_form', got m_step='gradient' ...
+        """
+        opts = self.options
+        if opts.m_step != "closed_form":
+            msg = (
+                f"ONNX/OpenVINO export needs m_step='closed_form', got m_step={opts.m_step!r} (a torch optimizer "
+                "cannot be exported): export a model with refiner={'m_step': 'closed_form'}, or use "
+                "--export_type torch."
+            )
+            raise ValueError(msg)
+        if opts.neighbors is not None or opts.affine:
+            msg = (
+                f"ONNX/OpenVINO export supports the whole-bank M-step only, got neighbors={opts.neighbors!r}, "
+                f"affine={opts.affine!r} (per-patch Cholesky solves have no ONNX operator): export a model with "
+                "refiner={'neighbors': None, 'affine': False}, or use --export_type torch."
+            )
+            raise ValueError(msg)
+
+    @contextlib.contextmanager
+    def exporting(self, bank: torch.Tensor, sinkhorn_iterations: int | None = None) -> Iterator[PrototypeRefiner]:
+        """Make :meth:`refine` and :meth:`score_result` a static graph for ``torch.export`` (ONNX/OpenVINO).
+
+        Inside the block the refiner computes exactly what it computes with ``sinkhorn_method="fixed"``,
+        ``sinkhorn_max_iter=sinkhorn_iterations`` and ``em_tol=0`` (all ``num_iterations`` EM iterations,
+        a fixed number of log-domain Sinkhorn iterations per E-step, closed-form M-step), with the
+        factors of ``bank`` computed here once (their Cholesky solves become constants of the graph)
+        and no data-dependent check or statistic. The options are restored on exit.
+
+        Args:
+            bank: The memory bank that the exported model refines against.
+            sinkhorn_iterations: Sinkhorn iterations per E-step. ``None``: the refiner's
+                ``sinkhorn_max_iter`` if it already uses ``sinkhorn_method="fixed"``, else
+                :data:`EXPORT_SINKHORN_ITERATIONS`.
+
+        Yields:
+            The refiner, in export mode.
+
+        Example:
+            >>> import torch
+            >>> refiner, bank = PrototypeRefiner(num_iterations=2), torch.randn(6, 4)
+            >>> with refiner.exporting(bank, sinkhorn_iterations=50):
+            ...     refiner.options.sinkhorn_method, refiner.options.sinkhorn_max_iter, refiner.is_exporting
+            ('fixed', 50, True)
+            >>> refiner.options.sinkhorn_method, refiner.is_exporting
+            ('auto', False)
+        """
+        self.check_exportable()
+        saved = self.options
+        if sinkhorn_iterations is None:
+            fixed = saved.sinkhorn_method == "fixed"
+            sinkhorn_iterations = saved.sinkhorn_max_iter if fixed else EXPORT_SINKHORN_ITERATIONS
+        if saved.em_tol > 0:
+            logger.warning(
+                "Export runs all num_iterations=%d EM iterations: em_tol=%g stops on the data, which a static "
+                "graph cannot do.",
+                saved.num_iterations,
+                saved.em_tol,
+            )
+        self.options = replace(saved, sinkhorn_method="fixed", sinkhorn_max_iter=sinkhorn_iterations, em_tol=0.0)
+        self._validate_inputs(bank[None], bank)
+        with torch.no_grad():
+            self._export_factors = self.bank_factors(bank)
+        try:
+            yield self
+        finally:
+            self.options, self._export_factors = saved, None
 
     def _cost_scale(
         self, weights: torch.Tensor, weighted_gram: torch.Tensor, proto_sq: torch.Tensor, factors: BankFactors
@@ -256,10 +341,11 @@ class PrototypeRefiner(nn.Module, Callback):
         Returns:
             The transform matrices, plans and statistics.
         """
-        self._validate_inputs(queries, bank)
+        exporting = self._export_factors is not None
+        self._validate_inputs(queries, bank, check_values=not exporting)
         opts = self.options
         start = time.perf_counter()
-        factors = self.bank_factors(bank)
+        factors = self._export_factors if self._export_factors is not None else self.bank_factors(bank)
         features = queries.detach().float()
         if opts.distance == "cosine":
             features = F.normalize(features, dim=-1)
@@ -275,7 +361,8 @@ class PrototypeRefiner(nn.Module, Callback):
         weighted_gram: torch.Tensor | None = None
         proto_sq: torch.Tensor | None = None
         if opts.transport:
-            states: list[Any] = [None] * queries.shape[0]  # per-query Sinkhorn warm starts
+            # Sinkhorn warm starts: one per query, or one (B, n) row potential for the whole batch ("fixed").
+            states: list[Any] = [] if opts.sinkhorn_method == "fixed" else [None] * queries.shape[0]
             closed_form = None
             if opts.m_step == "closed_form":
                 closed_form = local if local is not None else ClosedFormStep(terms, factors, opts.lambda_)
@@ -306,7 +393,7 @@ class PrototypeRefiner(nn.Module, Callback):
                             mask,
                         )  # fmt: skip
                         new_weighted_gram = new_weights @ factors.gram
-                    if bool(active.all()):
+                    if opts.em_tol == 0 or bool(active.all()):  # em_tol = 0: every query stays active
                         weights, weighted_gram = new_weights, new_weighted_gram
                     else:
                         keep = active[:, None, None]
@@ -320,7 +407,12 @@ class PrototypeRefiner(nn.Module, Callback):
                         break
             if dense:
                 weights, weighted_gram = closed_form(plan)  # type: ignore[misc]
-            sinkhorn_iterations = sum(state.iterations_total for state in states if state is not None)
+            if opts.sinkhorn_method == "fixed":
+                sinkhorn_iterations = em_iterations * opts.sinkhorn_max_iter * queries.shape[0]
+            else:
+                sinkhorn_iterations = sum(state.iterations_total for state in states if state is not None)
+        if exporting:  # statistics are Python floats of the data: not part of a static graph
+            return RefinementResult(weights=weights, plan=plan, terms=terms, factors=factors)
         transport = None
         if plan is not None and weighted_gram is not None:
             # <C, T> from the marginals: sum_i |M_i|^2 T_i. + sum_j |p_j|^2 T_.j - 2 <W G, T^T>.
@@ -349,11 +441,14 @@ class PrototypeRefiner(nn.Module, Callback):
     ) -> torch.Tensor:
         """Sinkhorn for each active query's normalised cost ``(B, n, m)``, warm-started from ``states``.
 
-        ``sinkhorn_method="auto"`` solves all active queries at once (:func:`solve_plans`); the other
-        methods call POT once per query (:func:`solve_plan`, the reference). Frozen (converged)
+        ``sinkhorn_method="auto"`` solves all active queries at once (:func:`solve_plans`), ``"fixed"``
+        too, with a fixed number of iterations (:meth:`_e_step_fixed`); ``"sinkhorn"`` and
+        ``"sinkhorn_log"`` call POT once per query (:func:`solve_plan`, the reference). Frozen (converged)
         queries keep their previous plan. ``states`` is updated in place.
         """
         opts = self.options
+        if opts.sinkhorn_method == "fixed":
+            return self._e_step_fixed(costs, states, active, previous)
         everyone = previous is None or bool(active.all())
         index = torch.arange(costs.shape[0], device=costs.device) if everyone else active.nonzero()[:, 0]
         if opts.sinkhorn_method == "auto":
@@ -405,6 +500,35 @@ class PrototypeRefiner(nn.Module, Callback):
             check_marginals(plans[query][None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
         return plans
 
+    def _e_step_fixed(
+        self,
+        costs: torch.Tensor,
+        states: list[Any],
+        active: torch.Tensor,
+        previous: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """E-step of ``sinkhorn_method="fixed"``: all queries at once, a fixed number of iterations.
+
+        ``states`` holds the batch's row potentials ``(B, n)`` (warm start, updated in place; like the
+        batched solver's, blind to the column constant by which the E-step cost changes between EM
+        iterations). Frozen queries (``em_tol``) keep their previous plan. Outside an export a plan that misses its
+        marginals raises :class:`~anomalib_protorefine.refinement.transport.SinkhornMarginalError`.
+        """
+        opts = self.options
+        plans, row_potential = solve_plans_fixed(
+            costs,
+            opts.epsilon,
+            opts.sinkhorn_max_iter,
+            states[0] if states else None,
+            graph_loop=self._export_factors is not None,
+        )
+        states[:] = [row_potential]
+        if self._export_factors is None:
+            check_marginals(plans, opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
+        if previous is not None and opts.em_tol > 0:
+            plans = torch.where(active[:, None, None], plans, previous)
+        return plans
+
     def forward(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Return the refined prototypes ``P = W M``, ``(B, m, c)``, in the input dtype."""
         return self.refine(queries, bank).prototypes.to(queries.dtype)
@@ -430,7 +554,9 @@ class PrototypeRefiner(nn.Module, Callback):
             # (B, rows, m) block of dot products f_j . p_k stays below _SCORE_CHUNK elements: memory
             # linear in m, and the values of one (B, m, m) block up to BLAS rounding (each row's minimum is whole).
             batch, num_patches = proto_sq.shape
-            rows = max(1, _SCORE_CHUNK // max(batch * num_patches, 1))
+            # An exported graph's batch size is symbolic: there the block size is set per image.
+            images = 1 if self._export_factors is not None else batch
+            rows = max(1, _SCORE_CHUNK // max(images * num_patches, 1))
             refined = torch.cat(
                 [
                     self._nearest(cross @ weights.transpose(1, 2), sq, proto_sq, cosine=cosine)

@@ -228,6 +228,90 @@ def _exp_kernel_(log_kernel: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.threshold_(log_kernel, -_LOG_FLOOR, -math.inf).exp_()
 
 
+def _column_potential(costs: torch.Tensor, f: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Log-domain column update: the potentials ``g`` ``(B, m)`` that give every column its mass ``1/m``.
+
+    ``f`` ``(B, n)`` are the row potentials; the plan is ``exp((f + g - C) / epsilon)``.
+    """
+    return epsilon * (-math.log(costs.shape[-1]) - torch.logsumexp((f[:, :, None] - costs) / epsilon, dim=1))
+
+
+def _row_potential(costs: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Log-domain row update: the potentials ``f`` ``(B, n)`` that give every row its mass ``1/n``."""
+    return epsilon * (-math.log(costs.shape[-2]) - torch.logsumexp((g[:, None, :] - costs) / epsilon, dim=2))
+
+
+def _initial_potential(costs: torch.Tensor, epsilon: float, potential: torch.Tensor | None) -> torch.Tensor:
+    """Column potentials ``(B, m)`` to start from: the warm start, or a cold start from the row minima.
+
+    The cold start is one log-domain column update from ``f = min_j C_ij``, so that every column
+    starts with its full mass (no column of the kernel underflows to zero).
+    """
+    if potential is not None:
+        return potential.to(costs.dtype)
+    return _column_potential(costs, costs.amin(dim=2), epsilon)
+
+
+def solve_plans_fixed(
+    costs: torch.Tensor,
+    epsilon: float,
+    iterations: int,
+    row_potential: torch.Tensor | None = None,
+    *,
+    graph_loop: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly ``iterations`` log-domain Sinkhorn iterations for B problems: a static graph.
+
+    The exportable E-step (``sinkhorn_method="fixed"``, ONNX/OpenVINO export): pure torch, no
+    convergence check, no ``.item()``, no fallback and no POT, so ``torch.export`` traces it into a
+    fixed sequence of operations whatever the data. It has the fixed point of :func:`solve_plans`
+    (same cold start, same warm start by the row potentials in cost units, which a change of the
+    cost by a column constant leaves valid) but runs a given number of iterations instead of
+    stopping at a tolerance. Each iteration is a column then a row update in the log domain
+    (``logsumexp``, which neither underflows nor overflows at any ``epsilon``), so the rows of the
+    plan are exact and the columns meet their marginals as far as the iterations allow (check with
+    :func:`marginal_errors`). Plan entries below ``e^-60`` are set to 0, as in :func:`solve_plans`
+    (no float32 subnormals; every entry is at most ``1/n``).
+
+    Args:
+        costs: Costs ``(B, n, m)``, already normalised; float16/bfloat16 are computed in float32.
+        epsilon: Entropy weight (> 0).
+        iterations: Number of Sinkhorn iterations (>= 1).
+        row_potential: Row potentials ``(B, n)`` of a previous solve (warm start), or ``None`` (cold
+            start: one column update from the row minima, then a row update).
+        graph_loop: Run the iterations as one ``torch.while_loop`` with a constant trip count (an ONNX
+            ``Loop`` when exported) instead of a Python loop, which ``torch.export`` would unroll into
+            ``iterations`` copies (minutes of export time for 100 iterations). Same arithmetic.
+
+    Returns:
+        The plans ``(B, n, m)`` and the row potentials ``(B, n)`` for the next warm start.
+
+    Example:
+        >>> import torch
+        >>> plans, potential = solve_plans_fixed(torch.rand(3, 4, 6), epsilon=0.1, iterations=200)
+        >>> torch.allclose(plans.sum(-2), torch.full((3, 6), 1 / 6), atol=1e-5), potential.shape
+        (True, torch.Size([3, 4]))
+    """
+    costs = _upcast(costs)
+    if row_potential is None:
+        f = _row_potential(costs, _initial_potential(costs, epsilon, None), epsilon)
+    else:
+        f = row_potential.to(costs.dtype)
+
+    def update(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _column_potential(costs, f, epsilon)
+        return _row_potential(costs, g, epsilon), g
+
+    f, g = update(f)  # the first iteration gives the loop its column potentials
+    if graph_loop:
+        step = torch.ones((), dtype=torch.int64, device=costs.device)
+        _, f, g = torch.while_loop(lambda i, f, g: i < iterations, lambda i, f, g: (i + 1, *update(f)), (step, f, g))
+    else:
+        for _ in range(iterations - 1):
+            f, g = update(f)
+    return _exp_kernel_((f[:, :, None] + g[:, None, :] - costs) / epsilon), f
+
+
 def solve_plans(
     costs: torch.Tensor,
     epsilon: float,
@@ -305,13 +389,7 @@ def solve_plans(
         v = b / nx.sum(kernel, axis=1)
         u = a / (kernel @ v[:, :, None])[..., 0]
     else:
-        if potential is None:
-            # Cold start: one column update in the log domain from the row minima, so that every
-            # column starts with its full mass (no column of the kernel underflows to zero).
-            row_min = nx.min(costs, axis=2)
-            g = epsilon * (math.log(b) - nx.logsumexp((row_min[:, :, None] - costs) / epsilon, axis=1))
-        else:
-            g = potential.to(costs.dtype)
+        g = _initial_potential(costs, epsilon, potential)
         # Row update in the log domain with a row-max shift: K <= 1 and each row of K holds a 1
         # (arithmetic in place on one (B, n, m) buffer).
         kernel = g[:, None, :] - costs

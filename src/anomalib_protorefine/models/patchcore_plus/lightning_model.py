@@ -251,7 +251,19 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         self.model.train(was_training)
         self._is_fitted = torch.tensor([True], device=self.device)
 
-    def _ensure_ready(self) -> None:
+    def prepare_support(self, datamodule: object | None = None) -> None:
+        """Build the memory bank now, as a test run would: k seeded support images of ``datamodule``'s training set.
+
+        Does nothing when the bank exists. Used by the few-shot benchmark, which scores cached test
+        features without a ``Trainer``; within Lightning the bank is built on demand.
+
+        Args:
+            datamodule: The anomalib datamodule whose training set the support images come from
+                (not needed with ``few_shot_source``).
+        """
+        self._ensure_ready(datamodule)
+
+    def _ensure_ready(self, datamodule: object | None = None) -> None:
         """Build the bank if it is empty: from k seeded support images, or from collected embeddings."""
         if self.model.memory_bank.numel():
             return
@@ -260,7 +272,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             if self.few_shot_source is not None:
                 support = support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
             else:
-                dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__)
+                dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__, datamodule)
                 support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
             self.support_paths = support.paths
             if self.auto_refiner:
@@ -338,6 +350,49 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
     def fit(self) -> None:
         """Build the memory bank (called by anomalib at the end of the training epoch)."""
         self._ensure_ready()
+
+    # ------------------------------------------------------------------ export
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        sinkhorn_iterations: int | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX (also the first step of ``to_openvino``), with the refinement in the graph.
+
+        The graph holds pre-processing (with the antialiased resize), backbone, refinement, scoring and
+        post-processing, for any batch size (and any image size when ``input_size`` is ``None``). Without
+        a memory bank (no checkpoint) the bank is built from ``few_shot_source`` first. The
+        refiner runs in its static form (:meth:`PrototypeRefiner.exporting`): all EM iterations, a fixed
+        number of log-domain Sinkhorn iterations per E-step, closed-form M-step. The default opset is 18
+        (the first with an antialiased ``Resize``).
+
+        Args:
+            export_root: Folder of the export (the file goes to ``weights/onnx/<model_file_name>.onnx``).
+            model_file_name: File name without suffix.
+            input_size: Static ``(H, W)`` of the input, or ``None`` for dynamic height and width.
+            sinkhorn_iterations: Sinkhorn iterations per E-step in the graph (``None``: the refiner's
+                ``sinkhorn_max_iter`` if it uses ``sinkhorn_method="fixed"``, else
+                :data:`~anomalib_protorefine.refinement.refiner.EXPORT_SINKHORN_ITERATIONS`). CLI:
+                ``--onnx_kwargs '{"sinkhorn_iterations": 200}'``.
+            **kwargs: Passed to anomalib's ``ExportMixin.to_onnx`` (and ``torch.onnx.export``).
+
+        Returns:
+            The path of the ``.onnx`` file.
+
+        Example:
+            >>> import torch
+            >>> model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, k_shot=1)
+            >>> model.fit_support(torch.rand(1, 3, 64, 64))
+            >>> path = model.to_onnx("exports", input_size=(64, 64))  # doctest: +SKIP
+        """
+        kwargs.setdefault("opset_version", 18)
+        if not self.model.memory_bank.numel() and self.few_shot_source is not None:
+            self._ensure_ready()  # no checkpoint: the bank from k support images of few_shot_source
+        with self.model.exporting(sinkhorn_iterations):
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:  # noqa: ANN002, ANN003

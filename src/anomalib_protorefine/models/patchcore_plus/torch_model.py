@@ -21,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -113,6 +114,37 @@ class PatchcorePlusModel(PatchcoreModel):
             return torch.cat((self.memory_bank, self.online_bank.to(self.memory_bank.dtype)))
         return self.memory_bank
 
+    @contextlib.contextmanager
+    def exporting(self, sinkhorn_iterations: int | None = None) -> Iterator[None]:
+        """Trace-friendly scoring inside the block (ONNX/OpenVINO export): see :meth:`PrototypeRefiner.exporting`.
+
+        Plain PatchCore (``refiner=None``) is already a static graph; a refiner is switched to a fixed
+        number of Sinkhorn iterations per E-step for the current memory bank.
+
+        Args:
+            sinkhorn_iterations: Sinkhorn iterations per E-step (``None``: the refiner's default for export).
+
+        Raises:
+            ValueError: The memory bank is empty, or ``online=True`` (an exported graph cannot grow a bank).
+        """
+        if self.memory_bank.numel() == 0:
+            msg = (
+                "Memory bank is empty: give PatchCorePlus support images before exporting (model.fit_support(images), "
+                "a checkpoint with --ckpt_path, or few_shot_source)."
+            )
+            raise ValueError(msg)
+        if self.refiner is None:
+            yield
+            return
+        if self.online:
+            msg = (
+                "online=True grows the bank with every query, which an exported (static) graph cannot do: export "
+                "a model with online=False, or use --export_type torch."
+            )
+            raise ValueError(msg)
+        with self.refiner.exporting(self.scoring_bank(), sinkhorn_iterations):
+            yield
+
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
         """Scores ``(B, m)`` of query embeddings ``(B, m, c)``: refined, or plain nearest neighbour.
 
@@ -157,12 +189,31 @@ class PatchcorePlusModel(PatchcoreModel):
             flat = embedding.reshape(-1, embedding.shape[-1])
             self.embedding_store.append(flat)
             return flat
+        return self.score_embedding(embedding, (height, width), output_size)
+
+    def score_embedding(
+        self, embedding: torch.Tensor, grid: tuple[int, int], output_size: tuple[int, int] | torch.Size
+    ) -> InferenceBatch:
+        """Image scores and anomaly maps of patch embeddings ``(B, h*w, c)`` (the inference half of ``forward``).
+
+        ``forward`` is ``embed`` followed by this, so a caller that caches embeddings (the few-shot
+        benchmark) gets exactly the model's outputs.
+
+        Args:
+            embedding: Patch embeddings of pre-processed images, as returned by :meth:`embed`.
+            grid: The patch grid ``(h, w)``.
+            output_size: The size ``(H, W)`` of the pre-processed images (the map's size).
+
+        Returns:
+            ``InferenceBatch(pred_score, anomaly_map)``.
+        """
         if self.memory_bank.size(0) == 0:
             msg = (
                 "Memory bank is empty: give PatchCorePlus support images first (k_shot with a datamodule, "
                 "model.fit_support(images), Engine.fit, or a checkpoint)."
             )
             raise ValueError(msg)
+        height, width = grid
         patch_scores = self.patch_scores(embedding)
         with autocast_disabled(patch_scores):  # keep the map (interpolation, blur) in the scores' precision
             pred_score = patch_scores.amax(1)

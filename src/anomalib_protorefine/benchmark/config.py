@@ -1,0 +1,339 @@
+"""The few-shot benchmark's plan: anomalib's benchmark config, read and checked before anything runs.
+
+The config is anomalib's (``accelerator`` plus a ``benchmark`` section whose ``model`` and ``data``
+entries are ``class_path``/``init_args`` dicts, lists under ``grid`` expanded by anomalib's
+:func:`~anomalib.pipelines.components.utils.get_iterator_from_grid_dict`), with few-shot keys:
+
+* ``k_shot`` and ``few_shot_seed`` (numbers or ``{grid: [...]}``): every method of a (dataset,
+  category, k, seed) cell sees the same support draw;
+* each ``model`` entry may have a ``name`` (the row of the tables) and a ``base`` (the method it
+  is compared with, e.g. PatchCore for PatchCore+); ``class_path: FastRecon`` is the built-in
+  FastRecon-style baseline;
+* ``shared`` holds PatchCorePlus arguments common to the feature-based methods (``backbone``,
+  ``layers``, ``coreset_sampling_ratio``, ``image_size``), so their test features are computed once;
+* ``sweeps`` adds one method per value of a parameter of a method (the paper's Fig. 5/8 curves);
+* ``output``, ``max_test_images``, ``heatmaps``, ``figure7`` control the results folder.
+
+Example:
+    >>> plan = plan_from_config({
+    ...     "accelerator": "cpu",
+    ...     "benchmark": {
+    ...         "k_shot": {"grid": [1, 2]}, "few_shot_seed": {"grid": [0, 1]},
+    ...         "model": {"grid": [{"name": "PatchCore", "class_path": "PatchCorePlus",
+    ...                             "init_args": {"refiner": False}}]},
+    ...         "data": {"class_path": "Folder", "init_args": {"name": "x", "root": ".", "normal_dir": "good"}},
+    ...     },
+    ... }, check_data=False)
+    >>> [m.name for m in plan.methods], plan.k_shots, plan.seeds
+    (['PatchCore'], [1, 2], [0, 1])
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
+
+#: Method class paths the benchmark scores on cached test features (the PatchCorePlus family).
+FEATURE_METHODS = ("PatchCorePlus", "anomalib_protorefine.PatchCorePlus", "FastRecon")
+#: Options of ``shared`` (PatchCorePlus arguments that fix the test features, plus the image size).
+SHARED_OPTIONS = ("backbone", "layers", "pre_trained", "weights", "coreset_sampling_ratio", "image_size")
+
+
+class BenchmarkConfigError(ValueError):
+    """A benchmark config that cannot run; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method (a row of the tables).
+
+    Attributes:
+        name: Display name, unique in the run.
+        class_path: ``PatchCorePlus``, ``FastRecon`` or any anomalib model class path.
+        init_args: Constructor arguments (``shared`` merged in for feature methods).
+        base: Name of the method it is compared with, or ``None``.
+        sweep: ``(method, parameter, value)`` when the method is a point of a sweep.
+    """
+
+    name: str
+    class_path: str
+    init_args: dict[str, Any]
+    base: str | None = None
+    sweep: tuple[str, str, Any] | None = None
+
+    @property
+    def uses_cached_features(self) -> bool:
+        """Whether the method is scored on the cached test features (else: anomalib's Engine)."""
+        return self.class_path in FEATURE_METHODS
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One dataset (and category) of the grid.
+
+    Attributes:
+        label: ``name`` or ``name/category``, as in the tables.
+        config: The datamodule config (``class_path``/``init_args``), grids expanded.
+    """
+
+    label: str
+    config: dict[str, Any]
+
+
+@dataclass
+class BenchmarkPlan:
+    """Everything a run needs, checked."""
+
+    accelerator: str
+    methods: list[MethodSpec]
+    datasets: list[DataSpec]
+    k_shots: list[int]
+    seeds: list[int]
+    output: Path
+    seed: int = 42
+    max_test_images: int | None = None
+    heatmap_images: int = 4
+    figure7: bool = True
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cells(self) -> list[tuple[DataSpec, int, int]]:
+        """``(dataset, k, seed)`` in run order: dataset outermost (its features are computed once), then seed.
+
+        Seeds before k, so that a run stopped early holds whole seeds (every k) rather than missing a k.
+        """
+        return [(data, k, seed) for data in self.datasets for seed in self.seeds for k in self.k_shots]
+
+    def method(self, name: str) -> MethodSpec:
+        """The method called ``name``."""
+        return next(m for m in self.methods if m.name == name)
+
+
+def _values(section: dict[str, Any], key: str, default: list[Any]) -> list[Any]:
+    """A number or ``{grid: [...]}`` entry as a list."""
+    value = section.get(key, default)
+    if isinstance(value, dict):
+        if set(value) != {"grid"}:
+            msg = f"benchmark.{key} must be a value or {{grid: [...]}}, got {value!r}."
+            raise BenchmarkConfigError(msg)
+        value = value["grid"]
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _int_list(section: dict[str, Any], key: str, default: list[int], minimum: int) -> list[int]:
+    values = _values(section, key, default)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        msg = f"benchmark.{key} must be integers >= {minimum} (e.g. {{grid: {default}}}), got {values!r}."
+        raise BenchmarkConfigError(msg)
+    if len(set(values)) != len(values):
+        msg = f"benchmark.{key} lists a value twice: {values!r}."
+        raise BenchmarkConfigError(msg)
+    return values
+
+
+def _entries(section: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The ``model``/``data`` entries: one dict, or a ``grid`` list of dicts."""
+    value = section.get(key)
+    if value is None:
+        msg = f"benchmark.{key} is missing: give one {key} (class_path, init_args) or {{grid: [...]}}."
+        raise BenchmarkConfigError(msg)
+    entries = value["grid"] if isinstance(value, dict) and set(value) == {"grid"} else [value]
+    if not entries or not all(isinstance(e, dict) and "class_path" in e for e in entries):
+        msg = f"every benchmark.{key} entry needs a class_path (e.g. class_path: Folder), got {value!r}."
+        raise BenchmarkConfigError(msg)
+    return entries
+
+
+def _methods(section: dict[str, Any], shared: dict[str, Any]) -> list[MethodSpec]:
+    methods: list[MethodSpec] = []
+    for entry in _entries(section, "model"):
+        unknown = set(entry) - {"class_path", "init_args", "name", "base"}
+        if unknown:
+            msg = f"benchmark.model entry {entry.get('name', entry['class_path'])!r}: unknown keys {sorted(unknown)}."
+            raise BenchmarkConfigError(msg)
+        class_path = str(entry["class_path"])
+        init_args = copy.deepcopy(entry.get("init_args") or {})
+        if class_path in FEATURE_METHODS:
+            init_args = {**shared, **init_args}
+        name = str(entry.get("name") or class_path)
+        methods.append(MethodSpec(name, class_path, init_args, entry.get("base")))
+    methods += _sweeps(section.get("sweeps") or [], methods)
+    names = [m.name for m in methods]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        msg = f"method names must be unique, {duplicates} appear twice: give the entries a `name`."
+        raise BenchmarkConfigError(msg)
+    for method in methods:
+        if method.base is not None and method.base not in names:
+            msg = f"method {method.name!r} has base {method.base!r}, which is not a method of the run ({names})."
+            raise BenchmarkConfigError(msg)
+    return methods
+
+
+def _sweeps(sweeps: list[dict[str, Any]], methods: list[MethodSpec]) -> list[MethodSpec]:
+    """One method per swept value: refiner options go into ``refiner``, others are constructor arguments."""
+    from anomalib_protorefine.models.common import refiner_option_names
+
+    added = []
+    by_name = {m.name: m for m in methods}
+    for sweep in sweeps:
+        if set(sweep) != {"method", "parameter", "values"}:
+            msg = f"each benchmark.sweeps entry needs exactly method, parameter, values; got {sweep!r}."
+            raise BenchmarkConfigError(msg)
+        base = by_name.get(sweep["method"])
+        if base is None:
+            msg = f"benchmark.sweeps: unknown method {sweep['method']!r}; methods: {sorted(by_name)}."
+            raise BenchmarkConfigError(msg)
+        parameter = sweep["parameter"]
+        for value in sweep["values"]:
+            init_args = copy.deepcopy(base.init_args)
+            if parameter in refiner_option_names():
+                init_args["refiner"] = {**_refiner_options(base), parameter: value}
+            else:
+                init_args[parameter] = value
+            name = f"{base.name} [{parameter}={value}]"
+            added.append(MethodSpec(name, base.class_path, init_args, base.base, (base.name, parameter, value)))
+    return added
+
+
+def _refiner_options(method: MethodSpec) -> dict[str, Any]:
+    """All options of ``method``'s PatchCorePlus refiner (a preset name or a partial dict resolved)."""
+    from anomalib_protorefine.models.common import make_refiner
+    from anomalib_protorefine.models.patchcore_plus.lightning_model import (
+        PATCHCORE_DEFAULT_PRESET,
+        PATCHCORE_REFINER_PRESETS,
+    )
+
+    refiner = method.init_args.get("refiner", True)
+    module = None
+    if method.class_path != "FastRecon" and refiner not in {"auto", False, "off"}:
+        module = make_refiner(refiner, PATCHCORE_REFINER_PRESETS, PATCHCORE_DEFAULT_PRESET)
+    if module is None:
+        msg = f"benchmark.sweeps: {method.name!r} has no refiner to sweep (refiner={refiner!r})."
+        raise BenchmarkConfigError(msg)
+    return module.options.as_dict()
+
+
+def parameter_value(method: MethodSpec, parameter: str) -> Any:
+    """The value of ``parameter`` in ``method`` (a refiner option or a constructor argument), or ``None``.
+
+    Example:
+        >>> parameter_value(MethodSpec("m", "PatchCorePlus", {"refiner": "paper"}), "lambda_")
+        0.3
+    """
+    from anomalib_protorefine.models.common import refiner_option_names
+
+    if parameter in refiner_option_names():
+        try:
+            return _refiner_options(method)[parameter]
+        except BenchmarkConfigError:
+            return None
+    return method.init_args.get(parameter)
+
+
+def _label(config: dict[str, Any]) -> str:
+    init_args = config.get("init_args") or {}
+    name = init_args.get("name") or Path(str(init_args.get("root", config["class_path"]))).name
+    category = init_args.get("category")
+    return f"{name}/{category}" if category else str(name)
+
+
+def _datasets(section: dict[str, Any]) -> list[DataSpec]:
+    datasets = []
+    for entry in _entries(section, "data"):
+        for expanded in get_iterator_from_grid_dict({"data": entry}):
+            config = expanded["data"]
+            datasets.append(DataSpec(_label(config), config))
+    labels = [d.label for d in datasets]
+    if len(set(labels)) != len(labels):
+        msg = f"datasets must have distinct names/categories, got {labels}."
+        raise BenchmarkConfigError(msg)
+    return datasets
+
+
+def _check_data(data: DataSpec) -> None:
+    """Missing roots and unseeded random splits, before anything runs."""
+    init_args = data.config.get("init_args") or {}
+    root = init_args.get("root")
+    folder = data.config["class_path"].endswith("Folder")  # the public data sets download when missing
+    if folder and root is not None and not Path(root).is_dir():
+        msg = (
+            f"dataset {data.label!r}: root {str(root)!r} does not exist (relative paths are read from the "
+            f"current folder {Path.cwd()}): fix benchmark.data.init_args.root or run from the project root."
+        )
+        raise BenchmarkConfigError(msg)
+    random_split = str(init_args.get("val_split_mode", "from_test")).lower() in {"from_test", "valsplitmode.from_test"}
+    if folder and random_split and init_args.get("seed") is None:
+        msg = (
+            f"dataset {data.label!r}: Folder splits validation images off the test set at random without a seed, so "
+            "the test set would change between runs: set init_args.val_split_mode: none (the benchmark needs no "
+            "validation set) or init_args.seed."
+        )
+        raise BenchmarkConfigError(msg)
+
+
+def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> BenchmarkPlan:
+    """Read and check a benchmark config (the YAML as a dict).
+
+    Args:
+        config: The whole config: ``accelerator`` and the ``benchmark`` section.
+        check_data: Check that dataset roots exist (off for unit tests of the parsing).
+
+    Returns:
+        The plan.
+
+    Raises:
+        BenchmarkConfigError: A key is missing or wrong; the message names it and the fix.
+    """
+    section = config.get("benchmark")
+    if not isinstance(section, dict):
+        msg = "the config needs a `benchmark:` section (anomalib's benchmark config format)."
+        raise BenchmarkConfigError(msg)
+    accelerators = config.get("accelerator", "cpu")
+    accelerator = accelerators[0] if isinstance(accelerators, list) else accelerators
+    if accelerator not in {"cpu", "cuda", "gpu"}:
+        msg = f"accelerator must be cpu or cuda, got {accelerator!r}."
+        raise BenchmarkConfigError(msg)
+    shared = dict(section.get("shared") or {})
+    unknown = set(shared) - set(SHARED_OPTIONS)
+    if unknown:
+        msg = f"benchmark.shared: unknown options {sorted(unknown)}; allowed: {list(SHARED_OPTIONS)}."
+        raise BenchmarkConfigError(msg)
+    max_test = section.get("max_test_images")
+    if max_test is not None and (isinstance(max_test, bool) or not isinstance(max_test, int) or max_test < 2):
+        msg = f"benchmark.max_test_images must be an integer >= 2 or null (all), got {max_test!r}."
+        raise BenchmarkConfigError(msg)
+    plan = BenchmarkPlan(
+        accelerator="cuda" if accelerator == "gpu" else accelerator,
+        methods=_methods(section, shared),
+        datasets=_datasets(section),
+        k_shots=_int_list(section, "k_shot", [1, 2, 4], minimum=1),
+        seeds=_int_list(section, "few_shot_seed", [0, 1, 2, 3, 4], minimum=0),
+        output=Path(section.get("output", "results/benchmark")),
+        seed=int(section.get("seed", 42)),
+        max_test_images=max_test,
+        heatmap_images=int(section.get("heatmaps", {}).get("images", 4)),
+        figure7=bool(section.get("figure7", True)),
+        shared=shared,
+    )
+    if check_data:
+        for data in plan.datasets:
+            _check_data(data)
+    return plan
+
+
+def describe(plan: BenchmarkPlan) -> str:
+    """One JSON line that identifies what a results folder holds (checked on resume)."""
+    return json.dumps(
+        {
+            "methods": [[m.name, m.class_path, m.init_args] for m in plan.methods],
+            "max_test_images": plan.max_test_images,
+        },
+        sort_keys=True,
+        default=str,
+    )

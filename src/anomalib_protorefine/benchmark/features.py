@@ -1,0 +1,150 @@
+"""Test features computed once per (dataset, backbone, layers, image size, weights) and kept on disk.
+
+Every feature-based method and every (k, seed) of a run scores the same test embeddings, so the
+backbone runs once per dataset: the cache file's name is a hash of everything that determines
+the embeddings (the datamodule config, the test images, the backbone and its weights, the
+layers, the pre-processing), so a change of any of them computes new features, never stale ones.
+
+Example:
+    >>> key = feature_key({"class_path": "Folder"}, ["a.png"], {"backbone": "resnet18"}, None)
+    >>> len(key)
+    16
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.data import AnomalibDataModule, get_datamodule
+from torch.utils.data import DataLoader, Subset
+
+from anomalib_protorefine.models import PatchCorePlus
+
+logger = logging.getLogger(__name__)
+
+#: Bumped when the cached content changes.
+CACHE_VERSION = 1
+
+
+@dataclass
+class CachedTestSet:
+    """Cached test data of one dataset: what every feature-based method scores.
+
+    Attributes:
+        embeddings: Patch embeddings ``(N, h*w, c)``.
+        grid: The patch grid ``(h, w)``.
+        image_size: The pre-processed image size ``(H, W)`` (the maps' size).
+        labels: Image labels ``(N,)`` (1 = anomalous).
+        masks: Ground-truth masks ``(N, H, W)`` at the pre-processed size, boolean.
+        paths: Image files, in test order.
+        backbone_ms: Backbone time per image (pre-processing + features) when the cache was built.
+    """
+
+    embeddings: torch.Tensor
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+    labels: torch.Tensor
+    masks: torch.Tensor
+    paths: list[str]
+    backbone_ms: float
+
+
+def make_datamodule(config: dict[str, Any]) -> AnomalibDataModule:
+    """Build and set up the anomalib datamodule of ``config`` (downloading a public data set if it is missing).
+
+    Data loading runs in the main process unless ``init_args.num_workers`` says otherwise.
+    """
+    config = json.loads(json.dumps(config))
+    config.setdefault("init_args", {}).setdefault("num_workers", 0)
+    datamodule = get_datamodule(config)
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
+
+
+def scored_indices(size: int, max_images: int | None) -> list[int]:
+    """The test images a run scores: all, or a seeded (1234) subset of ``max_images``, in dataset order."""
+    if max_images is None or max_images >= size:
+        return list(range(size))
+    generator = torch.Generator().manual_seed(1234)
+    return sorted(torch.randperm(size, generator=generator)[:max_images].tolist())
+
+
+def feature_key(data_config: dict[str, Any], paths: list[str], model_args: dict[str, Any], weights: Any) -> str:
+    """Hash of everything that determines the test embeddings."""
+    payload = json.dumps([CACHE_VERSION, data_config, paths, model_args, str(weights)], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def feature_model_args(init_args: dict[str, Any]) -> dict[str, Any]:
+    """The PatchCorePlus arguments that change test features (backbone, layers, weights, image size)."""
+    names = ("backbone", "layers", "pre_trained", "weights", "image_size")
+    return {name: init_args[name] for name in names if name in init_args}
+
+
+def load_test_features(
+    model: PatchCorePlus,
+    datamodule: AnomalibDataModule,
+    data_config: dict[str, Any],
+    model_args: dict[str, Any],
+    cache_dir: Path,
+    max_images: int | None,
+) -> CachedTestSet:
+    """The test features of ``datamodule`` under ``model``'s backbone: from the cache, or computed and cached.
+
+    Args:
+        model: A PatchCorePlus whose backbone and pre-processor define the features.
+        datamodule: The set-up datamodule.
+        data_config: Its config (part of the cache key).
+        model_args: The feature-defining model arguments (part of the cache key).
+        cache_dir: Folder of the cache files.
+        max_images: Score a seeded subset of this many test images (``None``: all).
+
+    Returns:
+        The test features.
+    """
+    test = datamodule.test_data
+    indices = scored_indices(len(test), max_images)
+    paths = [str(test.samples.image_path.iloc[i]) for i in indices]
+    path = cache_dir / f"features-{feature_key(data_config, paths, model_args, model.hparams.get('weights'))}.pt"
+    if path.exists():
+        return CachedTestSet(**torch.load(path, weights_only=False))
+    batch_size = getattr(datamodule, "eval_batch_size", 32)
+    loader = DataLoader(Subset(test, indices), batch_size=batch_size, collate_fn=test.collate_fn)
+    transform = model.pre_processor.transform
+    embeddings, labels, masks = [], [], []
+    grid = image_size = None
+    start = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            gt_mask = batch.gt_mask if batch.gt_mask is not None else torch.zeros(batch.image.shape[0], 1, 1)
+            images, gt_masks = transform(batch.image, gt_mask)
+            embedding, grid = model.model.embed(images.to(model.device))
+            embeddings.append(embedding.cpu())
+            labels.append(batch.gt_label.int())
+            image_size = tuple(images.shape[-2:])
+            if batch.gt_mask is None:
+                gt_masks = torch.zeros(len(images), *image_size)
+            masks.append(gt_masks.reshape(len(images), *image_size).bool())
+    seconds = time.perf_counter() - start
+    features = CachedTestSet(
+        embeddings=torch.cat(embeddings),
+        grid=tuple(grid),
+        image_size=image_size,
+        labels=torch.cat(labels),
+        masks=torch.cat(masks),
+        paths=paths,
+        backbone_ms=1000 * seconds / len(paths),
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(features.__dict__, path)
+    logger.info("cached %d test features in %s (%.0f s)", len(paths), path, seconds)
+    return features

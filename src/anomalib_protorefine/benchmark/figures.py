@@ -1,0 +1,180 @@
+"""Heat-map grids and the paper's Fig. 7 for the benchmark report.
+
+For each dataset, on its first cell (smallest k, first seed), the first refined method (a
+PatchCorePlus whose ``base`` is a method too) is compared with its base:
+
+* ``heatmaps_<dataset>.png``: rows = defective test images, columns = input, ground truth, base
+  map, refined map (each method's maps share one colour scale over the shown images);
+* ``figure7_<dataset>.png``: for one query, the transform W (patches x bank entries) as a heat
+  map, and for three of its patches the top-3 prototypes (bank entries with the largest weight)
+  drawn as crops of the support images they come from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from anomalib.data.utils import read_image
+from torchvision.transforms.v2 import functional as TF  # noqa: N812
+
+from .config import BenchmarkPlan, DataSpec, MethodSpec
+from .job import RunContext
+from .methods import build_patchcore
+from .methods import support_paths as drawn_support_paths
+
+logger = logging.getLogger(__name__)
+
+
+def _pair(plan: BenchmarkPlan) -> tuple[MethodSpec, MethodSpec] | None:
+    """(base, refined): the first PatchCorePlus with a refiner whose base is in the run."""
+    for method in plan.methods:
+        refiner = method.init_args.get("refiner", True)
+        if (
+            method.class_path.endswith("PatchCorePlus")
+            and method.base is not None
+            and method.sweep is None
+            and refiner not in (False, "off", "auto")
+            and plan.method(method.base).uses_cached_features
+        ):
+            return plan.method(method.base), method
+    return None
+
+
+def _image(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """An image file as ``(H, W, 3)`` in [0, 1] at ``size`` (for display)."""
+    image = read_image(path, as_tensor=True)
+    return TF.resize(image, list(size), antialias=True).permute(1, 2, 0).clamp(0, 1)
+
+
+def _shown(labels: torch.Tensor, masks: torch.Tensor, count: int) -> list[int]:
+    """Indices of up to ``count`` defective test images with a mask, spread over the test order."""
+    candidates = [i for i in range(len(labels)) if labels[i] == 1 and masks[i].any()]
+    if len(candidates) <= count:
+        return candidates
+    step = len(candidates) / count
+    return [candidates[int(j * step)] for j in range(count)]
+
+
+def heatmap_grid(context: RunContext, data: DataSpec, base: MethodSpec, refined: MethodSpec, path: Path) -> Path:
+    """Input, ground truth, base and refined maps of a few defective test images."""
+    plan = context.plan
+    k, seed = plan.k_shots[0], plan.seeds[0]
+    test = context.test_features(data, refined)
+    shown = _shown(test.labels, test.masks, plan.heatmap_images)
+    maps = {}
+    for method in (base, refined):
+        model = build_patchcore(method, k, seed, context.device)
+        model.prepare_support(context.datamodule(data))
+        with torch.inference_mode():
+            out = model.model.score_embedding(test.embeddings[shown].to(context.device), test.grid, test.image_size)
+        maps[method.name] = out.anomaly_map.squeeze(1).cpu()
+    figure, axes = plt.subplots(len(shown), 4, figsize=(9, 2.2 * len(shown)), squeeze=False)
+    titles = ("input", "ground truth", base.name, refined.name)
+    for row, index in enumerate(shown):
+        panels = [_image(test.paths[index], test.image_size), test.masks[index].float()]
+        panels += [maps[base.name][row], maps[refined.name][row]]
+        for col, panel in enumerate(panels):
+            axis = axes[row][col]
+            if col >= 2:
+                values = maps[titles[col]]
+                axis.imshow(panel, cmap="jet", vmin=float(values.min()), vmax=float(values.max()))
+            else:
+                axis.imshow(panel, cmap="gray" if col == 1 else None)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(titles[col], fontsize=8)
+    figure.suptitle(f"{data.label}, {k}-shot, seed {seed}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def figure7(context: RunContext, data: DataSpec, refined: MethodSpec, path: Path) -> Path:
+    """W of one query as a heat map, and the top-3 prototypes of three of its patches as support-image crops."""
+    plan = context.plan
+    k, seed = plan.k_shots[0], plan.seeds[0]
+    test = context.test_features(data, refined)
+    shown = _shown(test.labels, test.masks, 1) or [0]
+    query = shown[0]
+    model = build_patchcore(refined, k, seed, context.device)
+    datamodule = context.datamodule(data)
+    model.prepare_support(datamodule)
+    bank = model.model.memory_bank
+    with torch.inference_mode():
+        result = model.model.refiner.refine(test.embeddings[query : query + 1].to(context.device), bank)
+        scores = model.model.refiner.score_result(result)[0].cpu()
+        weights = result.weights[0].cpu()
+        paths = drawn_support_paths(datamodule, k, seed)
+        support = torch.stack([model.pre_processor.transform(read_image(p, as_tensor=True)) for p in paths])
+        embedding, _ = model.model.embed(support.to(context.device))
+    flat = embedding.reshape(-1, embedding.shape[-1]).cpu()
+    source = torch.cdist(bank.cpu().float(), flat.float()).argmin(1)  # bank entry -> (support image, patch)
+    height, width = test.grid
+    patch_h, patch_w = test.image_size[0] / height, test.image_size[1] / width
+    order = scores.argsort(descending=True)
+    patches = [int(order[0]), int(order[len(order) // 2]), int(order[-1])]  # most, median, least anomalous
+    figure = plt.figure(figsize=(10, 6))
+    grid = figure.add_gridspec(3, 6)
+    axis = figure.add_subplot(grid[0:2, 0:2])
+    axis.imshow(_image(test.paths[query], test.image_size))
+    for number, patch in enumerate(patches):
+        y, x = divmod(patch, width)
+        axis.add_patch(plt.Rectangle((x * patch_w, y * patch_h), patch_w, patch_h, fill=False, color="red", lw=1.5))
+        axis.text(x * patch_w, y * patch_h - 2, str(number + 1), color="red", fontsize=8)
+    axis.set_title("query (marked patches)", fontsize=8)
+    axis.axis("off")
+    axis = figure.add_subplot(grid[0:2, 2:6])
+    axis.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest")
+    axis.set_xlabel("bank entry")
+    axis.set_ylabel("query patch")
+    axis.set_title(f"W ({weights.shape[0]} x {weights.shape[1]})", fontsize=8)
+    images = [_image(p, test.image_size) for p in paths]
+    for number, patch in enumerate(patches):
+        top = weights[patch].topk(min(3, weights.shape[1]))
+        for rank, (weight, entry) in enumerate(zip(top.values, top.indices, strict=True)):
+            image_index, location = divmod(int(source[entry]), height * width)
+            y, x = divmod(location, width)
+            cy, cx = int((y + 0.5) * patch_h), int((x + 0.5) * patch_w)
+            half = int(1.5 * max(patch_h, patch_w))
+            crop = images[image_index][max(0, cy - half) : cy + half, max(0, cx - half) : cx + half]
+            axis = figure.add_subplot(grid[2, number * 2 : number * 2 + 2]) if rank == 0 else axis
+            if rank == 0:
+                axis.axis("off")
+                axis.set_title(f"patch {number + 1}: top-3 prototypes (W)", fontsize=8)
+            inset = axis.inset_axes([rank / 3, 0, 0.31, 0.9])
+            inset.imshow(crop)
+            inset.set_xticks([])
+            inset.set_yticks([])
+            inset.set_xlabel(f"{float(weight):.2f}", fontsize=7)
+    figure.suptitle(f"{data.label}: {refined.name}, {k}-shot, seed {seed} (paper Fig. 7)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def write_figures(plan: BenchmarkPlan) -> list[Path]:
+    """Heat-map grids (and Fig. 7) of every dataset; nothing when the run has no refined/base pair."""
+    pair = _pair(plan)
+    if pair is None or plan.heatmap_images <= 0:
+        return []
+    base, refined = pair
+    context = RunContext(plan)
+    paths = []
+    for data in plan.datasets:
+        slug = data.label.replace("/", "_")
+        try:
+            paths.append(heatmap_grid(context, data, base, refined, plan.output / f"heatmaps_{slug}.png"))
+            if plan.figure7:
+                paths.append(figure7(context, data, refined, plan.output / f"figure7_{slug}.png"))
+        except (OSError, RuntimeError, ValueError) as error:
+            logger.warning("no figures for %s: %s", data.label, error)
+    return paths

@@ -1,0 +1,287 @@
+"""How the benchmark runs one method on one (dataset, k, seed) cell, and the metrics it reports.
+
+Two paths, one metric set (:mod:`~anomalib_protorefine.benchmark.metrics`: anomalib's metrics on raw
+scores, scaled by the whole test set's range, no thresholds):
+
+* **cached features** (PatchCorePlus in any setting, and the FastRecon-style baseline): the model
+  draws its support images from the datamodule's training set exactly as in ``anomalib test``
+  (:meth:`PatchCorePlus.prepare_support`), then scores the cached test embeddings with the model's
+  own inference code (:meth:`PatchcorePlusModel.score_embedding`), batch by batch in test order;
+* **Engine** (any other anomalib model, e.g. AnomalyDINO, WinClip, WinClipPlus): the datamodule's
+  training set is cut down to the same k support images and anomalib's ``Engine`` fits and tests
+  the model (its own features, not cached).
+
+Example:
+    >>> fastrecon_patch_scores(torch.zeros(1, 2, 4), torch.ones(3, 4)).shape
+    torch.Size([1, 2])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import resource
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from anomalib.data import AnomalibDataModule
+from anomalib.engine import Engine
+from anomalib.metrics import Evaluator
+from anomalib.models import get_model
+
+from anomalib_protorefine.few_shot import _normal_paths, select_indices
+from anomalib_protorefine.models import PatchCorePlus, WinClipPlus
+
+from .config import BenchmarkPlan, MethodSpec
+from .features import CachedTestSet, scored_indices
+from .metrics import benchmark_metrics
+
+#: FastRecon-style options (everything else is a PatchCorePlus argument).
+FASTRECON_OPTIONS = ("lambda_", "ridge")
+
+
+# ---------------------------------------------------------------------------------------------- resources
+def _status_kb(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), or ``None``."""
+    try:
+        with Path("/proc/self/status").open() as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, out: dict[str, float]) -> Iterator[None]:
+    """Record in ``out["peak_mb"]`` the peak memory added inside the block (CUDA allocations, or CPU RSS).
+
+    On CPU freed heap pages are handed back (``malloc_trim``) and the process's high-water mark is
+    reset (``/proc/self/clear_refs``, Linux >= 4.0) first; the value is then the growth of the
+    resident set, which allocator reuse can still make smaller than the bytes allocated. Where the
+    reset is impossible the value is the process's peak so far, an upper bound.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield
+        torch.cuda.synchronize(device)
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # hand freed heap pages back, so RSS counts new ones
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError), Path("/proc/self/clear_refs").open("w") as clear:
+        clear.write("5")
+    before = _status_kb("VmRSS") or 0
+    yield
+    peak = _status_kb("VmHWM")
+    out["peak_mb"] = (
+        (peak - before) if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ) / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- models
+@contextlib.contextmanager
+def same_initialisation() -> Iterator[None]:
+    """Construct models from a fixed torch seed (global RNG restored after).
+
+    Pretrained backbones do not care; randomly initialised ones (``pre_trained=False``, tests) are
+    then identical in every method and process, so cached test features and each method's support
+    features come from the same network.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+def patchcore_arguments(init_args: dict[str, Any]) -> dict[str, Any]:
+    """PatchCorePlus constructor arguments of a method: ``image_size`` becomes the pre-processor."""
+    args = {key: value for key, value in init_args.items() if key not in ("image_size", *FASTRECON_OPTIONS)}
+    image_size = init_args.get("image_size", 256)
+    size = tuple(image_size) if isinstance(image_size, list | tuple) else (image_size, image_size)
+    args["pre_processor"] = PatchCorePlus.configure_pre_processor(size, args.get("backbone", "wide_resnet50_2"))
+    return args
+
+
+def build_patchcore(method: MethodSpec, k: int, seed: int, device: torch.device) -> PatchCorePlus:
+    """The method's PatchCorePlus (FastRecon: its bank and features) for a (k, seed) cell, without Lightning parts."""
+    args = patchcore_arguments(method.init_args)
+    if method.class_path == "FastRecon":
+        args["refiner"] = False
+    with same_initialisation():
+        model = PatchCorePlus(
+            **args, k_shot=k, few_shot_seed=seed, post_processor=False, evaluator=False, visualizer=False
+        )
+    return model.to(device).eval()
+
+
+def fastrecon_patch_scores(
+    embedding: torch.Tensor, bank: torch.Tensor, lambda_: float = 1.0, ridge: float = 1e-3
+) -> torch.Tensor:
+    """FastRecon-style scores (Fang et al., ICCV 2023): distance of each patch to its regularised reconstruction.
+
+    Each query patch ``f`` is reconstructed from the bank ``M`` by ridge regression pulled toward the
+    support mean ``mu``: ``W = argmin ||f - W M||^2 + lambda ||W M - mu||^2 + delta ||W||^2`` (closed
+    form, ``delta = ridge * trace(M M^T) / n``); the score is ``||f - W M||``.
+
+    Args:
+        embedding: Query patches ``(B, m, c)``.
+        bank: Support bank ``(n, c)``.
+        lambda_: Weight of the pull toward the support mean.
+        ridge: Ridge weight relative to the mean squared bank norm.
+
+    Returns:
+        Patch scores ``(B, m)``.
+
+    Example:
+        >>> bank = torch.randn(30, 8)
+        >>> fastrecon_patch_scores(bank[None, :5], bank, lambda_=0.0, ridge=1e-9).abs().max() < 1e-3
+        tensor(True)
+    """
+    bank = bank.float()
+    queries = embedding.float()
+    gram = bank @ bank.T
+    delta = ridge * gram.diagonal().mean()
+    system = (1 + lambda_) * gram + delta * torch.eye(len(bank), dtype=bank.dtype, device=bank.device)
+    target = queries + lambda_ * bank.mean(0)
+    weights = torch.linalg.solve(system, (target @ bank.T).transpose(1, 2)).transpose(1, 2)
+    return (queries - weights @ bank).norm(dim=-1)
+
+
+def _score_batch(model: PatchCorePlus, method: MethodSpec, chunk: torch.Tensor, test: CachedTestSet) -> Any:
+    """``pred_score`` and ``anomaly_map`` of a batch of cached embeddings, as the model's forward computes them."""
+    if method.class_path != "FastRecon":
+        return model.model.score_embedding(chunk, test.grid, test.image_size)
+    options = {key: method.init_args[key] for key in FASTRECON_OPTIONS if key in method.init_args}
+    patch = fastrecon_patch_scores(chunk, model.model.memory_bank, **options)
+    height, width = test.grid
+    anomaly_map = model.model.anomaly_map_generator(patch.reshape(-1, 1, height, width), test.image_size)
+    return SimpleNamespace(pred_score=patch.amax(1), anomaly_map=anomaly_map)
+
+
+def run_cached(
+    method: MethodSpec,
+    datamodule: AnomalibDataModule,
+    test: CachedTestSet,
+    k: int,
+    seed: int,
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, float]:
+    """Metrics, time and memory of a feature-based method on one cell, from the cached test features."""
+    model = build_patchcore(method, k, seed, device)
+    model.prepare_support(datamodule)
+    metrics = benchmark_metrics()
+    memory: dict[str, float] = {}
+    seconds = 0.0
+    with torch.inference_mode():
+        for index, (chunk, labels, masks) in enumerate(
+            zip(
+                test.embeddings.split(batch_size),
+                test.labels.split(batch_size),
+                test.masks.split(batch_size),
+                strict=True,
+            )
+        ):
+            chunk = chunk.to(device)
+            start = time.perf_counter()
+            with peak_memory(device, memory) if index == 0 else contextlib.nullcontext():
+                output = _score_batch(model, method, chunk, test)
+                _sync(device)
+            seconds += time.perf_counter() - start
+            batch = SimpleNamespace(
+                pred_score=output.pred_score.cpu(),
+                anomaly_map=output.anomaly_map.squeeze(1).cpu(),
+                gt_label=labels,
+                gt_mask=masks,
+            )
+            for metric in metrics:
+                metric.update(batch)
+    values = {metric.name: float(metric.compute()) for metric in metrics}
+    head_ms = 1000 * seconds / len(test.paths)
+    values |= {
+        "head_ms": head_ms,
+        "backbone_ms": test.backbone_ms,
+        "time_ms": test.backbone_ms + head_ms,
+        "peak_mb": memory.get("peak_mb", float("nan")),
+        "bank_size": float(model.model.memory_bank.shape[0]),
+    }
+    return values
+
+
+def support_paths(datamodule: AnomalibDataModule, k: int, seed: int) -> list[str]:
+    """The k support images of a cell: the draw :class:`PatchCorePlus` makes from the same training set."""
+    pool = _normal_paths(datamodule.train_data)
+    return [pool[i] for i in select_indices(len(pool), k, seed)]
+
+
+def build_engine_model(method: MethodSpec) -> Any:
+    """An anomalib model of ``method`` with the benchmark's evaluator and no post-processing or visualiser."""
+    name = method.class_path.rsplit(".", 1)[-1]
+    evaluator = Evaluator(test_metrics=benchmark_metrics(), compute_on_cpu=True)
+    with same_initialisation():
+        return get_model(name, **method.init_args, post_processor=False, evaluator=evaluator, visualizer=False)
+
+
+def run_engine(
+    method: MethodSpec,
+    datamodule: AnomalibDataModule,
+    plan: BenchmarkPlan,
+    k: int,
+    seed: int,
+) -> dict[str, float]:
+    """Metrics, time and memory of any anomalib model on one cell: fit on the k support images, test with Engine.
+
+    The training set is cut down to the draw of :func:`support_paths` (this package's few-shot
+    models get ``k_shot`` and ``few_shot_seed`` and draw the same images themselves); the test set
+    to the run's scored subset.
+    """
+    test = datamodule.test_data
+    indices = scored_indices(len(test), plan.max_test_images)
+    test.samples = test.samples.iloc[indices].reset_index(drop=True)
+    if getattr(datamodule, "val_data", None) is None:
+        # anomalib's Engine validates few-shot models before testing: give it the test set (no effect on the
+        # threshold-free metrics; without a post-processor nothing is normalised).
+        datamodule.val_data = test
+    init_args = dict(method.init_args)
+    if method.class_path.rsplit(".", 1)[-1] == "PatchCorePlus":
+        init_args = patchcore_arguments(init_args)
+    if method.class_path.rsplit(".", 1)[-1] in {"PatchCorePlus", "WinClipPlus"}:
+        init_args |= {"k_shot": k, "few_shot_seed": seed}  # they draw the support images themselves
+    else:
+        train = datamodule.train_data
+        chosen = set(support_paths(datamodule, k, seed))
+        train.samples = train.samples[train.samples.image_path.astype(str).isin(chosen)].reset_index(drop=True)
+    model = build_engine_model(MethodSpec(method.name, method.class_path, init_args, method.base))
+    memory: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as root:
+        engine = Engine(
+            accelerator="gpu" if plan.accelerator == "cuda" else "cpu",
+            devices=1,
+            default_root_dir=root,
+            logger=False,
+            enable_progress_bar=False,
+        )
+        if not isinstance(model, PatchCorePlus | WinClipPlus):  # those build their support data at test start
+            engine.fit(model, train_dataloaders=datamodule.train_dataloader())  # training only: no thresholds
+        start = time.perf_counter()
+        with peak_memory(torch.device("cuda" if plan.accelerator == "cuda" else "cpu"), memory):
+            results = engine.test(model, datamodule=datamodule, verbose=False)[0]
+        seconds = time.perf_counter() - start
+    values = {key: float(value) for key, value in results.items()}
+    time_ms = 1000 * seconds / len(indices)
+    return values | {"head_ms": float("nan"), "backbone_ms": float("nan"), "time_ms": time_ms, **memory}

@@ -1,0 +1,237 @@
+"""The benchmark's report: paper-style Markdown tables and plots from the long-form ``results.csv``.
+
+* ``report.md``: per dataset, the paper's Table 1 layout (methods x k; mean ± std over seeds in
+  percent, the best mean of each column in bold, and in brackets the mean of the per-seed
+  differences to the method's ``base`` on the same draws), then F1-max/AUPRO, then cost;
+* ``per_shot_<dataset>.png``: bars per k with the std over seeds as error bars;
+* ``sweep_<method>_<parameter>.png``: the paper's Fig. 5/8 curves (metric vs parameter, one line per k);
+* heat-map grids and the Fig. 7 panel (:mod:`anomalib_protorefine.benchmark.figures`).
+
+Example:
+    >>> format_cell([0.9, 0.92, 0.94], [0.88, 0.90, 0.92], bold=True)
+    '**92.0 ± 2.0** (+2.0)'
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from .config import BenchmarkPlan, MethodSpec, parameter_value
+from .job import read_results
+
+logger = logging.getLogger(__name__)
+
+#: (metric, column title, shown in percent).
+ACCURACY = (("image_AUROC", "image AUROC"), ("pixel_AUROC", "pixel AUROC"), ("pixel_AUPRO", "pixel AUPRO"))
+F1 = (("image_F1Max", "image F1-max"), ("pixel_F1Max", "pixel F1-max"))
+COST = (
+    ("time_ms", "ms / image"),
+    ("head_ms", "scoring ms / image"),
+    ("peak_mb", "peak MB / batch"),
+    ("bank_size", "bank size"),
+)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def format_cell(values: list[float], base: list[float] | None, *, bold: bool = False, percent: bool = True) -> str:
+    """``mean ± std`` of ``values`` (percent), with the mean paired difference to ``base`` in brackets."""
+    scale = 100.0 if percent else 1.0
+    mean, std = _mean_std(values)
+    text = f"{scale * mean:.1f} ± {scale * std:.1f}"
+    if bold:
+        text = f"**{text}**"
+    if base is not None:
+        diffs = [v - b for v, b in zip(values, base, strict=True)]
+        text += f" ({scale * sum(diffs) / len(diffs):+.1f})"
+    return text
+
+
+def _per_seed(frame: pd.DataFrame) -> dict[tuple[str, int, str], dict[int, float]]:
+    """(method, k, metric) -> {seed: value}."""
+    table: dict[tuple[str, int, str], dict[int, float]] = {}
+    for row in frame.itertuples(index=False):
+        table.setdefault((row.method, int(row.k_shot), row.metric), {})[int(row.seed)] = float(row.value)
+    return table
+
+
+def _table(
+    plan: BenchmarkPlan,
+    frame: pd.DataFrame,
+    metrics: tuple[tuple[str, str], ...],
+    *,
+    percent: bool,
+    paired: bool,
+    sweeps: bool = False,
+) -> list[str]:
+    """Markdown lines of one table: methods (or, with ``sweeps``, the sweep points) x (k, metric)."""
+    data = _per_seed(frame)
+    methods = [m for m in plan.methods if (m.sweep is not None) == sweeps and any(key[0] == m.name for key in data)]
+    ks = sorted({int(k) for k in frame.k_shot.unique()})
+    header = ["method"] + [f"{k}-shot {title}" for k in ks for _, title in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best: dict[tuple[int, str], float] = {}
+    for k in ks:
+        for metric, _ in metrics:
+            means = [
+                _mean_std(list(data[(m.name, k, metric)].values()))[0] for m in methods if (m.name, k, metric) in data
+            ]
+            if means and percent:
+                best[(k, metric)] = max(means)
+    for method in methods:
+        cells = [method.name]
+        for k in ks:
+            for metric, _ in metrics:
+                runs = data.get((method.name, k, metric))
+                if not runs:
+                    cells.append("-")
+                    continue
+                base_runs = data.get((method.base, k, metric)) if paired and method.base else None
+                seeds = sorted(set(runs) & set(base_runs)) if base_runs else sorted(runs)
+                values = [runs[s] for s in seeds]
+                bold = percent and math.isclose(_mean_std(values)[0], best.get((k, metric), math.nan))
+                base = [base_runs[s] for s in seeds] if base_runs else None
+                cells.append(format_cell(values, base, bold=bold, percent=percent))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(plan: BenchmarkPlan, frame: pd.DataFrame) -> str:
+    """The whole ``report.md``."""
+    seeds = sorted(int(s) for s in frame.seed.unique())
+    lines = [
+        "# Few-shot benchmark",
+        "",
+        f"Seeds (support draws): {seeds}; every method of a (dataset, k, seed) cell saw the same support images. "
+        "Cells: mean ± std over seeds, in percent; **bold**: best mean of the column; (±x): mean of the per-seed "
+        "differences to the method's base on the same draws. Produced by `anomalib_protorefine.benchmark` from "
+        "`results.csv`.",
+        "",
+    ]
+    for dataset in frame.dataset.unique():
+        part = frame[frame.dataset == dataset]
+        n_seeds = part.seed.nunique()
+        lines += [f"## {dataset} ({n_seeds} seeds)", ""]
+        lines += [*_table(plan, part, ACCURACY, percent=True, paired=True), ""]
+        lines += [*_table(plan, part, F1, percent=True, paired=True), ""]
+        lines += ["Cost (mean ± std over seeds; time = cached backbone time + scoring time):", ""]
+        lines += [*_table(plan, part, COST, percent=False, paired=False), ""]
+        sweeps = [m for m in plan.methods if m.sweep is not None and m.name in set(part.method)]
+        if sweeps:
+            lines += ["Sweeps (see the sweep plots):", ""]
+            lines += _table(plan, part, ACCURACY[:2], percent=True, paired=True, sweeps=True)
+            lines += [""]
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text.replace("+", "plus")).strip("_").lower()
+
+
+def per_shot_plot(plan: BenchmarkPlan, frame: pd.DataFrame, dataset: str, path: Path) -> None:
+    """Bars per k (image and pixel AUROC), one bar per method, error bars = std over seeds."""
+    part = frame[(frame.dataset == dataset) & frame.metric.isin(["image_AUROC", "pixel_AUROC"])]
+    methods = [m.name for m in plan.methods if m.sweep is None and m.name in set(part.method)]
+    ks = sorted(int(k) for k in part.k_shot.unique())
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=False)
+    width = 0.8 / max(1, len(methods))
+    for axis, metric in zip(axes, ("image_AUROC", "pixel_AUROC"), strict=True):
+        for index, method in enumerate(methods):
+            stats = part[(part.method == method) & (part.metric == metric)].groupby("k_shot").value.agg(["mean", "std"])
+            xs = [ks.index(int(k)) + (index - (len(methods) - 1) / 2) * width for k in stats.index]
+            axis.bar(xs, 100 * stats["mean"], width, yerr=100 * stats["std"].fillna(0), capsize=2, label=method)
+        axis.set_xticks(range(len(ks)), [f"{k}-shot" for k in ks])
+        axis.set_title(f"{dataset}: {metric.replace('_', ' ')}")
+        axis.set_ylabel("%")
+        low = 100 * part[part.metric == metric].value.min()
+        axis.set_ylim(max(0.0, low - 5), 100)
+    axes[1].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def sweep_plots(plan: BenchmarkPlan, frame: pd.DataFrame, folder: Path) -> list[Path]:
+    """One figure per (swept method, parameter): metric vs value, one line per (dataset, k)."""
+    groups: dict[tuple[str, str], list] = {}
+    for method in plan.methods:
+        if method.sweep is not None:
+            groups.setdefault(method.sweep[:2], []).append(method)
+    for (base, parameter), methods in groups.items():  # the swept method itself is a point of its curve
+        value = parameter_value(plan.method(base), parameter)
+        if value is not None and all(float(m.sweep[2]) != float(value) for m in methods):
+            origin = plan.method(base)
+            methods.append(MethodSpec(origin.name, origin.class_path, origin.init_args, None, (base, parameter, value)))
+    paths = []
+    for (base, parameter), methods in groups.items():
+        figure, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        for axis, metric in zip(axes, ("image_AUROC", "pixel_AUROC"), strict=True):
+            for (dataset, k), part in frame[frame.metric == metric].groupby(["dataset", "k_shot"]):
+                points = []
+                for method in methods:
+                    values = part[part.method == method.name].value
+                    if len(values):
+                        points.append((float(method.sweep[2]), 100 * values.mean(), 100 * values.std(ddof=1)))
+                if points:
+                    points.sort()
+                    xs, ys, es = zip(*points, strict=True)
+                    axis.errorbar(
+                        xs,
+                        ys,
+                        yerr=[e if e == e else 0 for e in es],
+                        marker="o",
+                        capsize=2,
+                        label=f"{dataset} {k}-shot",
+                    )
+            axis.set_xlabel(parameter)
+            axis.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+            if (
+                all(float(m.sweep[2]) > 0 for m in methods)
+                and max(float(m.sweep[2]) for m in methods) / min(float(m.sweep[2]) for m in methods) >= 100
+            ):
+                axis.set_xscale("log")
+        axes[0].set_title(f"{base}: {parameter}")
+        axes[1].legend(fontsize=7)
+        figure.tight_layout()
+        path = folder / f"sweep_{_slug(base)}_{_slug(parameter)}.png"
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def write_report(plan: BenchmarkPlan) -> Path:
+    """Write ``report.md``, the plots and the figures of ``plan``'s results folder; return the Markdown path."""
+    frame = read_results(plan)
+    folder = plan.output
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "report.md"
+    if frame.empty:
+        path.write_text("# Few-shot benchmark\n\nNo results yet.\n")
+        return path
+    text = markdown(plan, frame)
+    plots = []
+    for dataset in frame.dataset.unique():
+        plot = folder / f"per_shot_{_slug(dataset)}.png"
+        per_shot_plot(plan, frame, dataset, plot)
+        plots.append(plot)
+    plots += sweep_plots(plan, frame, folder)
+    from .figures import write_figures
+
+    figures = write_figures(plan)
+    text += "\n## Figures\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in [*plots, *figures]) + "\n"
+    path.write_text(text)
+    return path

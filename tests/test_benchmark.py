@@ -1,0 +1,196 @@
+"""The few-shot benchmark pipeline (``anomalib benchmark`` / ``python -m anomalib_protorefine.benchmark``)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from anomalib_protorefine.benchmark import BenchmarkConfigError, FewShotBenchmark, plan_from_config
+from anomalib_protorefine.benchmark.features import make_datamodule
+from anomalib_protorefine.benchmark.job import FewShotBenchmarkJob, RunContext
+from anomalib_protorefine.benchmark.methods import fastrecon_patch_scores, run_cached, run_engine
+from anomalib_protorefine.benchmark.pipeline import main
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+METRICS = ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_F1Max", "pixel_AUPRO")
+
+
+@pytest.fixture
+def tiny_config(quick_synthetic_root: Path, tmp_path: Path, repo_root: Path) -> dict[str, Any]:
+    """configs/benchmark/tiny.yaml on the quick synthetic data set, writing into a temporary folder."""
+    config = yaml.safe_load((repo_root / "configs" / "benchmark" / "tiny.yaml").read_text())
+    config["benchmark"]["output"] = str(tmp_path / "out")
+    config["benchmark"]["data"]["init_args"]["root"] = str(quick_synthetic_root / "brushed_metal")
+    return config
+
+
+def _write(config: dict[str, Any], folder: Path) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _rows(output: Path) -> list[dict[str, str]]:
+    with (output / "results.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------------------------------- config checks
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b.update(k_shot={"grid": [0, 1]}), "benchmark.k_shot must be integers >= 1"),
+        (lambda b: b.update(few_shot_seed=[-5]), "benchmark.few_shot_seed must be integers >= 0"),
+        (lambda b: b["model"]["grid"][1].update(base="Nope"), "has base 'Nope'"),
+        (lambda b: b["model"]["grid"][0].update(name="PatchCore+"), "appear twice"),
+        (lambda b: b["model"]["grid"][0].update(colour="red"), "unknown keys"),
+        (lambda b: b.update(sweeps=[{"method": "X", "parameter": "lambda_", "values": [1]}]), "unknown method"),
+        (lambda b: b.update(sweeps=[{"method": "PatchCore", "parameter": "lambda_", "values": [1]}]), "no refiner"),
+        (lambda b: b["data"]["init_args"].update(root="/no/such/folder"), "does not exist"),
+        (lambda b: b["data"]["init_args"].pop("val_split_mode"), "val_split_mode: none"),
+        (lambda b: b["shared"].update(colour="red"), "benchmark.shared: unknown options"),
+        (lambda b: b.update(max_test_images=1), "max_test_images"),
+    ],
+)
+def test_bad_configs_are_reported_before_anything_runs(tiny_config: dict, change: Any, message: str) -> None:
+    config = copy.deepcopy(tiny_config)
+    change(config["benchmark"])
+    with pytest.raises(BenchmarkConfigError, match=message):
+        plan_from_config(config)
+
+
+def test_k_larger_than_the_training_pool_stops_before_any_job(tiny_config: dict, tmp_path: Path) -> None:
+    pool = len(list(Path(tiny_config["benchmark"]["data"]["init_args"]["root"], "train", "good").iterdir()))
+    tiny_config["benchmark"]["k_shot"] = {"grid": [1, pool + 1]}
+    with pytest.raises(BenchmarkConfigError, match="normal training image"):
+        main(["--config", str(_write(tiny_config, tmp_path))])
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_a_config_without_k_shot_runs_anomalibs_own_benchmark() -> None:
+    from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
+
+    runners = FewShotBenchmark()._setup_runners({"accelerator": "cpu", "benchmark": {"seed": 1}})
+    assert isinstance(runners[0].generator, BenchmarkJobGenerator)
+
+
+def test_sweeps_resolve_presets_into_full_refiner_options(tiny_config: dict) -> None:
+    tiny_config["benchmark"]["model"]["grid"][1]["init_args"]["refiner"] = "paper"
+    plan = plan_from_config(tiny_config)
+    swept = plan.method("PatchCore+ [lambda_=1.0]")
+    assert swept.init_args["refiner"]["lambda_"] == 1.0
+    assert swept.init_args["refiner"]["score_fusion"] == "none"  # the paper preset's, not the default's
+    assert swept.sweep == ("PatchCore+", "lambda_", 1.0)
+
+
+# ------------------------------------------------------------------------------------------- FastRecon
+def test_fastrecon_reconstructs_the_bank_and_scores_outliers_higher() -> None:
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(40, 16, generator=generator)
+    inliers = fastrecon_patch_scores(bank[None, :10], bank, lambda_=0.0, ridge=1e-8)
+    assert inliers.abs().max() < 1e-3
+    outliers = fastrecon_patch_scores(10 * torch.randn(1, 10, 16, generator=generator), bank[:8], lambda_=1.0)
+    assert outliers.min() > fastrecon_patch_scores(bank[None, :8], bank[:8], lambda_=1.0).max()
+
+
+# ------------------------------------------------------------------------------------------- runs
+@pytest.mark.slow
+def test_a_cell_equals_anomalib_engine_test(tiny_config: dict) -> None:
+    """The cached-feature path reports exactly what ``Engine.test`` reports for the same model and draw."""
+    plan = plan_from_config(tiny_config)
+    context = RunContext(plan)
+    data = plan.datasets[0]
+    method = plan.method("PatchCore+")
+    test = context.test_features(data, method)
+    cached = run_cached(method, context.datamodule(data), test, 1, 1, context.device, batch_size=4)
+    engine = run_engine(method, make_datamodule(data.config), plan, 1, 1)
+    for metric in METRICS:
+        assert cached[metric] == pytest.approx(engine[metric], abs=1e-5), metric
+
+
+@pytest.mark.slow
+def test_tiny_run_resumes_after_a_stop_and_writes_the_report(
+    tiny_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_path = _write(tiny_config, tmp_path)
+    output = tmp_path / "out"
+    original = FewShotBenchmarkJob.run
+    calls: list[str] = []
+
+    def stop_at_third(job: FewShotBenchmarkJob, task_id: int | None = None) -> Any:
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the third job
+        calls.append(job.label)
+        return original(job, task_id)
+
+    monkeypatch.setattr(FewShotBenchmarkJob, "run", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--config", str(config_path)])
+    assert {(r["seed"], r["method"]) for r in _rows(output)} == {("0", "PatchCore"), ("0", "PatchCore+")}
+
+    calls.clear()
+    monkeypatch.setattr(FewShotBenchmarkJob, "run", lambda job, task_id=None: calls.append(job.label) or original(job))
+    main(["--config", str(config_path)])
+    assert len(calls) == 2 * 4 - 2  # 2 seeds x (2 methods + 2 sweep points), minus the 2 finished jobs
+    rows = _rows(output)
+    cells = [(r["seed"], r["method"], r["metric"]) for r in rows]
+    assert len(cells) == len(set(cells))  # nothing ran twice
+    for seed in ("0", "1"):
+        for method in ("PatchCore", "PatchCore+", "PatchCore+ [lambda_=0.1]", "PatchCore+ [lambda_=1.0]"):
+            values = {r["metric"]: float(r["value"]) for r in rows if (r["seed"], r["method"]) == (seed, method)}
+            assert set(METRICS) <= set(values), (seed, method)
+            assert all(0.0 <= values[m] <= 1.0 for m in METRICS)
+            assert values["time_ms"] > 0
+
+    report = (output / "report.md").read_text()
+    assert "| PatchCore+ | " in report
+    assert " ± " in report
+    assert "**" in report
+    assert "(+" in report or "(-" in report  # the paired difference to the base method
+    for name in ("per_shot_brushed_metal", "sweep_patchcoreplus_lambda", "heatmaps_brushed_metal"):
+        image = output / f"{name}.png"
+        assert image.is_file(), name
+        assert image.stat().st_size > 5000, name
+        assert f"({name}.png)" in report
+    assert (output / "figure7_brushed_metal.png").stat().st_size > 5000
+
+    # a re-run has nothing left to do
+    calls.clear()
+    main(["--config", str(config_path)])
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_anomalib_benchmark_cli_runs_the_few_shot_pipeline(tiny_config: dict, tmp_path: Path) -> None:
+    tiny_config["benchmark"]["few_shot_seed"] = 0
+    tiny_config["benchmark"].pop("sweeps")
+    tiny_config["benchmark"]["model"]["grid"] = tiny_config["benchmark"]["model"]["grid"][:1]
+    anomalib = Path(sys.executable).with_name("anomalib")
+    if not anomalib.exists():
+        pytest.skip("the anomalib console script is not installed next to this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if env.get("PYTHONPATH"):  # the command runs in another folder: keep a relative PYTHONPATH (e.g. src) valid
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep))
+    result = subprocess.run(
+        [str(anomalib), "benchmark", "--config", str(_write(tiny_config, tmp_path))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(tmp_path / "out")
+    assert {r["method"] for r in rows} == {"PatchCore"}
+    assert {r["metric"] for r in rows} >= set(METRICS)
