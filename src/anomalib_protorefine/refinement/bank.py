@@ -43,7 +43,10 @@ class BankFactors:
         em_map: ``[H^-1 | H^-1 G]`` ``(n, 2n)``, or ``M^T [H^-1 | H^-1 G]`` ``(c, 2n)``, with
             ``H = (1 + lambda) G + rho I``.
         gram_em_pair: ``[G H^-1 | G H^-1 G]``, ``(n, 2n)``: ``T^T gram_em_pair`` gives the plan part.
+        gram_em_gram: ``G H^-1 G``, ``(n, n)``, contiguous: ``gram_em_gram T`` is the plan part of ``G W^T``.
         gram_max_eig: Largest eigenvalue of ``G`` (step size of the gradient M-step).
+        gram_eigvals: Eigenvalues ``Lambda`` of ``G``, ascending, ``(n,)`` (clamped at 0).
+        gram_eigvecs: Orthonormal eigenvectors ``U`` of ``G`` (columns), ``(n, n)``: ``G = U Lambda U^T``.
     """
 
     source: torch.Tensor
@@ -55,7 +58,10 @@ class BankFactors:
     init_map: torch.Tensor
     em_map: torch.Tensor
     gram_em_pair: torch.Tensor
+    gram_em_gram: torch.Tensor
     gram_max_eig: float
+    gram_eigvals: torch.Tensor
+    gram_eigvecs: torch.Tensor
 
     @classmethod
     def from_bank(cls, bank: torch.Tensor, lambda_: float, ridge: float, normalize: bool) -> BankFactors:
@@ -81,6 +87,9 @@ class BankFactors:
         init_solve = torch.cholesky_inverse(torch.linalg.cholesky(gram64 + rho * eye))
         em_solve = torch.cholesky_inverse(torch.linalg.cholesky((1.0 + lambda_) * gram64 + rho * eye))
         em_pair = torch.cat((em_solve, em_solve @ gram64), dim=1)
+        eigvals, eigvecs = torch.linalg.eigh(gram64)
+        gram_em_gram = gram64 @ em_solve @ gram64
+        gram_em_gram = (gram_em_gram + gram_em_gram.T) / 2  # symmetric up to rounding: make it exact
         feature_space = num_bank > channels
         if feature_space:
             init_solve, em_pair = bank64.T @ init_solve, bank64.T @ em_pair
@@ -93,8 +102,11 @@ class BankFactors:
             feature_space=feature_space,
             init_map=init_solve.float(),
             em_map=em_pair.float(),
-            gram_em_pair=torch.cat((gram64 @ em_solve, gram64 @ em_solve @ gram64), dim=1).float(),
-            gram_max_eig=float(torch.linalg.eigvalsh(gram64)[-1]),
+            gram_em_pair=torch.cat((gram64 @ em_solve, gram_em_gram), dim=1).float(),
+            gram_em_gram=gram_em_gram.float(),
+            gram_max_eig=float(eigvals[-1]),
+            gram_eigvals=eigvals.clamp_min(0.0).float(),
+            gram_eigvecs=eigvecs.float(),
         )
 
     def solve_input(self, features: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:

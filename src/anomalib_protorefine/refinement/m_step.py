@@ -8,7 +8,9 @@ Two solvers:
 
 * :func:`closed_form_step`: the exact minimiser ``W = (F M^T + lambda m T^T G) ((1+lambda) G + rho I)^-1``
   (exact when the columns of T sum to ``1/m``, which Sinkhorn enforces up to its tolerance).
-* :func:`gradient_step`: the paper's variant, a torch optimizer (SGD or Adam) for a few steps.
+* :func:`gradient_step`: the paper's variant, a few optimizer steps (SGD or Adam) on the
+  closed-form gradient (:func:`objective_gradient`); unmasked SGD computes the same iterates in
+  closed form in the eigenbasis of ``G``.
 
 Example:
     >>> import torch
@@ -23,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +49,13 @@ class QueryTerms:
     @classmethod
     def from_features(cls, features: torch.Tensor, factors: BankFactors) -> QueryTerms:
         """Compute the products for float32 query features ``(B, m, c)`` (normalised if cosine)."""
-        return cls(features=features, cross=features @ factors.bank.T, sq_norms=features.pow(2).sum(-1))
+        if features.stride(-1) == 1:
+            # One fused reduction (8x faster than pow + sum, which writes a (B, m, c) temporary)...
+            sq_norms = torch.linalg.vector_norm(features, dim=-1).square()
+        else:
+            # ...but only along contiguous channels (backbone maps are often (B, c, m) in memory).
+            sq_norms = features.pow(2).sum(-1)
+        return cls(features=features, cross=features @ factors.bank.T, sq_norms=sq_norms)
 
     def initial_weights(self, factors: BankFactors) -> torch.Tensor:
         """``W0 = F M^T (G + rho I)^-1``, the minimiser without the transport term, ``(B, m, n)``."""
@@ -76,6 +84,32 @@ def transport_cost(
     return cost.clamp_min(0.0)
 
 
+def coupling_cost(coupling: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The E-step's cost ``(offset_j - 2 (G W^T)_ij) / s``, ``(B, n, m)``, from the coupling ``G W^T``.
+
+    It differs from :func:`transport_cost` ``/ s`` by a row constant ``||M_i||^2 / s`` plus a column
+    constant ``(||(W M)_j||^2 - offset_j) / s``, which the entropic plan does not depend on (they
+    only shift the Sinkhorn potentials): the same plan without ``W`` itself or a clamp. The offset
+    (the initial prototypes' squared norms) keeps the columns on the scale of the true cost, so
+    that no column of the Sinkhorn kernel starts out negligible.
+
+    Args:
+        coupling: ``G W^T``, ``(B, n, m)``, any strides (e.g. ``(W G).transpose(1, 2)``).
+        scale: Per-query cost scale ``s``, ``(B,)``.
+        offset: Per-column offset, ``(B, m)``.
+
+    Returns:
+        The cost, contiguous ``(B, n, m)``.
+
+    Example:
+        >>> import torch
+        >>> coupling_cost(torch.ones(1, 2, 3), torch.tensor([4.0]), torch.full((1, 3), 6.0))[0, 0].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    cost = torch.empty(coupling.shape, dtype=coupling.dtype, device=coupling.device)
+    return torch.addcmul((offset / scale[:, None])[:, None, :], coupling, (-2.0 / scale)[:, None, None], out=cost)
+
+
 def objective(
     weights: torch.Tensor,
     terms: QueryTerms,
@@ -83,6 +117,7 @@ def objective(
     plan: torch.Tensor | None,
     lambda_: float,
     transport: torch.Tensor | None = None,
+    proto_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Value of ``J(W)`` per query, ``(B,)`` (the entropy term is constant in W and left out).
 
@@ -93,9 +128,11 @@ def objective(
         plan: Transport plan ``(B, n, m)``, or ``None`` (no transport term).
         lambda_: Weight of the transport term.
         transport: ``<C(W), T>`` per query if already known (saves recomputing the cost).
+        proto_sq: ``||(W M)_j||^2``, ``(B, m)``, if already known (saves a ``W G`` product).
     """
     num_patches = weights.shape[1]
-    proto_sq = prototype_sq_norms(weights, factors.gram)
+    if proto_sq is None:
+        proto_sq = prototype_sq_norms(weights, factors.gram)
     fidelity = (terms.sq_norms - 2.0 * (terms.cross * weights).sum(-1) + proto_sq).mean(-1)
     value = fidelity + factors.ridge * weights.pow(2).sum((-1, -2)) / num_patches
     if plan is not None and lambda_ > 0:
@@ -122,17 +159,42 @@ class ClosedFormStep:
         self.fixed = factors.solve_input(terms.features, terms.cross) @ factors.em_map  # (B, m, 2n)
         self.factors = factors
         self.lambda_ = lambda_
+        self._fixed_coupling: torch.Tensor | None = None
 
     def __call__(self, plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(W, W G)`` for the plan ``(B, n, m)``."""
         num_bank, num_patches = plan.shape[-2:]
-        both = torch.baddbmm(
-            self.fixed,
-            plan.transpose(1, 2),
-            self.factors.gram_em_pair.expand(plan.shape[0], -1, -1),
+        # matmul + in-place add: one output buffer (baddbmm first copies `fixed` into its output,
+        # and runs its transposed-batch product at about half the speed on CPU).
+        both = torch.matmul(plan.transpose(1, 2), self.factors.gram_em_pair).mul_(self.lambda_ * num_patches)
+        both += self.fixed
+        return both[..., :num_bank], both[..., num_bank:]
+
+    def coupling(self, plan: torch.Tensor) -> torch.Tensor:
+        """``(W G)^T = G W^T`` of the minimiser for the plan ``(B, n, m)``, as ``(B, n, m)``; W itself is not formed.
+
+        ``G W^T = (F M^T H^-1 G)^T + lambda m (G H^-1 G) T``: one ``(n x n) @ (n x m)`` product per
+        query, half of :meth:`__call__`'s, already in the ``(B, n, m)`` layout of the transport cost.
+        This is all the next E-step needs (see :func:`coupling_cost`).
+
+        Example:
+            >>> import torch
+            >>> from anomalib_protorefine.refinement.bank import BankFactors
+            >>> factors = BankFactors.from_bank(torch.randn(5, 8), lambda_=0.3, ridge=1e-3, normalize=False)
+            >>> step = ClosedFormStep(QueryTerms.from_features(torch.randn(2, 7, 8), factors), factors, 0.3)
+            >>> plan = torch.full((2, 5, 7), 1 / 35)
+            >>> torch.allclose(step.coupling(plan), step(plan)[1].transpose(1, 2), atol=1e-5)
+            True
+        """
+        num_bank, num_patches = plan.shape[-2:]
+        if self._fixed_coupling is None:
+            self._fixed_coupling = self.fixed[..., num_bank:].transpose(1, 2).contiguous()
+        return torch.baddbmm(
+            self._fixed_coupling,
+            self.factors.gram_em_gram.expand(plan.shape[0], -1, -1),
+            plan,
             alpha=self.lambda_ * num_patches,
         )
-        return both[..., :num_bank], both[..., num_bank:]
 
 
 class LocalClosedFormStep:
@@ -204,9 +266,60 @@ def closed_form_step(terms: QueryTerms, factors: BankFactors, plan: torch.Tensor
     return ClosedFormStep(terms, factors, lambda_)(plan)[0]
 
 
-def _autograd_ready(tensor: torch.Tensor) -> torch.Tensor:
-    """Return a normal copy of an inference-mode tensor (call with inference mode disabled)."""
-    return tensor.clone() if tensor.is_inference() else tensor
+def objective_gradient(
+    weights: torch.Tensor,
+    weighted_gram: torch.Tensor,
+    terms: QueryTerms,
+    factors: BankFactors,
+    plan: torch.Tensor,
+    lambda_: float,
+    pull: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient of :func:`objective` in ``W``, ``(B, m, n)``, in closed form (no autograd).
+
+    ``dJ/dW = 2/m (W G - F M^T + rho W) + 2 lambda (diag(T^T 1) W G - T^T G)``: the fidelity and
+    ridge terms, and the transport term ``sum_ij T_ij (|M_i|^2 - 2 M_i . p_j + |p_j|^2)``.
+
+    Args:
+        weights: ``W``, ``(B, m, n)``.
+        weighted_gram: ``W G``.
+        terms: Query products.
+        factors: Bank factors.
+        plan: Transport plan ``(B, n, m)``.
+        lambda_: Weight of the transport term.
+        pull: ``T^T G`` if already known (it is constant over an M-step).
+
+    Example:
+        >>> import torch
+        >>> from anomalib_protorefine.refinement.bank import BankFactors
+        >>> factors = BankFactors.from_bank(torch.randn(5, 8), lambda_=0.3, ridge=1e-3, normalize=False)
+        >>> terms = QueryTerms.from_features(torch.randn(1, 7, 8), factors)
+        >>> plan, w = torch.full((1, 5, 7), 1 / 35), torch.zeros(1, 7, 5, requires_grad=True)
+        >>> objective(w, terms, factors, plan, 0.3).sum().backward()
+        >>> torch.allclose(objective_gradient(w.detach(), w.detach() @ factors.gram, terms, factors, plan, 0.3), w.grad)
+        True
+    """
+    if pull is None:
+        pull = plan.transpose(1, 2) @ factors.gram
+    return _gradient(weights, weighted_gram, terms.cross, pull, plan.sum(-2)[..., None], factors.ridge, lambda_)
+
+
+def _gradient(
+    weights: torch.Tensor,
+    weighted_gram: torch.Tensor,
+    cross: torch.Tensor,
+    pull: torch.Tensor,
+    mass: torch.Tensor,
+    ridge: float,
+    lambda_: float,
+) -> torch.Tensor:
+    """``dJ/dW`` from ``W``, ``W G``, ``F M^T``, ``T^T G`` and the plan's column sums ``mass`` ``(B, m, 1)``.
+
+    ``W G - F M^T`` is formed first: it is small where W fits F, and adding the two large terms
+    separately first would cost their rounding errors in the difference.
+    """
+    fidelity = (weighted_gram - cross).add_(weights, alpha=ridge).mul_(2.0 / weights.shape[1])
+    return fidelity.add_((weighted_gram * mass).sub_(pull), alpha=2.0 * lambda_)
 
 
 def gradient_step(
@@ -225,28 +338,69 @@ def gradient_step(
     With ``mask`` (``(B, m, n)`` booleans, locality) only the masked entries of W move.
     The step size is scale-free: for SGD ``lr / L`` with ``L = 2 ((1 + lambda) max_eig(G) + rho) / m``
     the Lipschitz constant of the gradient, for Adam ``lr`` times 1% of the mean ``|W|`` entry.
-    Works inside Lightning's ``torch.inference_mode()``.
+    Adam, and SGD with a mask, run the torch optimizer on the gradient of :func:`objective_gradient`
+    (closed form, one ``(m x n)(n x n)`` product per step; autograd through the ``(B, n, m)`` cost
+    cost 10x more). SGD without a mask computes the same iterates elementwise in the eigenbasis of
+    ``G`` (:func:`_sgd_steps`). Works inside Lightning's ``torch.inference_mode()``.
 
     Returns:
         The updated weights, detached, ``(B, m, n)``.
     """
     num_patches = weights.shape[1]
-    with torch.inference_mode(False), torch.enable_grad():
-        # Lightning evaluates under inference_mode, whose tensors autograd cannot save: copy them.
-        terms = QueryTerms(*(_autograd_ready(t) for t in (terms.features, terms.cross, terms.sq_norms)))
-        factors = replace(factors, gram=_autograd_ready(factors.gram), sq_norms=_autograd_ready(factors.sq_norms))
-        plan = _autograd_ready(plan)
+    lipschitz = 2.0 * ((1.0 + lambda_) * factors.gram_max_eig + factors.ridge) / num_patches
+    if optimizer == "sgd" and mask is None:
+        return _sgd_steps(weights, terms, factors, plan, lambda_, lr / lipschitz, steps)
+    pull, mass = plan.transpose(1, 2) @ factors.gram, plan.sum(-2)[..., None]  # constant over the steps
+    with torch.inference_mode(False):
+        # Lightning evaluates under inference_mode, whose tensors an optimizer cannot update in place.
         variable = weights.detach().clone().requires_grad_(True)
         if optimizer == "sgd":
-            lipschitz = 2.0 * ((1.0 + lambda_) * factors.gram_max_eig + factors.ridge) / num_patches
             opt: torch.optim.Optimizer = torch.optim.SGD([variable], lr=lr / lipschitz)
         else:
             scale = float(weights.abs().mean()) or 1.0
             opt = torch.optim.Adam([variable], lr=lr * 0.01 * scale)
         for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            objective(variable, terms, factors, plan, lambda_).sum().backward()
-            if mask is not None and variable.grad is not None:
-                variable.grad.mul_(mask)
+            with torch.no_grad():
+                current = variable.detach()
+                grad = _gradient(current, current @ factors.gram, terms.cross, pull, mass, factors.ridge, lambda_)
+                if mask is not None:
+                    grad.mul_(mask)
+            variable.grad = grad
             opt.step()
     return variable.detach()
+
+
+def _sgd_steps(
+    weights: torch.Tensor,
+    terms: QueryTerms,
+    factors: BankFactors,
+    plan: torch.Tensor,
+    lambda_: float,
+    step_size: float,
+    steps: int,
+) -> torch.Tensor:
+    """``steps`` plain gradient steps ``W <- W - step_size dJ/dW`` (torch's SGD), in closed form.
+
+    With ``G = U Lambda U^T`` the gradient in the coordinates ``V = W U`` is elementwise,
+    ``dJ/dW U = a * V - b`` with ``a_jk = 2/m (Lambda_k + rho) + 2 lambda (T^T 1)_j Lambda_k`` (the plan
+    is fixed). Each coordinate follows ``v <- v - step_size (a v - b)``, so after K steps it has moved
+    by ``-step_size (1 + r + ... + r^(K-1)) (a v_0 - b)`` with ``r = 1 - step_size a``. The first
+    gradient is formed in W's coordinates (as the optimizer would) and only the move is rotated:
+    the same iterates as the optimizer up to float rounding, with four ``(m x n)(n x n)`` products
+    per call instead of one per step and about a third of the elementwise passes.
+
+    Returns:
+        The weights after the steps, ``(B, m, n)``.
+    """
+    num_patches = weights.shape[1]
+    eigvals, eigvecs = factors.gram_eigvals, factors.gram_eigvecs
+    pull, mass = plan.transpose(1, 2) @ factors.gram, plan.sum(-2)[..., None]
+    gradient = _gradient(weights, weights @ factors.gram, terms.cross, pull, mass, factors.ridge, lambda_) @ eigvecs
+    # r = 1 - step_size a, (B, m, n)
+    rate = torch.addcmul((2.0 / num_patches) * (eigvals + factors.ridge), mass, eigvals, value=2.0 * lambda_)
+    rate.mul_(-step_size).add_(1.0)
+    geometric = torch.ones_like(rate)
+    for _ in range(steps - 1):
+        geometric.mul_(rate).add_(1.0)  # 1 + r (1 + r (...))
+    move = geometric.mul_(gradient)  # in V's coordinates, per unit step size
+    return torch.baddbmm(weights, move, eigvecs.T.expand(weights.shape[0], -1, -1), alpha=-step_size)

@@ -45,6 +45,7 @@ from .m_step import (
     ClosedFormStep,
     LocalClosedFormStep,
     QueryTerms,
+    coupling_cost,
     gradient_step,
     objective,
     prototype_sq_norms,
@@ -208,7 +209,9 @@ class PrototypeRefiner(nn.Module, Callback):
             if not tensor.is_floating_point():
                 msg = f"{name} must be a floating-point tensor, got {tensor.dtype}: cast it with .float()."
                 raise TypeError(msg)
-            if check_values and not torch.isfinite(tensor).all():
+            # A NaN or Inf entry makes the sum non-finite: one reduction instead of a full isfinite
+            # pass (a tenth of its time); the full check only runs when the sum is not finite.
+            if check_values and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
                 msg = f"{name} contains NaN or Inf values: check the feature extractor and its input."
                 raise ValueError(msg)
         if queries.device != bank.device:
@@ -310,12 +313,20 @@ class PrototypeRefiner(nn.Module, Callback):
         finally:
             self.options, self._export_factors = saved, None
 
-    def _cost_scale(self, cost: torch.Tensor) -> torch.Tensor:
-        """Per-query cost scale ``s`` (B,), fixed at the first E-step."""
+    def _cost_scale(
+        self, weights: torch.Tensor, weighted_gram: torch.Tensor, proto_sq: torch.Tensor, factors: BankFactors
+    ) -> torch.Tensor:
+        """Per-query cost scale ``s`` (B,) of the transport cost at the initial ``W`` (with ``W G``).
+
+        ``"mean"`` comes from the mean norms and the mean of ``W G`` (no ``(B, n, m)`` cost is formed).
+        """
         mode = self.options.cost_normalization
         if mode == "none":
-            return torch.ones(cost.shape[0], dtype=cost.dtype, device=cost.device)
-        scale = cost.mean((-1, -2)) if mode == "mean" else cost.amax((-1, -2))
+            return torch.ones(weights.shape[0], dtype=weights.dtype, device=weights.device)
+        if mode == "mean":
+            scale = factors.sq_norms.mean() + proto_sq.mean(-1) - 2.0 * weighted_gram.mean((-1, -2))
+        else:
+            scale = transport_cost(weights, factors, weighted_gram).amax((-1, -2))
         # A zero cost means the refined prototypes coincide with the bank: any positive scale works.
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -347,55 +358,74 @@ class PrototypeRefiner(nn.Module, Callback):
             weights = terms.initial_weights(factors)
         plan: torch.Tensor | None = None
         sinkhorn_iterations = em_iterations = 0
+        weighted_gram: torch.Tensor | None = None
+        proto_sq: torch.Tensor | None = None
         if opts.transport:
-            # Sinkhorn warm starts: one per query, or one (B, m) potential for the whole batch ("fixed").
+            # Sinkhorn warm starts: one per query, or one (B, n) row potential for the whole batch ("fixed").
             states: list[Any] = [] if opts.sinkhorn_method == "fixed" else [None] * queries.shape[0]
-            scale: torch.Tensor | None = None
             closed_form = None
             if opts.m_step == "closed_form":
                 closed_form = local if local is not None else ClosedFormStep(terms, factors, opts.lambda_)
+            # The dense closed form iterates on the coupling G W^T alone (half the M-step product)
+            # and forms W once, after the last E-step; the other M-steps update W every iteration.
+            dense = isinstance(closed_form, ClosedFormStep)
             weighted_gram = weights @ factors.gram
+            initial_sq = (weighted_gram * weights).sum(-1)  # ||(W0 M)_j||^2, the costs' column offset
+            scale = self._cost_scale(weights, weighted_gram, initial_sq, factors)
+            coupling = weighted_gram.transpose(1, 2)
             # Queries whose plan stopped moving (em_tol) are frozen, so a query's result never
             # depends on the other queries of its batch.
             active = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
             for _ in range(opts.num_iterations):
-                cost = transport_cost(weights, factors, weighted_gram)
-                if scale is None:
-                    scale = self._cost_scale(cost)
                 previous = plan
-                plan = self._e_step(cost / scale[:, None, None], states, active, previous)
+                plan = self._e_step(coupling_cost(coupling, scale, initial_sq), states, active, previous)
                 em_iterations += 1
-                if closed_form is not None:
-                    new_weights, new_weighted_gram = closed_form(plan)
+                if dense:
+                    # A frozen query keeps its plan, hence its coupling: no masking needed.
+                    coupling = closed_form.coupling(plan)  # type: ignore[union-attr]
                 else:
-                    mask = None if local is None else local.mask
-                    new_weights = gradient_step(
-                        weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps, mask
-                    )
-                    new_weighted_gram = new_weights @ factors.gram
-                if opts.em_tol == 0 or bool(active.all()):  # em_tol = 0: every query stays active
-                    weights, weighted_gram = new_weights, new_weighted_gram
-                else:
-                    keep = active[:, None, None]
-                    weights = torch.where(keep, new_weights, weights)
-                    weighted_gram = torch.where(keep, new_weighted_gram, weighted_gram)
+                    if closed_form is not None:
+                        new_weights, new_weighted_gram = closed_form(plan)
+                    else:
+                        mask = None if local is None else local.mask
+                        new_weights = gradient_step(
+                            weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps,
+                            mask,
+                        )  # fmt: skip
+                        new_weighted_gram = new_weights @ factors.gram
+                    if opts.em_tol == 0 or bool(active.all()):  # em_tol = 0: every query stays active
+                        weights, weighted_gram = new_weights, new_weighted_gram
+                    else:
+                        keep = active[:, None, None]
+                        weights = torch.where(keep, new_weights, weights)
+                        weighted_gram = torch.where(keep, new_weighted_gram, weighted_gram)
+                    coupling = weighted_gram.transpose(1, 2)
                 if previous is not None and opts.em_tol > 0:
                     # Total-variation change of each query's plan (plans sum to 1).
                     active &= (plan - previous).abs().sum((-1, -2)) / 2 >= opts.em_tol
                     if not active.any():
                         break
+            if dense:
+                weights, weighted_gram = closed_form(plan)  # type: ignore[misc]
             if opts.sinkhorn_method == "fixed":
                 sinkhorn_iterations = em_iterations * opts.sinkhorn_max_iter * queries.shape[0]
             else:
                 sinkhorn_iterations = sum(state.iterations_total for state in states if state is not None)
         if exporting:  # statistics are Python floats of the data: not part of a static graph
             return RefinementResult(weights=weights, plan=plan, terms=terms, factors=factors)
-        # The final transport cost serves both statistics (it reuses the last iteration's W G).
-        transport = None if plan is None else (plan * transport_cost(weights, factors, weighted_gram)).sum((-1, -2))
+        transport = None
+        if plan is not None and weighted_gram is not None:
+            # <C, T> from the marginals: sum_i |M_i|^2 T_i. + sum_j |p_j|^2 T_.j - 2 <W G, T^T>.
+            proto_sq = (weighted_gram * weights).sum(-1)
+            transport = (
+                (plan.sum(-1) * factors.sq_norms).sum(-1)
+                + (plan.sum(-2) * proto_sq).sum(-1)
+                - 2.0 * (plan * weighted_gram.transpose(1, 2)).sum((-1, -2))
+            )
         stats = {
             "em_iterations": float(em_iterations),
             "sinkhorn_iterations": sinkhorn_iterations / max(queries.shape[0], 1),
-            "objective": float(objective(weights, terms, factors, plan, opts.lambda_, transport).mean()),
+            "objective": float(objective(weights, terms, factors, plan, opts.lambda_, transport, proto_sq).mean()),
             "ot_cost": 0.0 if transport is None else float(transport.mean()),
             "seconds": time.perf_counter() - start,
         }
@@ -411,8 +441,9 @@ class PrototypeRefiner(nn.Module, Callback):
     ) -> torch.Tensor:
         """Sinkhorn for each active query's normalised cost ``(B, n, m)``, warm-started from ``states``.
 
-        ``sinkhorn_method="auto"`` solves all active queries at once (:func:`solve_plans`); the other
-        methods call POT once per query (:func:`solve_plan`, the reference). Frozen (converged)
+        ``sinkhorn_method="auto"`` solves all active queries at once (:func:`solve_plans`), ``"fixed"``
+        too, with a fixed number of iterations (:meth:`_e_step_fixed`); ``"sinkhorn"`` and
+        ``"sinkhorn_log"`` call POT once per query (:func:`solve_plan`, the reference). Frozen (converged)
         queries keep their previous plan. ``states`` is updated in place.
         """
         opts = self.options
@@ -422,20 +453,23 @@ class PrototypeRefiner(nn.Module, Callback):
         index = torch.arange(costs.shape[0], device=costs.device) if everyone else active.nonzero()[:, 0]
         if opts.sinkhorn_method == "auto":
             warm = [states[i] for i in index.tolist()]
-            potential = None if any(s is None for s in warm) else torch.stack([s.potential for s in warm])
+            # Warm start from the row potentials: the E-step cost (coupling_cost) changes between
+            # EM iterations by a column constant (the prototypes' norms), which they are blind to.
+            row_potential = None if any(s is None for s in warm) else torch.stack([s.row_potential for s in warm])
             solved, batch_state = solve_plans(
                 costs if everyone else costs[index],
                 opts.epsilon,
                 opts.sinkhorn_max_iter,
                 opts.sinkhorn_tol,
-                potential,
                 overrelaxation=opts.sinkhorn_overrelaxation,
+                row_potential=row_potential,
             )
             valid = plan_is_valid(solved)
             counts = batch_state.iterations.tolist()
             for row, query in enumerate(index.tolist()):
                 total = counts[row] + (0 if states[query] is None else states[query].iterations_total)
                 potential_row = batch_state.potential[row]
+                row_potential_row = batch_state.row_potential[row]
                 if not valid[row]:
                     # Numerical breakdown (tiny epsilon, far warm start): recompute cold in the log domain.
                     plan, pot_state = solve_plan(
@@ -443,9 +477,11 @@ class PrototypeRefiner(nn.Module, Callback):
                     )
                     solved[row] = plan
                     potential_row = opts.epsilon * pot_state.log_v
+                    # POT solved the row-shifted cost C - min_j C_ij: undo the shift for f.
+                    row_potential_row = opts.epsilon * pot_state.log_u + costs[query].amin(1)
                     total += pot_state.iterations
                     check_marginals(plan[None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
-                states[query] = QueryPotential(potential_row, counts[row], total)
+                states[query] = QueryPotential(potential_row, counts[row], total, row_potential_row)
             if everyone:
                 return solved
             plans = previous.clone()
@@ -473,19 +509,20 @@ class PrototypeRefiner(nn.Module, Callback):
     ) -> torch.Tensor:
         """E-step of ``sinkhorn_method="fixed"``: all queries at once, a fixed number of iterations.
 
-        ``states`` holds the batch's column potentials ``(B, m)`` (warm start, updated in place).
-        Frozen queries (``em_tol``) keep their previous plan. Outside an export a plan that misses its
+        ``states`` holds the batch's row potentials ``(B, n)`` (warm start, updated in place; like the
+        batched solver's, blind to the column constant by which the E-step cost changes between EM
+        iterations). Frozen queries (``em_tol``) keep their previous plan. Outside an export a plan that misses its
         marginals raises :class:`~anomalib_protorefine.refinement.transport.SinkhornMarginalError`.
         """
         opts = self.options
-        plans, potential = solve_plans_fixed(
+        plans, row_potential = solve_plans_fixed(
             costs,
             opts.epsilon,
             opts.sinkhorn_max_iter,
             states[0] if states else None,
             graph_loop=self._export_factors is not None,
         )
-        states[:] = [potential]
+        states[:] = [row_potential]
         if self._export_factors is None:
             check_marginals(plans, opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
         if previous is not None and opts.em_tol > 0:

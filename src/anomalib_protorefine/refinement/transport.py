@@ -169,11 +169,13 @@ class QueryPotential:
         potential: Column potential ``g`` ``(m,)`` in cost units.
         iterations: Sinkhorn iterations spent by the last solve.
         iterations_total: Sinkhorn iterations spent by all solves of this query so far.
+        row_potential: Row potential ``f`` ``(n,)`` in cost units (the refiner's warm start), or ``None``.
     """
 
     potential: torch.Tensor
     iterations: int
     iterations_total: int
+    row_potential: torch.Tensor | None = None
 
 
 @dataclass
@@ -188,16 +190,42 @@ class BatchTransportState:
         potential: Column potentials ``g``, ``(B, m)``, in the units of the (normalised) cost.
         iterations: Sinkhorn iterations spent by the last solve of each query, ``(B,)`` int64.
         converged: Whether each query met the tolerance within ``max_iter``, ``(B,)`` bool.
+        row_potential: Row potentials ``f``, ``(B, n)``, in cost units: with ``g`` the plan is
+            ``exp((f_i + g_j - C_ij) / epsilon)`` up to the tolerance.
     """
 
     potential: torch.Tensor
     iterations: torch.Tensor
     converged: torch.Tensor
+    row_potential: torch.Tensor
 
 
 def _upcast(costs: torch.Tensor) -> torch.Tensor:
     """float16/bfloat16 costs run in float32 (a plan entry ``1/(n m)`` is below float16's normal range)."""
     return costs if costs.dtype in (torch.float32, torch.float64) else costs.float()
+
+
+#: Kernel entries below ``exp(-_LOG_FLOOR)`` (relative to their row's largest entry, 1) are set to 0.
+_LOG_FLOOR = 60.0
+
+
+def _exp_kernel_(log_kernel: torch.Tensor) -> torch.Tensor:
+    """``exp`` of a log-kernel in place, with entries below ``exp(-_LOG_FLOOR)`` set to exactly 0.
+
+    Without the floor, a nearly deterministic plan fills the kernel (and then the plan) with
+    float32 subnormals (below ``1.2e-38 = e^-87.3``), and every CPU pass over them (the exponential,
+    the Sinkhorn products, the M-step's product with the plan) runs through the processor's slow
+    subnormal path: 1.7x the whole refinement's time at the paper configuration. The floor is
+    ``e^-60 = 9e-27`` of the row's largest entry: with scalings within ``e^{+-20}`` (the solver absorbs
+    larger ones) the dropped entries change a row or column sum by at most ``m e^-20 = 2e-6``
+    relative (m = 1024), far below ``sinkhorn_tol`` and, in practice, below float32 rounding.
+    Products with the scalings stay normal too (``e^-80`` and up), so the Sinkhorn products are fast.
+
+    Example:
+        >>> _exp_kernel_(torch.tensor([0.0, -1.0, -100.0])).tolist()
+        [1.0, 0.3678794503211975, 0.0]
+    """
+    return torch.nn.functional.threshold_(log_kernel, -_LOG_FLOOR, -math.inf).exp_()
 
 
 def _column_potential(costs: torch.Tensor, f: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -228,7 +256,7 @@ def solve_plans_fixed(
     costs: torch.Tensor,
     epsilon: float,
     iterations: int,
-    potential: torch.Tensor | None = None,
+    row_potential: torch.Tensor | None = None,
     *,
     graph_loop: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,46 +265,51 @@ def solve_plans_fixed(
     The exportable E-step (``sinkhorn_method="fixed"``, ONNX/OpenVINO export): pure torch, no
     convergence check, no ``.item()``, no fallback and no POT, so ``torch.export`` traces it into a
     fixed sequence of operations whatever the data. It has the fixed point of :func:`solve_plans`
-    (same cold start, same warm start by the column potentials in cost units) but runs a given
-    number of iterations instead of stopping at a tolerance. After a first row update from the
-    starting potentials, each iteration is a column then a row update in the log domain
+    (same cold start, same warm start by the row potentials in cost units, which a change of the
+    cost by a column constant leaves valid) but runs a given number of iterations instead of
+    stopping at a tolerance. Each iteration is a column then a row update in the log domain
     (``logsumexp``, which neither underflows nor overflows at any ``epsilon``), so the rows of the
     plan are exact and the columns meet their marginals as far as the iterations allow (check with
-    :func:`marginal_errors`).
+    :func:`marginal_errors`). Plan entries below ``e^-60`` are set to 0, as in :func:`solve_plans`
+    (no float32 subnormals; every entry is at most ``1/n``).
 
     Args:
         costs: Costs ``(B, n, m)``, already normalised; float16/bfloat16 are computed in float32.
         epsilon: Entropy weight (> 0).
         iterations: Number of Sinkhorn iterations (>= 1).
-        potential: Column potentials ``(B, m)`` of a previous solve (warm start), or ``None``.
+        row_potential: Row potentials ``(B, n)`` of a previous solve (warm start), or ``None`` (cold
+            start: one column update from the row minima, then a row update).
         graph_loop: Run the iterations as one ``torch.while_loop`` with a constant trip count (an ONNX
             ``Loop`` when exported) instead of a Python loop, which ``torch.export`` would unroll into
             ``iterations`` copies (minutes of export time for 100 iterations). Same arithmetic.
 
     Returns:
-        The plans ``(B, n, m)`` and the column potentials ``(B, m)`` for the next warm start.
+        The plans ``(B, n, m)`` and the row potentials ``(B, n)`` for the next warm start.
 
     Example:
         >>> import torch
         >>> plans, potential = solve_plans_fixed(torch.rand(3, 4, 6), epsilon=0.1, iterations=200)
         >>> torch.allclose(plans.sum(-2), torch.full((3, 6), 1 / 6), atol=1e-5), potential.shape
-        (True, torch.Size([3, 6]))
+        (True, torch.Size([3, 4]))
     """
     costs = _upcast(costs)
-    g = _initial_potential(costs, epsilon, potential)
-    f = _row_potential(costs, g, epsilon)
+    if row_potential is None:
+        f = _row_potential(costs, _initial_potential(costs, epsilon, None), epsilon)
+    else:
+        f = row_potential.to(costs.dtype)
 
     def update(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = _column_potential(costs, f, epsilon)
         return _row_potential(costs, g, epsilon), g
 
+    f, g = update(f)  # the first iteration gives the loop its column potentials
     if graph_loop:
-        step = torch.zeros((), dtype=torch.int64, device=costs.device)
+        step = torch.ones((), dtype=torch.int64, device=costs.device)
         _, f, g = torch.while_loop(lambda i, f, g: i < iterations, lambda i, f, g: (i + 1, *update(f)), (step, f, g))
     else:
-        for _ in range(iterations):
+        for _ in range(iterations - 1):
             f, g = update(f)
-    return torch.exp((f[:, :, None] + g[:, None, :] - costs) / epsilon), g
+    return _exp_kernel_((f[:, :, None] + g[:, None, :] - costs) / epsilon), f
 
 
 def solve_plans(
@@ -288,6 +321,7 @@ def solve_plans(
     check_every: int = 10,
     overrelaxation: float = 1.0,
     first_check: int = 3,
+    row_potential: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, BatchTransportState]:
     """Solve B entropic OT problems with uniform marginals at once (stabilised scaling iterations).
 
@@ -299,6 +333,11 @@ def solve_plans(
     * the first row update runs from the column potentials ``potential`` (a warm start from the
       previous EM iteration, in cost units) and is done with a row-max shift, so the kernel
       ``K = exp((f + g - C) / epsilon)`` starts with every entry ``<= 1`` and every row holding a 1;
+      with ``row_potential`` instead, the first update is the column update from those row
+      potentials (column-max shift): the warm start for a cost that changes by a column constant
+      between solves (the refiner's E-step cost leaves out the refined prototypes' norms);
+    * kernel entries below ``e^-60`` of their row's (column's) largest are set to 0 (no float32
+      subnormals, whose arithmetic is slow on CPUs; see ``_exp_kernel_``);
     * then the usual scaling iterations ``v = b / K^T u``, ``u = a / K v`` (two batched
       matrix-vector products per iteration); every ``check_every`` iterations each query's column
       violation ``||T^T 1 - b||_2 / ||b||_2`` is compared with ``tol``, converged queries leave the
@@ -314,6 +353,8 @@ def solve_plans(
         tol: Relative tolerance on the L2 violation of the column marginal.
         potential: Column potentials ``(B, m)`` of a previous solve of nearby problems (warm start),
             or ``None`` (cold start).
+        row_potential: Row potentials ``(B, n)`` of a previous solve (warm start; takes precedence
+            over ``potential``), or ``None``.
         check_every: Iterations between convergence checks.
         first_check: Iterations before the first check (a good warm start converges in a few).
         overrelaxation: Over-relaxation factor ``omega`` in ``[1, 2)`` (1: plain Sinkhorn). Same fixed
@@ -334,22 +375,37 @@ def solve_plans(
     batch, n, m = costs.shape
     a, b = 1.0 / n, 1.0 / m
     b_norm = b * m**0.5
-    g = _initial_potential(costs, epsilon, potential)
-    # Row update in the log domain with a row-max shift: K <= 1 and each row of K holds a 1
-    # (arithmetic in place on one (B, n, m) buffer).
-    kernel = g[:, None, :] - costs
-    kernel /= epsilon
-    row_max = nx.max(kernel, axis=2)
-    kernel -= row_max[:, :, None]
-    kernel = nx.exp(kernel)
-    f = -epsilon * row_max  # potentials of K: K = exp((f + g - C) / epsilon)
-    u = a / nx.sum(kernel, axis=2)
-    v = nx.ones((batch, m), type_as=costs)
-    plans = nx.zeros(costs.shape, type_as=costs)
+    if row_potential is not None:
+        # Column update from the row potentials, with a column-max shift: K <= 1 and each column of
+        # K holds a 1.
+        f = row_potential.to(costs.dtype)
+        kernel = torch.sub(f[:, :, None], costs, out=torch.empty_like(costs))
+        kernel /= epsilon
+        col_max = kernel.amax(1)
+        kernel -= col_max[:, None, :]
+        kernel = _exp_kernel_(kernel)
+        g = -epsilon * col_max
+        # Complete the column update (v) and do the row update (u): the same state as the branch below.
+        v = b / nx.sum(kernel, axis=1)
+        u = a / (kernel @ v[:, :, None])[..., 0]
+    else:
+        g = _initial_potential(costs, epsilon, potential)
+        # Row update in the log domain with a row-max shift: K <= 1 and each row of K holds a 1
+        # (arithmetic in place on one (B, n, m) buffer).
+        kernel = g[:, None, :] - costs
+        kernel /= epsilon
+        row_max = nx.max(kernel, axis=2)
+        kernel -= row_max[:, :, None]
+        kernel = _exp_kernel_(kernel)
+        f = -epsilon * row_max  # potentials of K: K = exp((f + g - C) / epsilon)
+        u = a / nx.sum(kernel, axis=2)
+        v = nx.ones((batch, m), type_as=costs)
+    plans = torch.empty_like(costs)  # every query's rows are written when it stops
     iterations = torch.zeros(batch, dtype=torch.int64, device=costs.device)
     converged = torch.zeros(batch, dtype=torch.bool, device=costs.device)
     running = torch.arange(batch, device=costs.device)  # queries still iterating
-    potentials = g.clone()  # output; f, g, kernel, u, v below follow the running queries
+    potentials = g.clone()  # outputs; f, g, kernel, u, v below follow the running queries
+    row_potentials = f.clone()
     relaxed = overrelaxation != 1.0
     omega = nx.full((batch, 1), overrelaxation, type_as=costs)  # per query; 1 once its error grows
     last_error = nx.full((batch,), float("inf"), type_as=costs)
@@ -383,11 +439,19 @@ def solve_plans(
         stop = ok | ~finite | (done >= max_iter)
         iterations[running] = done
         converged[running[ok]] = True
+        if bool(stop.all()) and running.numel() == batch:
+            # Every query stops at once (the usual case with a warm start): the plans are the
+            # kernel, scaled in place; no copies.
+            plans = kernel.mul_(u[:, :, None]).mul_(v[:, None, :])
+            potentials = g + epsilon * nx.log(v)
+            row_potentials = f + epsilon * nx.log(u)
+            break
         if bool(stop.any()):
             # Finished queries: final plans and potentials (NaN after a numerical breakdown).
             index = running[stop]
             plans[index] = u[stop][:, :, None] * kernel[stop] * v[stop][:, None, :]
             potentials[index] = g[stop] + epsilon * nx.log(v[stop])
+            row_potentials[index] = f[stop] + epsilon * nx.log(u[stop])
             more = ~stop
             running, kernel, f, g, u, v = running[more], kernel[more], f[more], g[more], u[more], v[more]
             omega, last_error, ktu = omega[more], last_error[more], ktu[more]
@@ -397,6 +461,8 @@ def solve_plans(
             # Absorb large scalings into the potentials so that they never overflow.
             f, g = f + epsilon * nx.log(u), g + epsilon * nx.log(v)
             u, v = nx.ones(u.shape, type_as=costs), nx.ones(v.shape, type_as=costs)
-            kernel = nx.exp((f[:, :, None] + g[:, None, :] - costs[running]) / epsilon)
+            kernel = _exp_kernel_((f[:, :, None] + g[:, None, :] - costs[running]) / epsilon)
             ktu = (u[:, None, :] @ kernel)[:, 0]
-    return plans, BatchTransportState(potential=potentials, iterations=iterations, converged=converged)
+    return plans, BatchTransportState(
+        potential=potentials, iterations=iterations, converged=converged, row_potential=row_potentials
+    )
