@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
+from anomalib_protorefine.benchmark.resources import status_kb
 
 BASELINE = "PatchCore (baseline)"
 
@@ -66,18 +67,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _status_kb(key: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (Linux), or ``None``."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _reset_cpu_peak() -> int:
     """Reset the peak resident set (``VmHWM``, Linux >= 4.0) and return the current one, bytes.
 
@@ -88,7 +77,7 @@ def _reset_cpu_peak() -> int:
             clear.write("5")
     except OSError:
         pass
-    current = _status_kb("VmRSS")
+    current = status_kb("VmRSS")
     return 1024 * current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -97,7 +86,7 @@ def _peak(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return 1024 * peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
