@@ -757,3 +757,14 @@ def test_refinement_statistics_are_synced_across_ranks() -> None:
         assert call.kwargs["batch_size"] == 2
     logged = {call.args[0]: call.args[1] for call in module.log.call_args_list}
     assert logged["refinement/seconds_per_image"] == pytest.approx(refiner.last_stats["seconds"] / 2)
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_online_mode_warns_that_test_metrics_depend_on_the_order(online: bool) -> None:
+    model = make_model(online=online)
+    model.fit_support(torch.rand(2, 3, SIZE, SIZE))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.on_test_start()
+    about_order = [w for w in caught if "depend on the order of the test images" in str(w.message)]
+    assert len(about_order) == (1 if online else 0)

@@ -92,7 +92,7 @@ def heatmap_grid(context: RunContext, data: DataSpec, base: MethodSpec, refined:
                 axis.set_title(titles[col], fontsize=8)
     figure.suptitle(f"{data.label}, {k}-shot, seed {seed}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=64)
     plt.close(figure)
     return path
 
@@ -156,7 +156,7 @@ def figure7(context: RunContext, data: DataSpec, refined: MethodSpec, path: Path
             inset.set_xlabel(f"{float(weight):.2f}", fontsize=7)
     figure.suptitle(f"{data.label}: {refined.name}, {k}-shot, seed {seed} (paper Fig. 7)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=64)
     plt.close(figure)
     return path
 

@@ -158,8 +158,9 @@ def per_shot_plot(plan: BenchmarkPlan, frame: pd.DataFrame, dataset: str, path: 
         axis.set_ylabel("%")
         low = 100 * part[part.metric == metric].value.min()
         axis.set_ylim(max(0.0, low - 5), 100)
-    axes[1].legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, max(1, len(methods))), frameon=False)
+    figure.tight_layout(rect=(0, 0.06 * math.ceil(len(methods) / 4), 1, 1))
     figure.savefig(path, dpi=90)
     plt.close(figure)
 
