@@ -12,6 +12,7 @@ PatchCorePlus whose ``base`` is a method too) is compared with its base:
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from anomalib.data.utils import read_image
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from .config import BenchmarkPlan, DataSpec, MethodSpec
@@ -29,6 +31,15 @@ from .methods import build_patchcore
 from .methods import support_paths as drawn_support_paths
 
 logger = logging.getLogger(__name__)
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    """Save a figure as a small PNG (256-colour palette: heat maps compress poorly in full colour)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=64, format="png")
+    plt.close(figure)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 def _pair(plan: BenchmarkPlan) -> tuple[MethodSpec, MethodSpec] | None:
@@ -92,8 +103,7 @@ def heatmap_grid(context: RunContext, data: DataSpec, base: MethodSpec, refined:
                 axis.set_title(titles[col], fontsize=8)
     figure.suptitle(f"{data.label}, {k}-shot, seed {seed}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=64)
-    plt.close(figure)
+    _save(figure, path)
     return path
 
 
@@ -156,8 +166,7 @@ def figure7(context: RunContext, data: DataSpec, refined: MethodSpec, path: Path
             inset.set_xlabel(f"{float(weight):.2f}", fontsize=7)
     figure.suptitle(f"{data.label}: {refined.name}, {k}-shot, seed {seed} (paper Fig. 7)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=64)
-    plt.close(figure)
+    _save(figure, path)
     return path
 
 

@@ -166,7 +166,10 @@ def per_shot_plot(plan: BenchmarkPlan, frame: pd.DataFrame, dataset: str, path: 
 
 
 def sweep_plots(plan: BenchmarkPlan, frame: pd.DataFrame, folder: Path) -> list[Path]:
-    """One figure per (swept method, parameter): metric vs value, one line per (dataset, k)."""
+    """One figure per (swept method, parameter): metric vs value, one line per (dataset, k).
+
+    The swept method's own setting is a point of its curve; its base method (if any) is a dashed line.
+    """
     groups: dict[tuple[str, str], list] = {}
     for method in plan.methods:
         if method.sweep is not None:
@@ -186,6 +189,10 @@ def sweep_plots(plan: BenchmarkPlan, frame: pd.DataFrame, folder: Path) -> list[
                     values = part[part.method == method.name].value
                     if len(values):
                         points.append((float(method.sweep[2]), 100 * values.mean(), 100 * values.std(ddof=1)))
+                reference = plan.method(base).base  # e.g. PatchCore for a PatchCore+ sweep: a dashed line
+                values = part[part.method == reference].value if reference else part.value.iloc[:0]
+                if points and len(values):
+                    axis.axhline(100 * values.mean(), linestyle="--", linewidth=1, color="gray")
                 if points:
                     points.sort()
                     xs, ys, es = zip(*points, strict=True)
