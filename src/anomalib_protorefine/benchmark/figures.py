@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib as mpl
 
@@ -26,9 +27,12 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from .config import BenchmarkPlan, DataSpec, MethodSpec
+from .features import CachedTestSet
 from .job import RunContext
 from .methods import build_patchcore
-from .methods import support_paths as drawn_support_paths
+
+if TYPE_CHECKING:
+    from anomalib_protorefine.models import PatchCorePlus
 
 logger = logging.getLogger(__name__)
 
@@ -72,24 +76,31 @@ def _shown(labels: torch.Tensor, masks: torch.Tensor, count: int) -> list[int]:
     return [candidates[int(j * step)] for j in range(count)]
 
 
-def heatmap_grid(context: RunContext, data: DataSpec, base: MethodSpec, refined: MethodSpec, path: Path) -> Path:
-    """Input, ground truth, base and refined maps of a few defective test images."""
+def _first_cell_model(context: RunContext, data: DataSpec, method: MethodSpec) -> PatchCorePlus:
+    """``method``'s model on the run's first cell (smallest k, first seed), support drawn from ``data``."""
+    model = build_patchcore(method, context.plan.k_shots[0], context.plan.seeds[0], context.device)
+    model.prepare_support(context.datamodule(data))
+    return model
+
+
+def heatmap_grid(
+    context: RunContext, data: DataSpec, models: dict[str, PatchCorePlus], test: CachedTestSet, path: Path
+) -> Path:
+    """Input, ground truth, base and refined maps of a few defective test images (``models``: base, refined)."""
     plan = context.plan
     k, seed = plan.k_shots[0], plan.seeds[0]
-    test = context.test_features(data, refined)
     shown = _shown(test.labels, test.masks, plan.heatmap_images)
     maps = {}
-    for method in (base, refined):
-        model = build_patchcore(method, k, seed, context.device)
-        model.prepare_support(context.datamodule(data))
+    for name, model in models.items():
         with torch.inference_mode():
             out = model.model.score_embedding(test.embeddings[shown].to(context.device), test.grid, test.image_size)
-        maps[method.name] = out.anomaly_map.squeeze(1).cpu()
+        maps[name] = out.anomaly_map.squeeze(1).cpu()
+    base, refined = models
     figure, axes = plt.subplots(len(shown), 4, figsize=(9, 2.2 * len(shown)), squeeze=False)
-    titles = ("input", "ground truth", base.name, refined.name)
+    titles = ("input", "ground truth", base, refined)
     for row, index in enumerate(shown):
         panels = [_image(test.paths[index], test.image_size), test.masks[index].float()]
-        panels += [maps[base.name][row], maps[refined.name][row]]
+        panels += [maps[base][row], maps[refined][row]]
         for col, panel in enumerate(panels):
             axis = axes[row][col]
             if col >= 2:
@@ -107,22 +118,23 @@ def heatmap_grid(context: RunContext, data: DataSpec, base: MethodSpec, refined:
     return path
 
 
-def figure7(context: RunContext, data: DataSpec, refined: MethodSpec, path: Path) -> Path:
-    """W of one query as a heat map, and the top-3 prototypes of three of its patches as support-image crops."""
+def figure7(
+    context: RunContext, data: DataSpec, name: str, model: PatchCorePlus, test: CachedTestSet, path: Path
+) -> Path:
+    """W of one query as a heat map, and the top-3 prototypes of three of its patches as support-image crops.
+
+    ``model`` is the refined method ``name`` on the run's first cell (its bank and support images).
+    """
     plan = context.plan
     k, seed = plan.k_shots[0], plan.seeds[0]
-    test = context.test_features(data, refined)
     shown = _shown(test.labels, test.masks, 1) or [0]
     query = shown[0]
-    model = build_patchcore(refined, k, seed, context.device)
-    datamodule = context.datamodule(data)
-    model.prepare_support(datamodule)
     bank = model.model.memory_bank
     with torch.inference_mode():
         result = model.model.refiner.refine(test.embeddings[query : query + 1].to(context.device), bank)
         scores = model.model.refiner.score_result(result)[0].cpu()
         weights = result.weights[0].cpu()
-        paths = drawn_support_paths(datamodule, k, seed)
+        paths = list(model.support_paths)
         support = torch.stack([model.pre_processor.transform(read_image(p, as_tensor=True)) for p in paths])
         embedding, _ = model.model.embed(support.to(context.device))
     flat = embedding.reshape(-1, embedding.shape[-1]).cpu()
@@ -164,7 +176,7 @@ def figure7(context: RunContext, data: DataSpec, refined: MethodSpec, path: Path
             inset.set_xticks([])
             inset.set_yticks([])
             inset.set_xlabel(f"{float(weight):.2f}", fontsize=7)
-    figure.suptitle(f"{data.label}: {refined.name}, {k}-shot, seed {seed} (paper Fig. 7)", fontsize=9)
+    figure.suptitle(f"{data.label}: {name}, {k}-shot, seed {seed} (paper Fig. 7)", fontsize=9)
     figure.tight_layout()
     _save(figure, path)
     return path
@@ -175,15 +187,17 @@ def write_figures(plan: BenchmarkPlan) -> list[Path]:
     pair = _pair(plan)
     if pair is None or plan.heatmap_images <= 0:
         return []
-    base, refined = pair
     context = RunContext(plan)
     paths = []
     for data in plan.datasets:
         slug = data.label.replace("/", "_")
         try:
-            paths.append(heatmap_grid(context, data, base, refined, plan.output / f"heatmaps_{slug}.png"))
+            test = context.test_features(data, pair[1])
+            models = {method.name: _first_cell_model(context, data, method) for method in pair}
+            paths.append(heatmap_grid(context, data, models, test, plan.output / f"heatmaps_{slug}.png"))
             if plan.figure7:
-                paths.append(figure7(context, data, refined, plan.output / f"figure7_{slug}.png"))
+                name = pair[1].name
+                paths.append(figure7(context, data, name, models[name], test, plan.output / f"figure7_{slug}.png"))
         except (OSError, RuntimeError, ValueError) as error:
             logger.warning("no figures for %s: %s", data.label, error)
     return paths
