@@ -133,6 +133,12 @@ def _normal_paths(dataset: object) -> list[str]:
     return sorted(str(path) for path in samples.image_path)
 
 
+def drawn_support_paths(dataset: object, k_shot: int, seed: int) -> tuple[str, ...]:
+    """The files of the k normal images that ``seed`` draws from an anomalib dataset (sorted pool, seeded pick)."""
+    pool = _normal_paths(dataset)
+    return tuple(pool[i] for i in select_indices(len(pool), k_shot, seed))
+
+
 def support_from_dataset(
     dataset: object,
     k_shot: int,
@@ -140,8 +146,7 @@ def support_from_dataset(
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> SupportSet:
     """Choose and load k normal images of an anomalib dataset (e.g. ``datamodule.train_data``)."""
-    pool = _normal_paths(dataset)
-    paths = tuple(pool[i] for i in select_indices(len(pool), k_shot, seed))
+    paths = drawn_support_paths(dataset, k_shot, seed)
     logger.info("Few-shot support (k=%d, seed=%d): %s", k_shot, seed, ", ".join(paths))
     return SupportSet(images=load_images(paths, transform), paths=paths)
 

@@ -136,14 +136,15 @@ def load_test_features(
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            gt_mask = batch.gt_mask if batch.gt_mask is not None else torch.zeros(batch.image.shape[0], 1, 1)
-            images, gt_masks = transform(batch.image, gt_mask)
+            if batch.gt_mask is None:  # no masks (image labels only): all-normal pixels
+                images = transform(batch.image)
+                gt_masks = torch.zeros(len(images), *images.shape[-2:])
+            else:
+                images, gt_masks = transform(batch.image, batch.gt_mask)
             embedding, grid = model.model.embed(images.to(model.device))
             embeddings.append(embedding.cpu())
             labels.append(batch.gt_label.int())
             image_size = tuple(images.shape[-2:])
-            if batch.gt_mask is None:
-                gt_masks = torch.zeros(len(images), *image_size)
             masks.append(gt_masks.reshape(len(images), *image_size).bool())
     seconds = time.perf_counter() - start
     features = CachedTestSet(

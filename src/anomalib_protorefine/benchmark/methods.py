@@ -31,7 +31,7 @@ from anomalib.engine import Engine
 from anomalib.metrics import Evaluator
 from anomalib.models import get_model
 
-from anomalib_protorefine.few_shot import _normal_paths, select_indices
+from anomalib_protorefine.few_shot import drawn_support_paths
 from anomalib_protorefine.models import PatchCorePlus, WinClipPlus
 
 from .config import BenchmarkPlan, MethodSpec
@@ -122,9 +122,7 @@ def _score_batch(model: PatchCorePlus, method: MethodSpec, chunk: torch.Tensor, 
         return model.model.score_embedding(chunk, test.grid, test.image_size)
     options = {key: method.init_args[key] for key in FASTRECON_OPTIONS if key in method.init_args}
     patch = fastrecon_patch_scores(chunk, model.model.memory_bank, **options)
-    height, width = test.grid
-    anomaly_map = model.model.anomaly_map_generator(patch.reshape(-1, 1, height, width), test.image_size)
-    return SimpleNamespace(pred_score=patch.amax(1), anomaly_map=anomaly_map)
+    return model.model.outputs_from_patch_scores(patch, test.grid, test.image_size)
 
 
 def run_cached(
@@ -179,8 +177,7 @@ def run_cached(
 
 def support_paths(datamodule: AnomalibDataModule, k: int, seed: int) -> list[str]:
     """The k support images of a cell: the draw :class:`PatchCorePlus` makes from the same training set."""
-    pool = _normal_paths(datamodule.train_data)
-    return [pool[i] for i in select_indices(len(pool), k, seed)]
+    return list(drawn_support_paths(datamodule.train_data, k, seed))
 
 
 def build_engine_model(method: MethodSpec) -> Any:

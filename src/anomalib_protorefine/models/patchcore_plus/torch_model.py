@@ -213,8 +213,19 @@ class PatchcorePlusModel(PatchcoreModel):
                 "model.fit_support(images), Engine.fit, or a checkpoint)."
             )
             raise ValueError(msg)
+        return self.outputs_from_patch_scores(self.patch_scores(embedding), grid, output_size)
+
+    def outputs_from_patch_scores(
+        self, patch_scores: torch.Tensor, grid: tuple[int, int], output_size: tuple[int, int] | torch.Size
+    ) -> InferenceBatch:
+        """Image scores (max patch score) and anomaly maps (bilinear, blurred) of patch scores ``(B, h*w)``.
+
+        Example:
+            >>> model = PatchcorePlusModel(backbone="resnet18", layers=("layer2",), pre_trained=False)
+            >>> model.outputs_from_patch_scores(torch.rand(2, 16), (4, 4), (32, 32)).anomaly_map.shape
+            torch.Size([2, 1, 32, 32])
+        """
         height, width = grid
-        patch_scores = self.patch_scores(embedding)
         with autocast_disabled(patch_scores):  # keep the map (interpolation, blur) in the scores' precision
             pred_score = patch_scores.amax(1)
             anomaly_map = self.anomaly_map_generator(patch_scores.reshape(-1, 1, height, width), output_size)
