@@ -24,7 +24,7 @@ demo: install
 	$(PY) -m anomalib_protorefine.demo
 
 test: install
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

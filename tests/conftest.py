@@ -7,6 +7,7 @@ files into a pytest temporary folder (never into the repository) with :func:`mak
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,8 @@ def shared_dataset_path(name: str) -> Path:
     """Return ``<repo>/../shared/data/<name>``, skipping the test with a clear reason if it is absent."""
     path = SHARED_DATA / name
     if not (path / "train" / "good").is_dir():
+        if os.environ.get("CI") == "true":  # CI has the shared data: its absence is a failure, not a skip
+            pytest.fail(f"CI: real data set {name!r} not found at {path} (expected ../shared/data/{name})")
         pytest.skip(
             f"real data set {name!r} not found at {path} (expected ../shared/data/{name} relative to the "
             "repository root, in anomalib Folder layout)"

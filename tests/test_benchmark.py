@@ -172,6 +172,17 @@ def test_tiny_run_resumes_after_a_stop_and_writes_the_report(
     report = (output / "report.md").read_text()
     assert "| PatchCore+ | " in report
     assert " ± " in report
+    # Decisions at the support thresholds: the oracle (best threshold on the test set) is never worse, and
+    # the report's cell is the mean ± std of results.csv.
+    for seed in ("0", "1"):
+        values = {r["metric"]: float(r["value"]) for r in rows if (r["seed"], r["method"]) == (seed, "PatchCore")}
+        assert values["oracle_image_BAcc"] >= values["support_image_BAcc"] - 1e-12
+        assert values["oracle_image_BAcc"] >= values["fallback_image_BAcc"] - 1e-12
+        assert 0.0 <= values["support_image_FAR"] <= 1.0
+    bacc = [float(r["value"]) for r in rows if (r["method"], r["metric"]) == ("PatchCore", "support_image_BAcc")]
+    mean = sum(bacc) / len(bacc)
+    std = (sum((v - mean) ** 2 for v in bacc) / (len(bacc) - 1)) ** 0.5
+    assert f"| PatchCore | 1 | {100 * mean:.1f} ± {100 * std:.1f}" in report
     assert "**" in report
     assert "(+" in report or "(-" in report  # the paired difference to the base method
     for name in ("per_shot_brushed_metal", "sweep_patchcoreplus_lambda", "heatmaps_brushed_metal"):

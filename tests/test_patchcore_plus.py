@@ -159,10 +159,19 @@ def test_plain_lightning_trainer_test(quick_datamodule, tmp_path: Path) -> None:
 
 
 def test_plain_trainer_without_validation_warns_about_thresholds(quick_datamodule, tmp_path: Path) -> None:
-    """Without a validation pass the thresholds are NaN: a loud warning names the fix; after validation, none."""
-    model = make_model(refiner=False)
+    """threshold='validation' without a validation pass: NaN thresholds and a loud warning naming the fix;
+    after validation, none. The default (support thresholds) needs no validation pass and does not warn."""
+    model = make_model(refiner=False, threshold="validation")
     with pytest.warns(UserWarning, match=r"no adaptive thresholds.*trainer\.validate\(model"):
         trainer_for(model, tmp_path).test(model, datamodule=quick_datamodule(), verbose=False)
+    assert torch.isnan(model.post_processor.image_threshold)
+
+    model = make_model(refiner=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no adaptive thresholds.*")
+        results = trainer_for(model, tmp_path).test(model, datamodule=quick_datamodule(), verbose=False)
+    finite_metrics(results, "image_F1Score")
+    assert float(model.post_processor.image_threshold) == model.support_thresholds.image_threshold
 
     model = make_model(refiner=False)
     trainer = trainer_for(model, tmp_path)
@@ -178,7 +187,7 @@ def test_plain_trainer_without_validation_warns_about_thresholds(quick_datamodul
 def test_predict_on_a_folder_with_few_shot_source(quick_synthetic_root: Path, tmp_path: Path) -> None:
     """``Engine.predict(model, data_path=folder)`` without checkpoint or datamodule: support from few_shot_source."""
     data = quick_synthetic_root / "brushed_metal"
-    model = make_model(refiner=False, few_shot_source=str(data / "train" / "good"))
+    model = make_model(refiner=False, few_shot_source=str(data / "train" / "good"), threshold="validation")
     with pytest.warns(UserWarning, match="no adaptive thresholds"):
         predictions = Engine(default_root_dir=tmp_path, **QUIET).predict(model, data_path=data / "test" / "defect")
     scores = torch.cat([batch.pred_score for batch in predictions])
@@ -617,7 +626,15 @@ def test_cli_predict_and_export(
     result = _anomalib(["predict", *model, *source, *images], cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
+    assert "no adaptive thresholds" not in output
+    assert "decides with thresholds from the support images" in output
+    result = _anomalib(["predict", *model, *source, "--model.threshold", "validation", *images], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
     assert "no adaptive thresholds" in output
+    result = _anomalib(["predict", *model, "--model.threshold", "sometimes", *source, *images], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "'auto', 'support', 'validation'" in result.stdout + result.stderr
     result = _anomalib(["predict", *model, "--model.k_shot", "2", *images], cwd=tmp_path)
     assert result.returncode != 0
     assert "few_shot_source" in result.stdout + result.stderr

@@ -45,7 +45,7 @@ def test_dict_overrides_the_default_form() -> None:
 
 
 def test_unknown_preset_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="refiner='fast' is not a preset: use one of 'fused', 'paper', 'off'"):
+    with pytest.raises(ValueError, match="refiner='fast' is not a preset: use one of 'fused', 'paper', 'auto', 'off'"):
         make_model(refiner="fast")
 
 

@@ -89,8 +89,59 @@ def augment(image: torch.Tensor, seed: int) -> torch.Tensor:
     return (out * gain).clamp(0, 1).to(image.dtype)
 
 
+def held_out_folds(raw_images: torch.Tensor, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Folds ``(bank images, held-out images)`` of the support images: leave-one-out, or augmented copies for k = 1.
+
+    Args:
+        raw_images: Support images ``(k, 3, H, W)`` in ``[0, 1]``.
+        seed: Seed of the augmentations (k = 1).
+
+    Returns:
+        ``k`` folds (each image held out once, the bank the others) for ``k >= 2``; for ``k = 1`` one
+        fold whose bank is the image and whose held-out images are two augmented copies of it.
+
+    Example:
+        >>> folds = held_out_folds(torch.rand(3, 3, 8, 8), seed=0)
+        >>> [(len(bank), len(held)) for bank, held in folds]
+        [(2, 1), (2, 1), (2, 1)]
+        >>> [(len(bank), len(held)) for bank, held in held_out_folds(torch.rand(1, 3, 8, 8), seed=0)]
+        [(1, 2)]
+    """
+    num = raw_images.shape[0]
+    if num == 1:
+        return [(raw_images, torch.stack([augment(raw_images[0], seed * 1000 + v) for v in range(2)]))]
+    return [(raw_images[[i for i in range(num) if i != index]], raw_images[index : index + 1]) for index in range(num)]
+
+
+def pseudo_queries(
+    held_out: torch.Tensor, seed: int, fold_index: int, variants: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each held-out image clean, then ``variants`` copies with pasted defects, and their masks.
+
+    Returns:
+        Images ``(B, 3, H, W)`` in ``[0, 1]`` and boolean masks ``(B, H, W)`` (all-false for the clean
+        images), ``B = len(held_out) * (1 + variants)``.
+
+    Example:
+        >>> images, masks = pseudo_queries(torch.full((1, 3, 32, 32), 0.5), seed=0, fold_index=0, variants=2)
+        >>> images.shape, masks.flatten(1).any(1).tolist()
+        (torch.Size([3, 3, 32, 32]), [False, True, True])
+    """
+    queries, masks = [], []
+    for h_index, clean in enumerate(held_out):
+        queries.append(clean)
+        masks.append(torch.zeros(clean.shape[-2:], dtype=torch.bool))
+        for v in range(variants):
+            painted, mask = paste_defects(clean, seed=seed * 10_007 + fold_index * 101 + h_index * 11 + v)
+            queries.append(painted)
+            masks.append(mask)
+    return torch.stack(queries), torch.stack(masks)
+
+
 def split_transform(
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    what: str = "self-calibration (refiner='auto')",
+    alternative: str = "a refiner preset instead of 'auto'",
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, Callable[[torch.Tensor], torch.Tensor]]:
     """Split a pre-processing transform into its geometric part and its final normalisation.
 
@@ -98,6 +149,8 @@ def split_transform(
 
     Args:
         transform: ``None``, or a ``Compose`` whose steps after the geometric ones start with ``Normalize``.
+        what: What pastes the defects (named in the error).
+        alternative: The setting that needs no split (named in the error).
 
     Returns:
         ``(geometric, photometric)``; ``geometric`` is ``None`` when there is none.
@@ -117,9 +170,9 @@ def split_transform(
     cut = next((i for i, step in enumerate(steps) if isinstance(step, Normalize)), None)
     if cut is None:
         msg = (
-            "self-calibration (refiner='auto') pastes defects into images in [0, 1] before the pre-processor's "
+            f"{what} pastes defects into images in [0, 1] before the pre-processor's "
             "Normalize step, but the pre-processor transform has none: use the model's default pre-processor "
-            "(or a Compose([...resize..., Normalize(...)])), or choose a refiner preset instead of 'auto'."
+            f"(or a Compose([...resize..., Normalize(...)])), or choose {alternative}."
         )
         raise ValueError(msg)
     return (Compose(steps[:cut]) if cut else None), Compose(steps[cut:])
@@ -165,28 +218,12 @@ def calibrate(
     if not scorers:
         msg = "scorers is empty: pass at least one candidate setting to calibrate."
         raise ValueError(msg)
-    num = raw_images.shape[0]
-    folds: list[tuple[torch.Tensor, torch.Tensor]] = []  # (bank images, held-out images)
-    if num == 1:
-        held = torch.stack([augment(raw_images[0], seed * 1000 + v) for v in range(2)])
-        folds.append((raw_images, held))
-    else:
-        for index in range(num):
-            keep = [i for i in range(num) if i != index]
-            folds.append((raw_images[keep], raw_images[index : index + 1]))
+    folds = held_out_folds(raw_images, seed)
     totals = dict.fromkeys(scorers, 0.0)
     for fold_index, (bank_images, held_out) in enumerate(folds):
-        queries, masks = [], []
-        for h_index, clean in enumerate(held_out):
-            queries.append(clean)
-            masks.append(torch.zeros(clean.shape[-2:], dtype=torch.bool))
-            for v in range(variants):
-                painted, mask = paste_defects(clean, seed=seed * 10_007 + fold_index * 101 + h_index * 11 + v)
-                queries.append(painted)
-                masks.append(mask)
+        queries, fold_masks = pseudo_queries(held_out, seed, fold_index, variants)
         grid = fit_bank(normalize(bank_images))
-        batch = normalize(torch.stack(queries))
-        fold_masks = torch.stack(masks)
+        batch = normalize(queries)
         labels = _patch_labels(fold_masks, grid)
         image_labels = fold_masks.flatten(1).any(1)
         for name, scorer in scorers.items():

@@ -85,6 +85,47 @@ def validate_support_options(k_shot: int | None, few_shot_seed: int, coreset_sam
         raise ValueError(msg)
 
 
+#: Largest magnitude a pre-processed (normalised) image plausibly holds; 0-255 pixel values are far above it.
+MAX_PREPROCESSED_MAGNITUDE = 20.0
+
+
+def check_support_images(images: torch.Tensor, *, preprocessed: bool) -> None:
+    """Raise a clear error unless ``images`` is a float batch ``(k, 3, H, W)`` in the expected range.
+
+    Args:
+        images: The support images.
+        preprocessed: ``True``: after the model's pre-processing (normalised, values of a few units);
+            ``False``: raw images in ``[0, 1]``.
+
+    Example:
+        >>> check_support_images(torch.full((1, 3, 8, 8), 200.0), preprocessed=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: images hold values up to 200 ...
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        msg = f"images must be a non-empty batch (k, 3, H, W), got shape {tuple(images.shape)}."
+        raise ValueError(msg)
+    expected = (
+        "pre-processed images (model.pre_processor.transform of float images in [0, 1])"
+        if preprocessed
+        else "float images in [0, 1] at the model's input size"
+    )
+    if not images.is_floating_point():
+        msg = f"images must be {expected}, got dtype {images.dtype}: convert with images.float() / 255 first."
+        raise TypeError(msg)
+    high, low = float(images.max()), float(images.min())
+    if preprocessed and max(abs(high), abs(low)) > MAX_PREPROCESSED_MAGNITUDE:
+        msg = (
+            f"images hold values up to {max(abs(high), abs(low)):.4g}: they look like 0-255 pixel values, but "
+            f"fit_support expects {expected}: divide by 255 and apply model.pre_processor.transform."
+        )
+        raise ValueError(msg)
+    if not preprocessed and (low < -1e-3 or high > 1 + 1e-3):
+        msg = f"images hold values in [{low:.4g}, {high:.4g}]: expected {expected} (divide 0-255 values by 255)."
+        raise ValueError(msg)
+
+
 def select_indices(pool_size: int, k_shot: int, seed: int) -> list[int]:
     """Pick ``k_shot`` distinct indices out of ``pool_size``, deterministically for ``seed``.
 
@@ -162,10 +203,47 @@ def support_from_folder(
     if not root.is_dir():
         msg = f"few_shot_source={str(folder)!r} is not a folder: point it to a folder of normal images."
         raise FileNotFoundError(msg)
-    pool = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    pool = folder_images(root)
+    if len(pool) < k_shot:
+        subfolders = sorted(p.name for p in root.iterdir() if p.is_dir())
+        hint = (
+            f" It has subfolders {subfolders}: point it at the folder of good images itself (e.g. "
+            f"{root / 'train' / 'good'}); subfolders are not searched, so defect images and masks of a data set "
+            "root are never taken as normal."
+            if subfolders
+            else ""
+        )
+        msg = (
+            f"few_shot_source={str(root)!r} holds {len(pool)} image file(s) ({', '.join(IMAGE_EXTENSIONS)}) but "
+            f"k_shot={k_shot}.{hint} Add good images there, convert others to one of these formats, or lower k_shot."
+        )
+        raise ValueError(msg)
     paths = tuple(pool[i] for i in select_indices(len(pool), k_shot, seed))
-    logger.info("Few-shot support from %s (k=%d, seed=%d): %s", root, k_shot, seed, ", ".join(paths))
+    logger.info(
+        "Few-shot support from %s: %d of its %d images (k=%d, seed=%d): %s",
+        root,
+        k_shot,
+        len(pool),
+        k_shot,
+        seed,
+        ", ".join(paths),
+    )
     return SupportSet(images=load_images(paths, transform), paths=paths)
+
+
+def folder_images(folder: Path) -> list[str]:
+    """Sorted image files directly in ``folder`` (subfolders are not searched).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("b.png", "a.JPG", "notes.txt", "sub/c.png"):
+        ...     (root / name).parent.mkdir(exist_ok=True)
+        ...     (root / name).touch()
+        >>> [Path(p).name for p in folder_images(root)]
+        ['a.JPG', 'b.png']
+    """
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def validate_few_shot_source(few_shot_source: str | Path | None, k_shot: int | None) -> Path | None:

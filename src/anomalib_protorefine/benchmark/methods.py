@@ -22,6 +22,7 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,10 +32,12 @@ from anomalib.engine import Engine
 from anomalib.metrics import Evaluator
 from anomalib.models import get_model
 
-from anomalib_protorefine.few_shot import drawn_support_paths
+from anomalib_protorefine.few_shot import drawn_support_paths, load_images
 from anomalib_protorefine.models import PatchCorePlus, WinClipPlus
+from anomalib_protorefine.thresholds import SupportThresholds
 
 from .config import BenchmarkPlan, MethodSpec
+from .decision import best_balanced_accuracy, decision_values
 from .features import CachedTestSet, scored_indices
 from .metrics import benchmark_metrics
 from .resources import peak_memory
@@ -125,6 +128,43 @@ def _score_batch(model: PatchCorePlus, method: MethodSpec, chunk: torch.Tensor, 
     return model.model.outputs_from_patch_scores(patch, test.grid, test.image_size)
 
 
+@dataclass
+class ScoredTestSet:
+    """A method's outputs on the cached test set, in test order.
+
+    Attributes:
+        scores: Image scores ``(N,)``.
+        maps: Anomaly maps ``(N, H, W)``.
+        seconds: Scoring time (all batches).
+        memory: Peak memory of the first batch (``peak_mb``), when measured.
+    """
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+    seconds: float
+    memory: dict[str, float]
+
+
+def score_test_set(
+    model: PatchCorePlus, method: MethodSpec, test: CachedTestSet, device: torch.device, batch_size: int
+) -> ScoredTestSet:
+    """Score the cached test embeddings batch by batch, as the model's forward does, timing the scoring."""
+    memory: dict[str, float] = {}
+    seconds = 0.0
+    scores, maps = [], []
+    with torch.inference_mode():
+        for index, chunk in enumerate(test.embeddings.split(batch_size)):
+            chunk = chunk.to(device)
+            start = time.perf_counter()
+            with peak_memory(device, memory) if index == 0 else contextlib.nullcontext():
+                output = _score_batch(model, method, chunk, test)
+                _sync(device)
+            seconds += time.perf_counter() - start
+            scores.append(output.pred_score.cpu())
+            maps.append(output.anomaly_map.squeeze(1).cpu())
+    return ScoredTestSet(torch.cat(scores), torch.cat(maps), seconds, memory)
+
+
 def run_cached(
     method: MethodSpec,
     datamodule: AnomalibDataModule,
@@ -134,44 +174,60 @@ def run_cached(
     device: torch.device,
     batch_size: int,
 ) -> dict[str, float]:
-    """Metrics, time and memory of a feature-based method on one cell, from the cached test features."""
+    """Metrics, decisions, time and memory of a feature-based method on one cell, from the cached test features."""
     model = build_patchcore(method, k, seed, device)
+    start = time.perf_counter()
     model.prepare_support(datamodule)
+    support_seconds = time.perf_counter() - start
+    scored = score_test_set(model, method, test, device, batch_size)
     metrics = benchmark_metrics()
-    memory: dict[str, float] = {}
-    seconds = 0.0
-    with torch.inference_mode():
-        for index, (chunk, labels, masks) in enumerate(
-            zip(
-                test.embeddings.split(batch_size),
-                test.labels.split(batch_size),
-                test.masks.split(batch_size),
-                strict=True,
-            )
-        ):
-            chunk = chunk.to(device)
-            start = time.perf_counter()
-            with peak_memory(device, memory) if index == 0 else contextlib.nullcontext():
-                output = _score_batch(model, method, chunk, test)
-                _sync(device)
-            seconds += time.perf_counter() - start
-            batch = SimpleNamespace(
-                pred_score=output.pred_score.cpu(),
-                anomaly_map=output.anomaly_map.squeeze(1).cpu(),
-                gt_label=labels,
-                gt_mask=masks,
-            )
-            for metric in metrics:
-                metric.update(batch)
+    batch = SimpleNamespace(pred_score=scored.scores, anomaly_map=scored.maps, gt_label=test.labels, gt_mask=test.masks)
+    for metric in metrics:
+        metric.update(batch)
     values = {metric.name: float(metric.compute()) for metric in metrics}
-    head_ms = 1000 * seconds / len(test.paths)
+    if method.class_path != "FastRecon":  # the support thresholds are in the model's (PatchCore) score units
+        values |= decisions(model, scored, test)
+    head_ms = 1000 * scored.seconds / len(test.paths)
     values |= {
         "head_ms": head_ms,
         "backbone_ms": test.backbone_ms,
         "time_ms": test.backbone_ms + head_ms,
-        "peak_mb": memory.get("peak_mb", float("nan")),
+        "support_s": support_seconds,
+        "peak_mb": scored.memory.get("peak_mb", float("nan")),
         "bank_size": float(model.model.memory_bank.shape[0]),
     }
+    return values
+
+
+def decisions(
+    model: PatchCorePlus, scored: ScoredTestSet, test: CachedTestSet, thresholds: SupportThresholds | None = None
+) -> dict[str, float]:
+    """Decision metrics of a cell: at the support thresholds, the oracle, and anomalib's normal-only fallback.
+
+    The fallback is what anomalib's F1-adaptive threshold gives on a validation set without defects:
+    the highest normal score, here that of the support images themselves against the full bank.
+
+    Args:
+        model: The cell's model, support data built.
+        scored: Its outputs on the test set.
+        test: The test set.
+        thresholds: Support thresholds to judge (default: the model's own).
+    """
+    scores, maps = scored.scores, scored.maps
+    values = {"oracle_image_BAcc": best_balanced_accuracy(scores, test.labels)}
+    masks = test.masks if bool(test.masks.any()) else None
+    thresholds = thresholds if thresholds is not None else model.support_thresholds
+    if thresholds is not None:
+        values |= decision_values(
+            scores, test.labels, maps, masks, thresholds.image_threshold, thresholds.pixel_threshold, "support_"
+        )
+    transform = model.pre_processor.transform if model.pre_processor is not None else None
+    support = load_images(model.support_paths, transform)
+    with model.calibration_scoring():
+        own = model.model(support.to(model.device))
+    values |= decision_values(
+        scores, test.labels, maps, masks, float(own.pred_score.max()), float(own.anomaly_map.max()), "fallback_"
+    )
     return values
 
 

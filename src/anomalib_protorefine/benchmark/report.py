@@ -38,6 +38,7 @@ COST = (
     ("head_ms", "scoring ms / image"),
     ("peak_mb", "peak MB / batch"),
     ("bank_size", "bank size"),
+    ("support_s", "support s (bank + thresholds)"),
 )
 
 
@@ -109,6 +110,134 @@ def _table(
     return lines
 
 
+#: Decision columns: (metric, title); ratios are per seed, then averaged.
+DECISIONS = (
+    ("support_image_BAcc", "BAcc"),
+    ("support_image_Recall", "detection"),
+    ("support_image_FAR", "false alarms"),
+    ("support_image_Precision", "precision"),
+    ("support_image_F1", "F1"),
+    ("support_pixel_F1", "pixel F1"),
+)
+FALLBACK = (
+    ("fallback_image_BAcc", "BAcc"),
+    ("fallback_image_Recall", "detection"),
+    ("fallback_image_FAR", "false alarms"),
+    ("fallback_image_F1", "F1"),
+    ("fallback_pixel_F1", "pixel F1"),
+)
+ORACLE = (("oracle_image_BAcc", "BAcc"), ("image_F1Max", "F1-max"), ("pixel_F1Max", "pixel F1-max"))
+
+
+def _ratios(runs: dict[int, float], reference: dict[int, float]) -> list[float]:
+    """Per-seed ``runs / reference`` on the seeds both hold (finite values only)."""
+    return [
+        runs[s] / reference[s]
+        for s in sorted(set(runs) & set(reference))
+        if math.isfinite(runs[s]) and math.isfinite(reference[s]) and reference[s] > 0
+    ]
+
+
+def decision_summary(frame: pd.DataFrame) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (dataset, method): the goal's ratios, averaged over k and seeds, and the lowest k's.
+
+    Returns:
+        ``{(dataset, method): {"bacc_ratio", "worst_k_bacc_ratio", "pixel_f1_ratio", "worst_k_pixel_f1_ratio"}}``.
+
+    Example:
+        >>> rows = [("d", 1, 0, "m", "support_image_BAcc", 0.8), ("d", 1, 0, "m", "oracle_image_BAcc", 1.0)]
+        >>> frame = pd.DataFrame(rows, columns=["dataset", "k_shot", "seed", "method", "metric", "value"])
+        >>> decision_summary(frame)[("d", "m")]["bacc_ratio"]
+        0.8
+    """
+    summary: dict[tuple[str, str], dict[str, float]] = {}
+    for dataset in frame.dataset.unique():
+        data = _per_seed(frame[frame.dataset == dataset])
+        methods = sorted({key[0] for key in data if key[2] == "support_image_BAcc"})
+        for method in methods:
+            values: dict[str, float] = {}
+            for name, metric, reference in (
+                ("bacc", "support_image_BAcc", "oracle_image_BAcc"),
+                ("pixel_f1", "support_pixel_F1", "pixel_F1Max"),
+            ):
+                per_k = {
+                    k: _ratios(data[(m, k, metric)], data.get((m, k, reference), {}))
+                    for (m, k, key) in data
+                    if m == method and key == metric
+                }
+                per_k = {k: r for k, r in per_k.items() if r}
+                if per_k:
+                    every = [r for ratios in per_k.values() for r in ratios]
+                    values[f"{name}_ratio"] = sum(every) / len(every)
+                    values[f"worst_k_{name}_ratio"] = min(sum(r) / len(r) for r in per_k.values())
+            summary[(dataset, method)] = values
+    return summary
+
+
+def _decision_tables(frame: pd.DataFrame) -> list[str]:
+    """Markdown of the decision tables of one dataset: support thresholds, oracle, anomalib's normal-only fallback."""
+    data = _per_seed(frame)
+    rows = sorted({(m, k) for (m, k, metric) in data if metric == "support_image_BAcc"}, key=lambda r: (r[0], r[1]))
+    if not rows:
+        return []
+    order = {name: i for i, name in enumerate(dict.fromkeys(frame.method))}
+    rows.sort(key=lambda r: (order.get(r[0], 0), r[1]))
+
+    def cell(method: str, k: int, metric: str) -> str:
+        runs = data.get((method, k, metric))
+        finite = [v for v in (runs or {}).values() if math.isfinite(v)]
+        return format_cell(finite, None) if finite else "n/a"
+
+    lines = [
+        'Decisions at the support thresholds (`threshold="support"`: no validation pass, no defect image), '
+        "in percent; BAcc = balanced accuracy (mean of the detection rate and the pass rate of good images); "
+        "false alarms = rate on good test images; (x r) = support value / oracle value, per seed, averaged:",
+        "",
+        "| method | k | " + " | ".join(title for _, title in DECISIONS) + " |",
+        "|" + "---|" * (2 + len(DECISIONS)),
+    ]
+    for method, k in rows:
+        cells = []
+        for metric, _ in DECISIONS:
+            text = cell(method, k, metric)
+            reference = {"support_image_BAcc": "oracle_image_BAcc", "support_pixel_F1": "pixel_F1Max"}.get(metric)
+            ratios = (
+                _ratios(data.get((method, k, metric), {}), data.get((method, k, reference), {})) if reference else []
+            )
+            if ratios:
+                text += f" (x{sum(ratios) / len(ratios):.2f})"
+            cells.append(text)
+        lines.append(f"| {method} | {k} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Oracle (the best threshold on the test set) and anomalib's normal-only fallback (threshold = the highest "
+        "score of the support images themselves, what anomalib's F1-adaptive threshold gives on good images only):",
+        "",
+        "| method | k | "
+        + " | ".join(f"oracle {t}" for _, t in ORACLE)
+        + " | "
+        + " | ".join(f"fallback {t}" for _, t in FALLBACK)
+        + " |",
+        "|" + "---|" * (2 + len(ORACLE) + len(FALLBACK)),
+    ]
+    for method, k in rows:
+        cells = [cell(method, k, metric) for metric, _ in (*ORACLE, *FALLBACK)]
+        lines.append(f"| {method} | {k} | " + " | ".join(cells) + " |")
+    summary = decision_summary(frame)
+    lines += ["", "Goal ratios (averaged over k and seeds; worst k in brackets):", ""]
+    for (_, method), values in summary.items():
+        if "bacc_ratio" in values:
+            pixel = (
+                f"; pixel F1 / F1-max {values['pixel_f1_ratio']:.2f} ({values['worst_k_pixel_f1_ratio']:.2f})"
+                if "pixel_f1_ratio" in values
+                else ""
+            )
+            lines.append(
+                f"* {method}: BAcc / oracle {values['bacc_ratio']:.2f} ({values['worst_k_bacc_ratio']:.2f}){pixel}"
+            )
+    return [*lines, ""]
+
+
 def markdown(plan: BenchmarkPlan, frame: pd.DataFrame) -> str:
     """The whole ``report.md``."""
     seeds = sorted(int(s) for s in frame.seed.unique())
@@ -129,6 +258,7 @@ def markdown(plan: BenchmarkPlan, frame: pd.DataFrame) -> str:
         lines += [*_table(plan, part, F1, percent=True, paired=True), ""]
         lines += ["Cost (mean ± std over seeds; time = cached backbone time + scoring time):", ""]
         lines += [*_table(plan, part, COST, percent=False, paired=False), ""]
+        lines += _decision_tables(part)
         sweeps = [m for m in plan.methods if m.sweep is not None and m.name in set(part.method)]
         if sweeps:
             lines += ["Sweeps (see the sweep plots):", ""]

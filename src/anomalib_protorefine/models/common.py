@@ -9,11 +9,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
-from pathlib import PurePath
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path, PurePath
 from typing import Any, ClassVar
 
 import torch
@@ -22,8 +23,24 @@ from anomalib.post_processing import PostProcessor
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_protorefine.few_shot import validate_k_shot
+from anomalib_protorefine.calibration import split_transform
+from anomalib_protorefine.few_shot import (
+    check_support_images,
+    load_images,
+    validate_few_shot_source,
+    validate_k_shot,
+    validate_support_options,
+)
+from anomalib_protorefine.post_processing import FewShotPostProcessor, clear_thresholds, write_support_thresholds
 from anomalib_protorefine.refinement import PrototypeRefiner, RefinerOptions
+from anomalib_protorefine.thresholds import (
+    SupportScores,
+    SupportThresholds,
+    choose_thresholds,
+    collect_support_scores,
+    describe,
+    validate_threshold,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +77,7 @@ def make_refiner(
     refiner: bool | str | dict[str, Any] | PrototypeRefiner,
     presets: Mapping[str, dict[str, Any]],
     default: str,
+    other_names: Sequence[str] = (),
 ) -> PrototypeRefiner | None:
     """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
 
@@ -77,6 +95,7 @@ def make_refiner(
             spec), or a refiner.
         presets: The model's named settings (preset name -> refiner options).
         default: The preset of ``True`` and the base of a dict.
+        other_names: Other string values the model accepts (e.g. ``"auto"``), listed in the error.
 
     Returns:
         The refiner or ``None``.
@@ -96,7 +115,7 @@ def make_refiner(
         if refiner == "off":
             return None
         if refiner not in presets:
-            names = ", ".join(repr(name) for name in (*presets, "off"))
+            names = ", ".join(repr(name) for name in (*presets, *other_names, "off"))
             msg = f"refiner={refiner!r} is not a preset: use one of {names}, True, False or a dict of options."
             raise ValueError(msg)
         return PrototypeRefiner(**presets[refiner])
@@ -169,13 +188,172 @@ class RefinedFewShotMixin:
     def k_shot(self, value: int | None) -> None:
         value = self._normalize_k_shot(value)
         validate_k_shot(value)
-        changed = "_k_shot" in self.__dict__ and self.__dict__["_k_shot"] != value
-        self.__dict__["_k_shot"] = value
+        self._set_support_option("k_shot", value, value)
+
+    @property
+    def few_shot_seed(self) -> int:
+        """Seed of the support draw (and of the coreset). Setting it rebuilds the support data when next needed."""
+        return self.__dict__["_few_shot_seed"]
+
+    @few_shot_seed.setter
+    def few_shot_seed(self, value: int) -> None:
+        validate_support_options(None, value, 1.0, paper="")
+        self._set_support_option("few_shot_seed", value, value)
+
+    @property
+    def few_shot_source(self) -> Path | None:
+        """Folder the support images are drawn from (``None``: the datamodule's training set).
+
+        Setting it checks the folder and rebuilds the support data when next needed.
+        """
+        return self.__dict__["_few_shot_source"]
+
+    @few_shot_source.setter
+    def few_shot_source(self, value: str | Path | None) -> None:
+        path = validate_few_shot_source(value, self.__dict__.get("_k_shot"))
+        self._set_support_option("few_shot_source", path, str(path) if path is not None else None)
+
+    def _set_support_option(self, name: str, value: Any, stored: Any) -> None:
+        """Set a support-defining option: keep ``hparams`` in sync and forget support data built for the old value.
+
+        The first assignment (in ``__init__``) only stores. A change empties the bank / references, the
+        support list and the support thresholds; they are rebuilt from the new value when next needed
+        (as at the first test or predict), so no stale support is ever scored.
+        """
+        key = f"_{name}"
+        changed = key in self.__dict__ and self.__dict__[key] != value
+        self.__dict__[key] = value
         hparams = getattr(self, "_hparams", None)
-        if hparams is not None and "k_shot" in hparams:
-            hparams["k_shot"] = value
+        if hparams is not None and name in hparams:
+            hparams[name] = stored
         if changed:
+            self._on_support_option_changed(name, value)
             self._reset_support()
+            self._forget_support_thresholds()
+
+    def _on_support_option_changed(self, name: str, value: Any) -> None:
+        """Hook for models whose torch model holds a copy of a support option (e.g. a coreset seed)."""
+
+    # ------------------------------------------------------------------ thresholds
+    threshold: str
+    support_thresholds: SupportThresholds | None
+    support_scores: SupportScores | None
+
+    def _init_thresholds(self, threshold: str, k_shot: int | None, few_shot_source: object | None) -> None:
+        """Validate and store ``threshold``, and hand it to the model's :class:`FewShotPostProcessor`."""
+        self.threshold = validate_threshold(threshold, k_shot, few_shot_source)
+        self.support_thresholds = None
+        self.support_scores = None
+        post_processor = getattr(self, "post_processor", None)
+        if isinstance(post_processor, FewShotPostProcessor):
+            post_processor.threshold = self.threshold
+
+    def _set_threshold_source(self, threshold: str) -> None:
+        """Change ``threshold`` (from a checkpoint): the model's attribute and its post-processor's."""
+        self.threshold = validate_threshold(threshold, self.k_shot)
+        post_processor = getattr(self, "post_processor", None)
+        if isinstance(post_processor, FewShotPostProcessor):
+            post_processor.threshold = self.threshold
+
+    def _wants_support_thresholds(self) -> bool:
+        """Support thresholds are computed with ``threshold`` ``"support"`` or ``"auto"`` (never for "validation")."""
+        return getattr(self, "threshold", "validation") != "validation"
+
+    @contextlib.contextmanager
+    def calibration_scoring(self) -> Iterator[None]:
+        """Scoring of pseudo images: eval mode, no gradients (models with scoring state extend it)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def calibrate_thresholds(self, paths: Sequence[str]) -> SupportThresholds | None:
+        """Image and pixel thresholds and the normalisation range from the support image files alone.
+
+        The files are read and resized by the pre-processor's geometric steps, then
+        :meth:`calibrate_thresholds_from_images` does the rest.
+
+        Args:
+            paths: The support image files.
+
+        Returns:
+            The thresholds, or ``None`` when ``threshold="auto"`` and the pre-processor has no
+            ``Normalize`` step to paste defects before (a warning says so).
+
+        Raises:
+            ValueError: ``threshold="support"`` and the pre-processor cannot be split.
+        """
+        split = self._split_pre_processing()
+        if split is None:
+            return None
+        geometric, _ = split
+        return self.calibrate_thresholds_from_images(load_images(paths, geometric))
+
+    def _split_pre_processing(self) -> tuple[Any, Any] | None:
+        """The pre-processor's geometric and photometric steps (``None``: cannot split, warned under "auto")."""
+        pre_processor = getattr(self, "pre_processor", None)
+        transform = pre_processor.transform if pre_processor is not None else None
+        what = "support thresholds (threshold='support' or 'auto')"
+        try:
+            return split_transform(transform, what=what, alternative="threshold='validation'")
+        except ValueError as error:
+            if self.threshold == "support":
+                raise
+            msg = f"{type(self).__name__}: no support thresholds: {error}"
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            logger.warning(msg)
+            return None
+
+    def calibrate_thresholds_from_images(self, images: torch.Tensor) -> SupportThresholds | None:
+        """Thresholds from support images ``(k, 3, H, W)`` in ``[0, 1]`` at the model's input size (not normalised).
+
+        Held-out support images (leave-one-out, or augmented copies of a single image) are scored
+        clean and with synthetic defects pasted in, with the model's own refiner, scoring and anomaly
+        map (:mod:`anomalib_protorefine.thresholds`); the result goes into the post-processor and
+        :attr:`support_thresholds`. The support data is left built from a subset: the caller rebuilds
+        it (``fit_support`` on all support images, pre-processed).
+
+        Example:
+            >>> import torch
+            >>> from anomalib_protorefine import PatchCorePlus
+            >>> model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, refiner=False)
+            >>> support = torch.rand(2, 3, 64, 64)
+            >>> thresholds = model.calibrate_thresholds_from_images(support)
+            >>> model.fit_support(model.pre_processor.transform.transforms[1](support))
+            >>> float(model.post_processor.image_threshold) == thresholds.image_threshold
+            True
+        """
+        check_support_images(images, preprocessed=False)
+        split = self._split_pre_processing()
+        if split is None:
+            return None
+        _, photometric = split
+
+        def score(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            output = self.model(batch.to(self.device))
+            return output.pred_score, output.anomaly_map
+
+        with self.calibration_scoring():
+            scores = collect_support_scores(images, photometric, self.fit_support, score, seed=self.few_shot_seed)
+        thresholds = choose_thresholds(scores)
+        self.support_scores = scores
+        self.support_thresholds = thresholds
+        post_processor = getattr(self, "post_processor", None)
+        if isinstance(post_processor, PostProcessor):
+            write_support_thresholds(post_processor, thresholds)
+        logger.info("%s: support thresholds %s.", type(self).__name__, describe(thresholds))
+        return thresholds
+
+    def _forget_support_thresholds(self) -> None:
+        """The support changed: support thresholds in force no longer apply (recomputed with the support data)."""
+        self.support_thresholds = None
+        self.support_scores = None
+        post_processor = getattr(self, "post_processor", None)
+        if isinstance(post_processor, FewShotPostProcessor) and post_processor.threshold_origin == "support":
+            clear_thresholds(post_processor)
 
     def on_validation_start(self) -> None:
         """Prepare the support data before validation."""
@@ -198,13 +376,23 @@ class RefinedFewShotMixin:
             return
         thresholds = (post_processor.image_threshold, post_processor.pixel_threshold)
         if not any(bool(torch.isnan(threshold).all()) for threshold in thresholds):
+            origin = getattr(post_processor, "threshold_origin", "a checkpoint or a validation pass")
+            logger.info(
+                "%s decides with thresholds from %s: image %.4g, pixel %.4g (raw scores; pred_label = score above it).",
+                type(self).__name__,
+                "the support images" if origin == "support" else "validation" if origin == "validation" else origin,
+                float(post_processor.image_threshold),
+                float(post_processor.pixel_threshold),
+            )
             return
         name = type(self).__name__
         msg = (
             f"{name} has no adaptive thresholds or normalisation statistics: no validation pass ran before "
-            f"{stage} and no checkpoint provided them. pred_score and anomaly_map are raw, unnormalised scores, "
-            "pred_label / pred_mask are not thresholded (meaningless), and threshold-dependent metrics (F1Score) "
-            "are invalid. Fix: validate on labelled data (normal and defective images) first: "
+            f"{stage}, no checkpoint provided them and no support thresholds were computed "
+            f"(threshold={getattr(self, 'threshold', None)!r}). pred_score and anomaly_map are raw, unnormalised "
+            "scores, pred_label / pred_mask are not thresholded (meaningless), and threshold-dependent metrics "
+            "(F1Score) are invalid. Fix: set k_shot with threshold='auto' or 'support' (thresholds from the support "
+            "images), or validate on labelled data (normal and defective images) first: "
             f"`trainer.validate(model, datamodule=...)` before `trainer.{stage}(...)`, or anomalib's `Engine` with "
             "a datamodule (it validates few-shot models first), or load a checkpoint made that way "
             "(`ckpt_path=...`, CLI `--ckpt_path`)."
@@ -239,8 +427,8 @@ class RefinedFewShotMixin:
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """Default post-processor (score normalisation and adaptive thresholds)."""
-        return PostProcessor()
+        """The post-processor: :class:`FewShotPostProcessor` (thresholds may come from the support images)."""
+        return FewShotPostProcessor()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the refiner as plain options (loadable with ``weights_only``) and the support files."""
@@ -248,6 +436,8 @@ class RefinedFewShotMixin:
         refiner = self.model.refiner
         checkpoint["hyper_parameters"]["refiner"] = refiner.options.as_dict() if refiner is not None else False
         checkpoint["protorefine_support_paths"] = list(self.support_paths)
+        thresholds = getattr(self, "support_thresholds", None)
+        checkpoint["protorefine_support_thresholds"] = thresholds.as_dict() if thresholds is not None else None
 
     # ------------------------------------------------------------------ checkpoints
     #: The model's named refiner settings, and the one that ``refiner=True`` and a partial dict start from.
@@ -290,6 +480,8 @@ class RefinedFewShotMixin:
             warnings.warn(msg, UserWarning, stacklevel=2)
             logger.warning(msg)
         self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
+        stored_thresholds = checkpoint.get("protorefine_support_thresholds")
+        self.support_thresholds = SupportThresholds(**stored_thresholds) if stored_thresholds else None
 
     def _restore_refiner(self, stored: Any) -> list[str]:
         """Rebuild the refiner from the checkpoint's options; return the differences from the current one."""

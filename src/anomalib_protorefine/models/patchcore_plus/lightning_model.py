@@ -15,10 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from anomalib_protorefine.backbones import normalization_for
 from anomalib_protorefine.calibration import CalibrationResult, calibrate, split_transform
 from anomalib_protorefine.few_shot import (
+    check_support_images,
     load_images,
     support_from_dataset,
     support_from_folder,
@@ -142,6 +144,11 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             ``--model.refiner.lambda_ 0.2``), or a :class:`PrototypeRefiner` (used as given).
         online: "Online PatchCore+" (paper Table 6): refined prototypes join a bounded extra bank.
         online_capacity: Size bound of the online bank (default: the support bank's size).
+        threshold: Where the image and pixel thresholds (and the normalisation range) come from:
+            ``"auto"`` (the support images, replaced by anomalib's F1-adaptive thresholds when a
+            validation pass with defective images runs), ``"support"`` (the support images only: held-out
+            support images scored clean and with synthetic defects; see
+            :mod:`anomalib_protorefine.thresholds`) or ``"validation"`` (anomalib's behaviour).
         pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -166,6 +173,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         refiner: bool | str | dict[str, Any] | PrototypeRefiner = True,
         online: bool = False,
         online_capacity: int | None = None,
+        threshold: str = "auto",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -180,7 +188,10 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             msg = "refiner='auto' calibrates on the k support images: set k_shot (e.g. k_shot=4) or choose a preset."
             raise ValueError(msg)
         refiner_module = make_refiner(
-            True if self.auto_refiner else refiner, PATCHCORE_REFINER_PRESETS, PATCHCORE_DEFAULT_PRESET
+            True if self.auto_refiner else refiner,
+            PATCHCORE_REFINER_PRESETS,
+            PATCHCORE_DEFAULT_PRESET,
+            other_names=("auto",),
         )
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
@@ -204,6 +215,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         self.few_shot_source = source
         self.support_paths: tuple[str, ...] = ()
         self.calibration: CalibrationResult | None = None
+        self._init_thresholds(threshold, k_shot, source)
 
     # ------------------------------------------------------------------ components
     @classmethod
@@ -239,9 +251,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             >>> model.model.memory_bank.shape[1]
             128
         """
-        if images.ndim != 4 or images.shape[0] == 0:
-            msg = f"images must be a non-empty batch (k, 3, H, W), got shape {tuple(images.shape)}."
-            raise ValueError(msg)
+        check_support_images(images, preprocessed=True)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
@@ -278,6 +288,8 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             self.support_paths = support.paths
             if self.auto_refiner:
                 self.calibrate_refiner(support.paths)
+            if self._wants_support_thresholds():
+                self.calibrate_thresholds(support.paths)
             self.fit_support(support.images)
         elif self.model.embedding_store:
             logger.info("Applying core-set subsampling to the collected embeddings.")
@@ -349,6 +361,17 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         logger.info("Self-calibration chose refiner=%r (calibration scores: %s).", result.choice, scores)
         return result
 
+    @contextlib.contextmanager
+    def calibration_scoring(self) -> Iterator[None]:
+        """Score pseudo images without growing the online bank (the bank is rebuilt afterwards anyway)."""
+        online = self.model.online
+        self.model.online = False
+        try:
+            with super().calibration_scoring():
+                yield
+        finally:
+            self.model.online = online
+
     def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid ``(h, w)`` of pre-processed images."""
         with torch.no_grad():
@@ -356,7 +379,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         return grid
 
     def _reset_support(self) -> None:
-        """Empty the memory bank (and the online bank) and the support list: ``k_shot`` changed."""
+        """Empty the memory bank (and the online bank) and the support list: a support-defining option changed."""
         device = self.model.memory_bank.device
         self.model.memory_bank = torch.empty(0, device=device)
         self.model.online_bank = torch.empty(0, device=device)
@@ -438,7 +461,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
     refiner_default_preset = PATCHCORE_DEFAULT_PRESET
 
     def _score_options(self) -> dict[str, Any]:
-        """Options besides the refiner that change scores (the coreset ratio also sets the online coreset)."""
+        """Options besides the refiner that change scores or decisions (the coreset ratio also sets the online one)."""
         return {
             "k_shot": self.k_shot,
             "few_shot_seed": self.few_shot_seed,
@@ -446,11 +469,14 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             "online": self.model.online,
             "online_capacity": self.model.online_capacity,
             "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
+            "threshold": self.threshold,
         }
 
     def _apply_score_option(self, name: str, value: Any) -> None:
         """Set an option of :meth:`_score_options` (from a checkpoint)."""
-        if name == "k_shot":
+        if name == "threshold":
+            self._set_threshold_source(value)
+        elif name == "k_shot":
             self.k_shot = value
         elif name == "few_shot_seed":
             self.few_shot_seed = value
@@ -458,7 +484,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             self.coreset_sampling_ratio = value
             self.model.online_sampling_ratio = value
         elif name == "few_shot_source":
-            self.few_shot_source = Path(value) if value else None
+            self.few_shot_source = value or None
         elif name in {"online", "online_capacity"}:
             setattr(self.model, name, value)
         else:

@@ -35,6 +35,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from anomalib_protorefine.few_shot import (
     SupportSet,
+    check_support_images,
     support_from_dataset,
     support_from_folder,
     train_dataset_of,
@@ -79,6 +80,10 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
             ``"off"`` (plain WinCLIP with the same code: the baseline), a dict of the options to
             change (the others keep these defaults; CLI: ``--model.refiner.lambda_ 0.2``), or a cosine
             :class:`PrototypeRefiner`.
+        threshold: Where the thresholds and the normalisation range come from: ``"auto"`` (the
+            support images, replaced by anomalib's when a validation pass with defective images runs),
+            ``"support"`` (the support images only) or ``"validation"`` (anomalib's behaviour); as
+            :class:`~anomalib_protorefine.PatchCorePlus`.
         pre_processor: Pre-processor, ``True`` for the default (240 px bicubic, CLIP normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -102,6 +107,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         pretrained: str | None = DEFAULT_PRETRAINED,
         coreset_sampling_ratio: float = 0.5,
         refiner: bool | str | dict[str, Any] | PrototypeRefiner = True,
+        threshold: str = "auto",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -131,6 +137,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         self.few_shot_seed = few_shot_seed
         self.few_shot_source = source
         self.support_paths: tuple[str, ...] = ()
+        self._init_thresholds(threshold, k_shot, source)
 
     # ------------------------------------------------------------------ components
     @classmethod
@@ -199,9 +206,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
             2
 
         """
-        if images.ndim != 4 or images.shape[0] == 0:
-            msg = f"images must be a non-empty batch (k, 3, H, W), got shape {tuple(images.shape)}."
-            raise ValueError(msg)
+        check_support_images(images, preprocessed=True)
         self.model.setup(reference_images=images.to(self.device))
 
     def _ensure_ready(self) -> None:
@@ -210,6 +215,8 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         if self.k_shot and not self.model.has_references:
             support = self.select_support()
             self.support_paths = support.paths
+            if self._wants_support_thresholds():
+                self.calibrate_thresholds(support.paths)
             self.fit_support(support.images)
 
     @staticmethod
@@ -217,8 +224,13 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         """``0`` means zero-shot, as in upstream WinClip: stored as ``None``."""
         return k_shot or None
 
+    def _on_support_option_changed(self, name: str, value: Any) -> None:
+        """The torch model's coreset seed follows ``few_shot_seed``."""
+        if name == "few_shot_seed":
+            self.model.coreset_seed = value
+
     def _reset_support(self) -> None:
-        """Forget the reference embeddings and the support list: ``k_shot`` changed."""
+        """Forget the reference embeddings and the support list: a support-defining option changed."""
         self.model.clear_references()
         self.support_paths = ()
 
@@ -245,17 +257,19 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
             "coreset_sampling_ratio": self.model.coreset_sampling_ratio,
             "class_name": self.class_name,
             "scales": list(self.model.scales),
+            "threshold": self.threshold,
         }
 
     def _apply_score_option(self, name: str, value: Any) -> None:
         """Set an option of :meth:`_score_options` (from a checkpoint)."""
-        if name == "k_shot":
+        if name == "threshold":
+            self._set_threshold_source(value)
+        elif name == "k_shot":
             self.k_shot = value
         elif name == "few_shot_seed":
             self.few_shot_seed = value
-            self.model.coreset_seed = value
         elif name == "few_shot_source":
-            self.few_shot_source = Path(value) if value else None
+            self.few_shot_source = value or None
         elif name == "coreset_sampling_ratio":
             self.model.coreset_sampling_ratio = value
         elif name == "class_name":
