@@ -42,7 +42,35 @@ def pixel_f1_max(maps: torch.Tensor, masks: torch.Tensor) -> float:
     return float(metric.compute())
 
 
-def run(config: Path, seeds: list[int], out: Path, only: list[str] | None) -> list[dict]:
+#: Bins of the pixel histograms in a cell record (pixel F1 at any threshold, to the bin width).
+PIXEL_BINS = 4096
+
+
+def cell_record(dataset: str, k: int, seed: int, method: str, model: object, scored: object, test: object) -> dict:
+    """What any threshold rule needs of a cell: pseudo scores, test scores and labels, pixel histograms."""
+    support = model.support_scores
+    quantiles = torch.linspace(0, 1, 101, dtype=torch.float64)
+    low, high = float(scored.maps.min()), float(scored.maps.max())
+    maps = scored.maps.double()
+    masks = test.masks.bool()
+    return {
+        "dataset": dataset,
+        "k": k,
+        "seed": seed,
+        "method": method,
+        "normal_scores": support.normal_scores.tolist(),
+        "defect_scores": support.defect_scores.tolist(),
+        "normal_pixel_quantiles": torch.quantile(support.normal_pixels.double(), quantiles).tolist(),
+        "defect_pixel_quantiles": torch.quantile(support.defect_pixels.double(), quantiles).tolist(),
+        "test_scores": scored.scores.tolist(),
+        "test_labels": test.labels.tolist(),
+        "pixel_range": [low, high],
+        "defect_pixel_histogram": torch.histc(maps[masks], PIXEL_BINS, low, high).long().tolist(),
+        "normal_pixel_histogram": torch.histc(maps[~masks], PIXEL_BINS, low, high).long().tolist(),
+    }
+
+
+def run(config: Path, seeds: list[int], out: Path, only: list[str] | None, dump_path: Path | None = None) -> list[dict]:
     """Score every cell once and judge every grid position; rows written to ``out`` (JSON lines).
 
     The test features are cached where the benchmark of ``config`` keeps them.
@@ -53,6 +81,7 @@ def run(config: Path, seeds: list[int], out: Path, only: list[str] | None) -> li
         plan.datasets = [data for data in plan.datasets if data.label in only]
     context = RunContext(plan)
     rows = []
+    dump = dump_path.open("a") if dump_path is not None else None
     for data, k, seed in plan.cells:
         for method in plan.methods:
             test = context.test_features(data, method)
@@ -86,6 +115,9 @@ def run(config: Path, seeds: list[int], out: Path, only: list[str] | None) -> li
                             **values,
                         }
                     )
+            if dump is not None:
+                dump.write(json.dumps(cell_record(data.label, k, seed, method.name, model, scored, test)) + "\n")
+                dump.flush()
             print(f"{data.label} k={k} seed={seed} {method.name}: done", flush=True)
     with out.open("w") as handle:
         for row in rows:
@@ -131,6 +163,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[5, 6, 7, 8, 9])
     parser.add_argument("--out", type=Path, default=Path("results/threshold_study/rows.jsonl"))
     parser.add_argument("--only", nargs="+", default=None, help="only these datasets (labels)")
+    parser.add_argument("--dump", type=Path, default=None, help="also write each cell's raw record (JSON lines)")
     parser.add_argument("--table", nargs="*", type=Path, default=None, help="only print the table of these files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -139,7 +172,7 @@ def main() -> None:
     if args.table is not None:
         rows = [json.loads(line) for path in args.table or [args.out] for line in path.read_text().splitlines()]
     else:
-        rows = run(args.config, args.seeds, args.out, args.only)
+        rows = run(args.config, args.seeds, args.out, args.only, args.dump)
     print(table(rows))
 
 

@@ -82,3 +82,12 @@ def make_bank_size(model: PatchCorePlus) -> int:
     """Size of the coreset of ``k_shot`` support images (patches per image x k x ratio)."""
     grid = model._grid_of(torch.zeros(1, 3, 128, 128))
     return max(int(grid[0] * grid[1] * model.k_shot * model.coreset_sampling_ratio), 1)
+
+
+def test_sgd_step_size_beyond_the_stable_range_names_lr() -> None:
+    """SGD on the M-step's L-smooth quadratic diverges for lr >= 2 (units of 1/L): refused before any work."""
+    with pytest.raises(ValueError, match=r"lr=10 with optimizer='sgd'.*diverges for lr >= 2"):
+        PrototypeRefiner(m_step="gradient", lr=10)
+    refiner = PrototypeRefiner(m_step="gradient", lr=1.9)
+    torch.manual_seed(0)
+    assert torch.isfinite(refiner.refine(torch.randn(1, 50, 16), torch.randn(20, 16)).prototypes).all()

@@ -500,3 +500,36 @@ def test_anomalib_cli_without_checkpoint(tiny_json: str, dataset_root: Path, tmp
     assert result.returncode == 0, output[-4000:]
     assert "image_AUROC" in output
     assert "refinement/em_iterations" in output  # the refiner ran (and logged through its callback)
+
+
+@pytest.mark.parametrize("k_shot", [1, 2])
+def test_support_thresholds_from_the_reference_images(tiny_json: str, dataset_root: Path, k_shot: int) -> None:
+    """Without any validation pass the references give finite thresholds in the post-processor, and predict decides."""
+    import warnings
+
+    from anomalib_protorefine.post_processing import FewShotPostProcessor
+
+    source = dataset_root / "train" / "good"
+    model = tiny_model(tiny_json, k_shot=k_shot, few_shot_source=str(source), threshold="support")
+    assert isinstance(model.post_processor, FewShotPostProcessor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random CLIP weights may not separate the synthetic defects
+        model.eval()
+        model._ensure_ready()
+    thresholds = model.support_thresholds
+    assert thresholds.num_normal == (2 if k_shot == 1 else k_shot)
+    assert thresholds.num_defect == 3 * thresholds.num_normal
+    assert model.post_processor.threshold_origin == "support"
+    assert float(model.post_processor.image_threshold) == thresholds.image_threshold
+    assert float(model.post_processor.pixel_threshold) == thresholds.pixel_threshold
+    assert model.model.k_shot == k_shot  # the references are rebuilt from all k images afterwards
+    images = normalised_images(sorted((dataset_root / "test" / "defect").glob("*.png")))
+    with torch.no_grad():
+        output = model.post_processor(model.model(images))
+    assert output.pred_label.dtype == torch.bool
+    assert bool(((output.pred_score >= 0) & (output.pred_score <= 1)).all())
+
+
+def test_zero_shot_cannot_take_support_thresholds(tiny_json: str) -> None:
+    with pytest.raises(ValueError, match="threshold='support'.*k_shot"):
+        tiny_model(tiny_json, k_shot=0, threshold="support")

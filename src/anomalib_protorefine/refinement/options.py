@@ -154,6 +154,12 @@ class RefinerOptions:
             msg = f"transport must be True or False, got {self.transport!r}."
             raise TypeError(msg)
         _check_number("lr", self.lr, minimum=0.0, inclusive=False, example="1.0")
+        if self.optimizer == "sgd" and self.lr >= 2.0:
+            msg = (
+                f"lr={self.lr:g} with optimizer='sgd': lr is in units of 1/L (L: the Lipschitz constant of the "
+                "M-step gradient), and gradient descent diverges for lr >= 2. Use lr in (0, 2), e.g. lr=1.0."
+            )
+            raise ValueError(msg)
         _check_int("gradient_steps", self.gradient_steps, minimum=1, example="5")
         _check_number("ridge", self.ridge, minimum=0.0, inclusive=False, example="1e-3")
         _check_int("sinkhorn_max_iter", self.sinkhorn_max_iter, minimum=1, example="1000")
