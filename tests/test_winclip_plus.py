@@ -531,5 +531,5 @@ def test_support_thresholds_from_the_reference_images(tiny_json: str, dataset_ro
 
 
 def test_zero_shot_cannot_take_support_thresholds(tiny_json: str) -> None:
-    with pytest.raises(ValueError, match="threshold='support'.*k_shot"):
+    with pytest.raises(ValueError, match=r"threshold='support'.*k_shot"):
         tiny_model(tiny_json, k_shot=0, threshold="support")
