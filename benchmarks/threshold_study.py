@@ -30,6 +30,8 @@ from anomalib_protorefine.benchmark.decision import decision_values
 from anomalib_protorefine.benchmark.job import RunContext
 from anomalib_protorefine.benchmark.methods import build_patchcore, decisions, score_test_set
 from anomalib_protorefine.benchmark.metrics import F1Max
+from anomalib_protorefine.calibration import augment, pseudo_queries, split_transform
+from anomalib_protorefine.few_shot import load_images
 from anomalib_protorefine.thresholds import choose_thresholds
 
 POSITIONS = (0.0, 0.1, 0.25, 0.5, 0.75)
@@ -44,6 +46,32 @@ def pixel_f1_max(maps: torch.Tensor, masks: torch.Tensor) -> float:
 
 #: Bins of the pixel histograms in a cell record (pixel F1 at any threshold, to the bin width).
 PIXEL_BINS = 4096
+
+
+def copies_against_full_bank(model: object) -> dict[str, list[float]]:
+    """Scores of two augmented copies of each support image (clean and with pasted defects) against the full bank.
+
+    The other way to make pseudo-normal images: copies of bank members (optimistic), where the
+    leave-one-out folds meet a bank of k - 1 images (pessimistic).
+    """
+    geometric, photometric = split_transform(model.pre_processor.transform)
+    raw = load_images(model.support_paths, geometric)
+    copies = torch.stack(
+        [augment(image, model.few_shot_seed * 1000 + 500 + i * 2 + v) for i, image in enumerate(raw) for v in range(2)]
+    )
+    queries, masks = pseudo_queries(copies, model.few_shot_seed, 999, 3)
+    with model.calibration_scoring():
+        output = model.model(photometric(queries).to(model.device))
+    scores, maps = output.pred_score.cpu(), output.anomaly_map.reshape(len(queries), *masks.shape[-2:]).cpu()
+    defect = masks.flatten(1).any(1)
+    return {
+        "copy_normal_scores": scores[~defect].tolist(),
+        "copy_defect_scores": scores[defect].tolist(),
+        "copy_normal_pixel_max": [float(m.max()) for m in maps[~defect]],
+        "copy_defect_pixel_quantiles": torch.quantile(
+            maps[defect][masks[defect]].double(), torch.linspace(0, 1, 101, dtype=torch.float64)
+        ).tolist(),
+    }
 
 
 def cell_record(dataset: str, k: int, seed: int, method: str, model: object, scored: object, test: object) -> dict:
@@ -67,6 +95,7 @@ def cell_record(dataset: str, k: int, seed: int, method: str, model: object, sco
         "pixel_range": [low, high],
         "defect_pixel_histogram": torch.histc(maps[masks], PIXEL_BINS, low, high).long().tolist(),
         "normal_pixel_histogram": torch.histc(maps[~masks], PIXEL_BINS, low, high).long().tolist(),
+        **copies_against_full_bank(model),
     }
 
 
@@ -89,6 +118,11 @@ def run(config: Path, seeds: list[int], out: Path, only: list[str] | None, dump_
             model = build_patchcore(method, k, seed, context.device)
             model.prepare_support(datamodule)
             scored = score_test_set(model, method, test, context.device, 32)
+            if dump is not None:
+                dump.write(json.dumps(cell_record(data.label, k, seed, method.name, model, scored, test)) + "\n")
+                dump.flush()
+                print(f"{data.label} k={k} seed={seed} {method.name}: dumped", flush=True)
+                continue
             f1_max = pixel_f1_max(scored.maps, test.masks)
             shared = decisions(model, scored, test)  # oracle, fallback (and the default positions)
             for image_position in POSITIONS:
@@ -115,9 +149,6 @@ def run(config: Path, seeds: list[int], out: Path, only: list[str] | None, dump_
                             **values,
                         }
                     )
-            if dump is not None:
-                dump.write(json.dumps(cell_record(data.label, k, seed, method.name, model, scored, test)) + "\n")
-                dump.flush()
             print(f"{data.label} k={k} seed={seed} {method.name}: done", flush=True)
     with out.open("w") as handle:
         for row in rows:
@@ -163,7 +194,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[5, 6, 7, 8, 9])
     parser.add_argument("--out", type=Path, default=Path("results/threshold_study/rows.jsonl"))
     parser.add_argument("--only", nargs="+", default=None, help="only these datasets (labels)")
-    parser.add_argument("--dump", type=Path, default=None, help="also write each cell's raw record (JSON lines)")
+    parser.add_argument(
+        "--dump", type=Path, default=None, help="write each cell's raw record (JSON lines) instead of the grid"
+    )
     parser.add_argument("--table", nargs="*", type=Path, default=None, help="only print the table of these files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
