@@ -1,16 +1,21 @@
-"""Choose the support-threshold rule by measurement: decisions at a grid of threshold positions.
+"""Choose the support-threshold rule by measurement (the study behind ``anomalib_protorefine.thresholds``).
 
-For every (dataset, k, seed) cell of a few-shot benchmark config and every PatchCorePlus method in it,
-the model builds its support data and support scores as in the benchmark, scores the cached test
-features once, and then judges the thresholds of every (image position, pixel position) of the grid
-(:func:`anomalib_protorefine.thresholds.choose_thresholds`) against the test labels and masks.
-Printed: per position, per dataset, the balanced accuracy at the support threshold as a fraction of
-the oracle's (the best threshold on the test set), averaged over k and seeds, its lowest (dataset, k)
-cell, the pixel F1 as a fraction of the pixel F1-max, and the false-alarm and detection rates.
+Two steps. ``--dump`` scores every (dataset, k, seed) cell of a few-shot benchmark config for every
+PatchCorePlus method in it, as the benchmark does, and writes one raw record per cell: the
+pseudo-normal and pseudo-defect scores of both constructions (augmented copies against the full
+bank: the model's own; leave-one-out folds), the test image scores and labels, and histograms of
+the test maps' pixel values inside and outside the defect masks (pixel F1 at any threshold, to the
+bin width). ``--analyse`` then judges every rule (construction x position, pixel threshold = image
+threshold or a pixel gap) against the test labels: per data set and method, the balanced accuracy
+at the rule's threshold as a fraction of the oracle's (the best threshold on the test set) averaged
+over k and seeds, its lowest k, the pixel F1 as a fraction of the pixel F1-max, and the false-alarm
+rate per k. Run it on support seeds that the reported benchmark does not use:
 
-Run it on support seeds that the reported benchmark does not use:
+    python benchmarks/threshold_study.py --only bsdata --dump results/threshold_study/dump_bsdata.jsonl
+    python benchmarks/threshold_study.py --only deeppcb --dump results/threshold_study/dump_deeppcb.jsonl
+    python benchmarks/threshold_study.py --analyse results/threshold_study/dump_*.jsonl
 
-    python benchmarks/threshold_study.py --config configs/benchmark/decision.yaml --seeds 5 6 7 8 9
+(``--seeds`` defaults to 5-9; the reported benchmark, configs/benchmark/decision.yaml, uses 0-4.)
 """
 
 from __future__ import annotations
@@ -22,62 +27,49 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from anomalib_protorefine.benchmark.config import plan_from_config
-from anomalib_protorefine.benchmark.decision import decision_values
 from anomalib_protorefine.benchmark.job import RunContext
-from anomalib_protorefine.benchmark.methods import build_patchcore, decisions, score_test_set
-from anomalib_protorefine.benchmark.metrics import F1Max
-from anomalib_protorefine.calibration import augment, pseudo_queries, split_transform
+from anomalib_protorefine.benchmark.methods import build_patchcore, score_test_set
+from anomalib_protorefine.calibration import split_transform
 from anomalib_protorefine.few_shot import load_images
-from anomalib_protorefine.thresholds import choose_thresholds
+from anomalib_protorefine.thresholds import collect_support_scores
 
-POSITIONS = (0.0, 0.1, 0.25, 0.5, 0.75)
-
-
-def pixel_f1_max(maps: torch.Tensor, masks: torch.Tensor) -> float:
-    """The benchmark's pixel F1-max (anomalib's metric on whole-set-scaled maps)."""
-    metric = F1Max(fields=["anomaly_map", "gt_mask"], prefix="pixel_")
-    metric.update(argparse.Namespace(anomaly_map=maps, gt_mask=masks))
-    return float(metric.compute())
-
-
-#: Bins of the pixel histograms in a cell record (pixel F1 at any threshold, to the bin width).
+#: Bins of the pixel histograms in a cell record.
 PIXEL_BINS = 4096
+#: Positions judged by ``--analyse``.
+POSITIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+QUANTILES = torch.linspace(0, 1, 101, dtype=torch.float64)
 
 
-def copies_against_full_bank(model: object) -> dict[str, list[float]]:
-    """Scores of two augmented copies of each support image (clean and with pasted defects) against the full bank.
+def _quantiles(values: torch.Tensor) -> list[float]:
+    return torch.quantile(values.double().flatten()[:16_000_000], QUANTILES).tolist()
 
-    The other way to make pseudo-normal images: copies of bank members (optimistic), where the
-    leave-one-out folds meet a bank of k - 1 images (pessimistic).
-    """
+
+def leave_one_out_scores(model: object) -> object:
+    """The pseudo scores of the leave-one-out construction; the model's bank is rebuilt from all images after."""
     geometric, photometric = split_transform(model.pre_processor.transform)
     raw = load_images(model.support_paths, geometric)
-    copies = torch.stack(
-        [augment(image, model.few_shot_seed * 1000 + 500 + i * 2 + v) for i, image in enumerate(raw) for v in range(2)]
-    )
-    queries, masks = pseudo_queries(copies, model.few_shot_seed, 999, 3)
+
+    def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = model.model(images.to(model.device))
+        return output.pred_score, output.anomaly_map
+
     with model.calibration_scoring():
-        output = model.model(photometric(queries).to(model.device))
-    scores, maps = output.pred_score.cpu(), output.anomaly_map.reshape(len(queries), *masks.shape[-2:]).cpu()
-    defect = masks.flatten(1).any(1)
-    return {
-        "copy_normal_scores": scores[~defect].tolist(),
-        "copy_defect_scores": scores[defect].tolist(),
-        "copy_normal_pixel_max": [float(m.max()) for m in maps[~defect]],
-        "copy_defect_pixel_quantiles": torch.quantile(
-            maps[defect][masks[defect]].double(), torch.linspace(0, 1, 101, dtype=torch.float64)
-        ).tolist(),
-    }
+        scores = collect_support_scores(
+            raw, photometric, model.fit_support, score, seed=model.few_shot_seed, held_out="leave_one_out"
+        )
+    model.fit_support(photometric(raw))
+    return scores
 
 
 def cell_record(dataset: str, k: int, seed: int, method: str, model: object, scored: object, test: object) -> dict:
-    """What any threshold rule needs of a cell: pseudo scores, test scores and labels, pixel histograms."""
-    support = model.support_scores
-    quantiles = torch.linspace(0, 1, 101, dtype=torch.float64)
+    """What any threshold rule needs of a cell (see the module docstring)."""
+    copies = model.support_scores
+    loo = leave_one_out_scores(model)
     low, high = float(scored.maps.min()), float(scored.maps.max())
     maps = scored.maps.double()
     masks = test.masks.bool()
@@ -86,74 +78,84 @@ def cell_record(dataset: str, k: int, seed: int, method: str, model: object, sco
         "k": k,
         "seed": seed,
         "method": method,
-        "normal_scores": support.normal_scores.tolist(),
-        "defect_scores": support.defect_scores.tolist(),
-        "normal_pixel_quantiles": torch.quantile(support.normal_pixels.double(), quantiles).tolist(),
-        "defect_pixel_quantiles": torch.quantile(support.defect_pixels.double(), quantiles).tolist(),
+        "normal_scores": loo.normal_scores.tolist(),
+        "defect_scores": loo.defect_scores.tolist(),
+        "normal_pixel_quantiles": _quantiles(loo.normal_pixels),
+        "defect_pixel_quantiles": _quantiles(loo.defect_pixels),
+        "copy_normal_scores": copies.normal_scores.tolist(),
+        "copy_defect_scores": copies.defect_scores.tolist(),
+        "copy_normal_pixel_quantiles": _quantiles(copies.normal_pixels),
+        "copy_defect_pixel_quantiles": _quantiles(copies.defect_pixels),
         "test_scores": scored.scores.tolist(),
         "test_labels": test.labels.tolist(),
         "pixel_range": [low, high],
         "defect_pixel_histogram": torch.histc(maps[masks], PIXEL_BINS, low, high).long().tolist(),
         "normal_pixel_histogram": torch.histc(maps[~masks], PIXEL_BINS, low, high).long().tolist(),
-        **copies_against_full_bank(model),
     }
 
 
-def run(config: Path, seeds: list[int], out: Path, only: list[str] | None, dump_path: Path | None = None) -> list[dict]:
-    """Score every cell once and judge every grid position; rows written to ``out`` (JSON lines).
-
-    The test features are cached where the benchmark of ``config`` keeps them.
-    """
+def dump(config: Path, seeds: list[int], out: Path, only: list[str] | None) -> None:
+    """Write one record per (cell, method) to ``out`` (JSON lines; test features cached as the benchmark's)."""
     plan = plan_from_config(yaml.safe_load(config.read_text()))
     plan.seeds = seeds
     if only:
         plan.datasets = [data for data in plan.datasets if data.label in only]
     context = RunContext(plan)
-    rows = []
-    dump = dump_path.open("a") if dump_path is not None else None
-    for data, k, seed in plan.cells:
-        for method in plan.methods:
-            test = context.test_features(data, method)
-            datamodule = context.datamodule(data)
-            model = build_patchcore(method, k, seed, context.device)
-            model.prepare_support(datamodule)
-            scored = score_test_set(model, method, test, context.device, 32)
-            if dump is not None:
-                dump.write(json.dumps(cell_record(data.label, k, seed, method.name, model, scored, test)) + "\n")
-                dump.flush()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as handle:
+        for data, k, seed in plan.cells:
+            for method in plan.methods:
+                test = context.test_features(data, method)
+                model = build_patchcore(method, k, seed, context.device)
+                model.prepare_support(context.datamodule(data))
+                scored = score_test_set(model, method, test, context.device, 32)
+                handle.write(json.dumps(cell_record(data.label, k, seed, method.name, model, scored, test)) + "\n")
+                handle.flush()
                 print(f"{data.label} k={k} seed={seed} {method.name}: dumped", flush=True)
-                continue
-            f1_max = pixel_f1_max(scored.maps, test.masks)
-            shared = decisions(model, scored, test)  # oracle, fallback (and the default positions)
-            for image_position in POSITIONS:
-                for pixel_position in POSITIONS:
-                    thresholds = choose_thresholds(model.support_scores, image_position, pixel_position)
-                    values = shared | decision_values(
-                        scored.scores,
-                        test.labels,
-                        scored.maps,
-                        test.masks,
-                        thresholds.image_threshold,
-                        thresholds.pixel_threshold,
-                        "support_",
-                    )
-                    rows.append(
-                        {
-                            "dataset": data.label,
-                            "k": k,
-                            "seed": seed,
-                            "method": method.name,
-                            "image_position": image_position,
-                            "pixel_position": pixel_position,
-                            "pixel_F1Max": f1_max,
-                            **values,
-                        }
-                    )
-            print(f"{data.label} k={k} seed={seed} {method.name}: done", flush=True)
-    with out.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return rows
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def balanced_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    """Balanced accuracy, detection rate and false-alarm rate of ``score > threshold``."""
+    flagged = scores > threshold
+    recall, far = flagged[labels].mean(), flagged[~labels].mean()
+    return (recall + 1 - far) / 2, recall, far
+
+
+def oracle_balanced_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The best balanced accuracy of any threshold."""
+    return max(balanced_accuracy(scores, labels, t)[0] for t in np.concatenate([[-np.inf], np.unique(scores)]))
+
+
+def pixel_f1(record: dict, threshold: float) -> float:
+    """Pixel F1 of ``map > threshold`` from the record's histograms (to the bin width)."""
+    low, high = record["pixel_range"]
+    edges = np.linspace(low, high, PIXEL_BINS + 1)[:-1]
+    defect, normal = np.array(record["defect_pixel_histogram"]), np.array(record["normal_pixel_histogram"])
+    keep = edges >= threshold
+    tp, fp = defect[keep].sum(), normal[keep].sum()
+    fn = defect.sum() - tp
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+
+
+def pixel_f1_max(record: dict) -> float:
+    low, high = record["pixel_range"]
+    return max(pixel_f1(record, t) for t in np.linspace(low, high, PIXEL_BINS + 1)[:-1:4])
+
+
+def rule_thresholds(record: dict, construction: str, position: float) -> dict[str, float]:
+    """Image threshold of a rule, and the two pixel rules: the image threshold, or a gap of the pixel values."""
+    prefix = "copy_" if construction == "copies" else ""
+    normal, defect = record[f"{prefix}normal_scores"], record[f"{prefix}defect_scores"]
+    highest, median = max(normal), float(np.sort(defect)[(len(defect) - 1) // 2])  # lower median, as the package
+    image = highest + position * (median - highest) if median > highest else highest
+    if f"{prefix}normal_pixel_quantiles" in record:
+        top = record[f"{prefix}normal_pixel_quantiles"][-1]
+    else:  # records of the selection runs hold the per-map maxima of the copies instead
+        top = max(record["copy_normal_pixel_max"])
+    pixel_median = record[f"{prefix}defect_pixel_quantiles"][50]
+    pixel_gap = top + position * (pixel_median - top) if pixel_median > top else top
+    return {"image": image, "pixel = image": image, "pixel gap": pixel_gap}
 
 
 def _mean(values: list[float]) -> float:
@@ -161,30 +163,49 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def table(rows: list[dict]) -> str:
-    """Per (image position, pixel position) and dataset: the goal's ratios and the rates."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row["image_position"], row["pixel_position"], row["dataset"])].append(row)
+def analyse(records: list[dict]) -> str:
+    """The table of every rule (Markdown)."""
+    for record in records:
+        scores, labels = np.array(record["test_scores"]), np.array(record["test_labels"]).astype(bool)
+        record["_arrays"] = (scores, labels)
+        record["_oracle"] = oracle_balanced_accuracy(scores, labels)
+        record["_pixel_max"] = pixel_f1_max(record)
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for record in records:
+        cells[(record["dataset"], record["method"], record["k"])].append(record)
     lines = [
-        "| image pos | pixel pos | dataset | BAcc / oracle | worst (k) cell | pixel F1 / F1-max | FAR | recall | "
-        "fallback BAcc / oracle |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| construction | position | data set | method | BAcc / oracle | worst k | pixel F1 / F1-max "
+        "(pixel = image) | (pixel gap) | false alarms k=1/2/4 | detection k=1/2/4 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (image_position, pixel_position, dataset), group in sorted(groups.items()):
-        ratio = [r["support_image_BAcc"] / r["oracle_image_BAcc"] for r in group]
-        by_k: dict[int, list[float]] = defaultdict(list)
-        for r, value in zip(group, ratio, strict=True):
-            by_k[r["k"]].append(value)
-        worst = min(_mean(values) for values in by_k.values())
-        pixel = [r.get("support_pixel_F1", float("nan")) / r["pixel_F1Max"] for r in group]
-        fallback = [r["fallback_image_BAcc"] / r["oracle_image_BAcc"] for r in group]
-        lines.append(
-            f"| {image_position} | {pixel_position} | {dataset} | {_mean(ratio):.3f} | {worst:.3f} | "
-            f"{_mean(pixel):.3f} | {_mean([r['support_image_FAR'] for r in group]):.3f} | "
-            f"{_mean([r['support_image_Recall'] for r in group]):.3f} | {_mean(fallback):.3f} |"
-        )
-    return "\n".join(lines)
+    for construction in ("copies", "leave_one_out"):
+        for position in POSITIONS:
+            per: dict[tuple[str, str], dict[int, tuple]] = defaultdict(dict)
+            for (dataset, method, k), group in cells.items():
+                rows = []
+                for record in group:
+                    rule = rule_thresholds(record, construction, position)
+                    bacc, recall, far = balanced_accuracy(*record["_arrays"], rule["image"])
+                    rows.append(
+                        (
+                            bacc / record["_oracle"],
+                            far,
+                            recall,
+                            pixel_f1(record, rule["pixel = image"]) / record["_pixel_max"],
+                            pixel_f1(record, rule["pixel gap"]) / record["_pixel_max"],
+                        )
+                    )
+                per[(dataset, method)][k] = tuple(_mean([row[i] for row in rows]) for i in range(5))
+            for (dataset, method), by_k in sorted(per.items()):
+                ks = sorted(by_k)
+                lines.append(
+                    f"| {construction} | {position} | {dataset} | {method} | "
+                    f"{_mean([by_k[k][0] for k in ks]):.3f} | {min(by_k[k][0] for k in ks):.2f} | "
+                    f"{_mean([by_k[k][3] for k in ks]):.2f} | {_mean([by_k[k][4] for k in ks]):.2f} | "
+                    f"{'/'.join(f'{by_k[k][1]:.2f}' for k in ks)} | {'/'.join(f'{by_k[k][2]:.2f}' for k in ks)} |"
+                )
+    seeds = sorted({record["seed"] for record in records})
+    return f"Seeds {seeds}, {len(records)} cells.\n\n" + "\n".join(lines)
 
 
 def main() -> None:
@@ -192,21 +213,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/benchmark/decision.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[5, 6, 7, 8, 9])
-    parser.add_argument("--out", type=Path, default=Path("results/threshold_study/rows.jsonl"))
     parser.add_argument("--only", nargs="+", default=None, help="only these datasets (labels)")
-    parser.add_argument(
-        "--dump", type=Path, default=None, help="write each cell's raw record (JSON lines) instead of the grid"
-    )
-    parser.add_argument("--table", nargs="*", type=Path, default=None, help="only print the table of these files")
+    parser.add_argument("--dump", type=Path, default=None, help="write the cells' raw records (JSON lines) here")
+    parser.add_argument("--analyse", type=Path, nargs="+", default=None, help="judge every rule on these records")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.table is not None:
-        rows = [json.loads(line) for path in args.table or [args.out] for line in path.read_text().splitlines()]
-    else:
-        rows = run(args.config, args.seeds, args.out, args.only, args.dump)
-    print(table(rows))
+    if args.dump is not None:
+        dump(args.config, args.seeds, args.dump, args.only)
+    if args.analyse:
+        print(analyse([json.loads(line) for path in args.analyse for line in path.read_text().splitlines()]))
 
 
 if __name__ == "__main__":

@@ -59,27 +59,30 @@ def scores_of(
 
 
 # ------------------------------------------------------------------------------------------ the rule
-def test_rule_places_each_threshold_in_the_gap_hand_computed() -> None:
-    """Threshold = highest normal + position * (median defect - highest normal); range over all pseudo images."""
+def test_rule_places_the_threshold_in_the_gap_hand_computed() -> None:
+    """Threshold = highest normal + position * (median defect - highest normal), for image and pixel alike."""
     scores = scores_of([1.0, 3.0], [4.0, 7.0, 11.0], [0.5, 2.0, 1.0], [2.0, 6.0, 10.0, 3.0])
-    thresholds = choose_thresholds(scores, image_position=0.25, pixel_position=0.5)
+    thresholds = choose_thresholds(scores, position=0.25)
     assert thresholds.image_threshold == pytest.approx(3.0 + 0.25 * (7.0 - 3.0))
-    assert thresholds.pixel_threshold == pytest.approx(2.0 + 0.5 * (3.0 - 2.0))  # lower median of an even count
+    assert thresholds.pixel_threshold == thresholds.image_threshold
     assert (thresholds.image_min, thresholds.image_max) == (1.0, 11.0)
     assert (thresholds.pixel_min, thresholds.pixel_max) == (0.5, 10.0)
     assert thresholds.highest_normal_score == 3.0
     assert (thresholds.num_normal, thresholds.num_defect, thresholds.separated) == (2, 3, True)
-    assert choose_thresholds(scores, 0.0, 0.0).image_threshold == 3.0
-    assert choose_thresholds(scores, 1.0, 1.0).image_threshold == 7.0
+    assert choose_thresholds(scores, 0.0).image_threshold == 3.0
+    assert choose_thresholds(scores).image_threshold == 6.0  # the measured position: three quarters of the gap
+    assert choose_thresholds(scores, 1.0).image_threshold == 7.0  # the median defect score
+    even = scores_of([1.0], [2.0, 4.0, 6.0, 8.0], [0.0], [1.0])
+    assert choose_thresholds(even, 1.0).image_threshold == 4.0  # lower median of an even count
 
 
 def test_rule_warns_when_synthetic_defects_do_not_separate() -> None:
     """Median defect below the highest normal: the threshold is the highest normal score, and a warning says why."""
     scores = scores_of([1.0, 5.0], [2.0, 3.0, 9.0], [0.0, 1.0], [2.0, 3.0])
-    with pytest.warns(UserWarning, match="do not score above the clean ones at the image level"):
-        thresholds = choose_thresholds(scores, 0.5, 0.5)
+    with pytest.warns(UserWarning, match="do not score above the clean copies"):
+        thresholds = choose_thresholds(scores, 0.5)
     assert thresholds.image_threshold == 5.0
-    assert thresholds.pixel_threshold == pytest.approx(1.0 + 0.5 * (2.0 - 1.0))
+    assert thresholds.pixel_threshold == 5.0
     assert not thresholds.separated
 
 
@@ -90,12 +93,10 @@ def test_support_images_without_spread_give_finite_thresholds_and_a_warning() ->
     assert all(math.isfinite(value) for value in thresholds.as_dict().values() if isinstance(value, float))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"), [({"image_position": 1.5}, "image_position"), ({"pixel_position": -0.1}, "pixel_position")]
-)
-def test_rule_rejects_positions_outside_the_gap(kwargs: dict[str, float], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        choose_thresholds(scores_of([1.0], [2.0], [1.0], [2.0]), **kwargs)
+@pytest.mark.parametrize("position", [1.5, -0.1, True, "half"])
+def test_rule_rejects_positions_outside_the_gap(position: object) -> None:
+    with pytest.raises(ValueError, match="position must be a number in"):
+        choose_thresholds(scores_of([1.0], [2.0], [1.0], [2.0]), position)
 
 
 def test_rule_rejects_non_finite_scores() -> None:
@@ -103,29 +104,40 @@ def test_rule_rejects_non_finite_scores() -> None:
         choose_thresholds(scores_of([float("nan")], [2.0], [1.0], [2.0]))
 
 
-def test_collected_scores_come_from_held_out_images_and_masks() -> None:
-    """Leave-one-out for k >= 2, two augmented copies for k = 1; defect pixels are exactly the mask pixels."""
-    banks: list[torch.Tensor] = []
-
-    def fit_bank(images: torch.Tensor) -> None:
-        banks.append(images)
-
+def _mean_image_scorer(banks: list[torch.Tensor]):
     def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = (images - banks[-1].mean(0)).abs().mean(1)  # distance to the current bank's mean image
         return maps.flatten(1).amax(1), maps
 
+    return score
+
+
+def test_collected_scores_are_copies_against_the_full_bank() -> None:
+    """Two copies per support image against the bank of all k; defect pixels are exactly the mask pixels."""
+    banks: list[torch.Tensor] = []
     support = torch.full((3, 3, 32, 32), 0.5) + 0.01 * torch.arange(3.0)[:, None, None, None]
-    scores = collect_support_scores(support, lambda x: x, fit_bank, score, seed=0, variants=2)
+    scores = collect_support_scores(support, lambda x: x, banks.append, _mean_image_scorer(banks), seed=0, variants=2)
+    assert [len(bank) for bank in banks] == [3]
+    assert scores.normal_scores.shape == (6,)
+    assert scores.defect_scores.shape == (12,)
+    assert scores.normal_pixels.numel() == 6 * 32 * 32
+    assert float(scores.defect_scores.median()) > float(scores.normal_scores.max())  # pasted defects differ from gray
+
+
+def test_leave_one_out_construction_holds_each_image_out_once() -> None:
+    banks: list[torch.Tensor] = []
+    support = torch.full((3, 3, 32, 32), 0.5)
+    scorer = _mean_image_scorer(banks)
+    scores = collect_support_scores(support, lambda x: x, banks.append, scorer, variants=2, held_out="leave_one_out")
     assert [len(bank) for bank in banks] == [2, 2, 2]
     assert scores.normal_scores.shape == (3,)
-    assert scores.defect_scores.shape == (6,)
-    assert scores.normal_pixels.numel() == 3 * 32 * 32
-    assert bool((scores.defect_scores > scores.normal_scores.max()).all())  # pasted defects differ from gray
     banks.clear()
-    single = collect_support_scores(support[:1], lambda x: x, fit_bank, score, seed=0, variants=2)
+    single = collect_support_scores(support[:1], lambda x: x, banks.append, scorer, held_out="leave_one_out")
     assert [len(bank) for bank in banks] == [1]
     assert single.normal_scores.shape == (2,)
     assert len(held_out_folds(support[:1], seed=0)[0][1]) == 2
+    with pytest.raises(ValueError, match="held_out must be one of 'copies', 'leave_one_out'"):
+        collect_support_scores(support, lambda x: x, banks.append, scorer, held_out="jackknife")
 
 
 # ------------------------------------------------------------------------------------------ post-processor
@@ -225,11 +237,15 @@ def decision_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "brushed_metal"
 
 
-@pytest.mark.parametrize("k_shot", [1, 2])
+@pytest.mark.parametrize(("k_shot", "max_false_alarms"), [(1, 0.5), (2, 0.25)])
 def test_predict_without_validation_decides_from_the_support_images(
-    decision_data: Path, tmp_path: Path, k_shot: int
+    decision_data: Path, tmp_path: Path, k_shot: int, max_false_alarms: float
 ) -> None:
-    """No validation pass, no defect image: predict flags most defective images and few good ones."""
+    """No validation pass, no defect image: predict flags most defective images and not most good ones.
+
+    One support image shows no variation between good parts, so more false alarms are allowed at k = 1
+    (docs/benchmarks.md measures the same on real data).
+    """
     model = make_model(k_shot=k_shot, few_shot_source=str(decision_data / "train" / "good"), threshold="support")
     trainer = Trainer(**model.trainer_arguments, **QUIET, default_root_dir=tmp_path)
     from anomalib.data import Folder
@@ -249,8 +265,10 @@ def test_predict_without_validation_decides_from_the_support_images(
         warnings.filterwarnings("error", message=".*no adaptive thresholds.*")
         predictions = trainer.predict(model, dataloaders=datamodule_test_loader(datamodule))
     detection, false_alarms = _rates(predictions)
-    assert detection >= 0.75, detection
-    assert false_alarms <= 0.25, false_alarms
+    # The synthetic test defects come from the same painters as the pseudo-defects, and the threshold sits at
+    # three quarters of the way to their median: about a third of them stay below it by construction.
+    assert detection >= 0.6, detection
+    assert false_alarms <= max_false_alarms, false_alarms
     assert model.post_processor.threshold_origin == "support"
     masks = torch.cat([batch.pred_mask for batch in predictions])
     truth = torch.cat([batch.gt_mask for batch in predictions]).bool()
@@ -270,7 +288,7 @@ def test_engine_predict_and_checkpoint_keep_the_support_thresholds(decision_data
     model = make_model(few_shot_source=str(decision_data / "train" / "good"))
     engine = Engine(default_root_dir=tmp_path, **QUIET)
     predictions = engine.predict(model, data_path=decision_data / "test" / "defect")
-    assert float(torch.cat([batch.pred_label for batch in predictions]).float().mean()) >= 0.75
+    assert float(torch.cat([batch.pred_label for batch in predictions]).float().mean()) >= 0.6
     path = tmp_path / "model.ckpt"
     engine.trainer.save_checkpoint(path)
     loaded = PatchCorePlus.load_from_checkpoint(path)  # weights_only=True by default
@@ -309,7 +327,7 @@ def test_refined_and_online_models_get_support_thresholds(quick_datamodule) -> N
     model.prepare_support(quick_datamodule())
     assert model.support_thresholds is not None
     assert model.model.online_bank.numel() == 0
-    assert model.support_thresholds.image_threshold > model.support_thresholds.highest_normal_score
+    assert model.support_thresholds.image_threshold >= model.support_thresholds.highest_normal_score
 
 
 def test_identical_support_images_warn(tmp_path: Path, decision_data: Path) -> None:
@@ -321,7 +339,7 @@ def test_identical_support_images_warn(tmp_path: Path, decision_data: Path) -> N
     for name in ("a.png", "b.png"):
         shutil.copy(image, source / name)
     model = make_model(few_shot_source=str(source))
-    with pytest.warns(UserWarning, match="no spread"):
+    with pytest.warns(UserWarning, match="support images are identical"):
         model.prepare_support()
     assert all(math.isfinite(v) for v in model.support_thresholds.as_dict().values() if isinstance(v, float))
 

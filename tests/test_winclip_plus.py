@@ -517,7 +517,7 @@ def test_support_thresholds_from_the_reference_images(tiny_json: str, dataset_ro
         model.eval()
         model._ensure_ready()
     thresholds = model.support_thresholds
-    assert thresholds.num_normal == (2 if k_shot == 1 else k_shot)
+    assert thresholds.num_normal == 2 * k_shot  # two augmented copies of each reference image
     assert thresholds.num_defect == 3 * thresholds.num_normal
     assert model.post_processor.threshold_origin == "support"
     assert float(model.post_processor.image_threshold) == thresholds.image_threshold

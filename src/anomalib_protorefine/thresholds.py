@@ -2,18 +2,23 @@
 
 anomalib's post-processor learns its thresholds (F1-adaptive) and its normalisation range from a
 validation pass over labelled images, defects included; a few-shot user has neither. Here the
-support images stand in for both:
+support images stand in for both (:func:`collect_support_scores`, :func:`choose_thresholds`):
 
-1. **pseudo-normal** images: each support image held out of a bank built from the others
-   (leave-one-out, ``k >= 2``), or augmented copies of the single image (``k = 1``), scored clean;
-2. **pseudo-defect** images: the same held-out images with synthetic scratches, pits and stains
-   pasted in (:func:`anomalib_protorefine.calibration.pseudo_queries`), scored with the model's own
+1. **pseudo-normal** images: two mildly augmented copies (crop 90-97 %, brightness +-5 %) of every
+   support image, scored clean against the bank of all k support images, with the model's own
    refiner, scoring and anomaly map;
-3. the **rule** (:func:`choose_thresholds`): each threshold sits between the highest pseudo-normal
-   value and the median pseudo-defect value, at a measured fraction of the gap (``position``):
-   image threshold from image scores, pixel threshold from the anomaly maps (normal pixels: every
-   pixel of the clean maps; defect pixels: the pixels inside the pasted masks). The normalisation
-   range is the min and max over all pseudo images.
+2. **pseudo-defect** images: the same copies with synthetic scratches, pits and stains pasted in
+   (:func:`anomalib_protorefine.calibration.pseudo_queries`), scored the same way;
+3. the **rule**: the image threshold sits between the highest pseudo-normal score ``a`` and the
+   median pseudo-defect score ``b`` at a measured position ``p`` (``t = a + p (b - a)``, ``t = a``
+   when ``b <= a``); the pixel threshold is the image threshold (a pixel is defective where its map
+   value exceeds what a defective image's score must exceed); the normalisation range is the min
+   and max over all pseudo images (image scores and map values).
+
+Leave-one-out folds (each support image held out of a bank of the other ``k - 1``, as
+``refiner="auto"`` calibrates) are the other construction (``held_out="leave_one_out"``); measured,
+they put the thresholds too high for small k (a bank of ``k - 1`` images scores good parts higher
+than the bank of ``k`` that test images meet): docs/benchmarks.md, "Decisions without defect images".
 
 Example:
     >>> import torch
@@ -21,9 +26,9 @@ Example:
     ...     normal_scores=torch.tensor([1.0, 2.0]), defect_scores=torch.tensor([3.0, 6.0, 8.0]),
     ...     normal_pixels=torch.tensor([0.0, 1.5]), defect_pixels=torch.tensor([2.0, 3.5, 4.0]),
     ... )
-    >>> thresholds = choose_thresholds(scores, image_position=0.5, pixel_position=0.5)
-    >>> thresholds.image_threshold, thresholds.pixel_threshold, thresholds.image_max
-    (4.0, 2.5, 8.0)
+    >>> thresholds = choose_thresholds(scores, position=0.5)
+    >>> thresholds.image_threshold, thresholds.pixel_threshold, thresholds.image_max, thresholds.pixel_max
+    (4.0, 4.0, 8.0, 4.0)
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 
 import torch
 
-from anomalib_protorefine.calibration import held_out_folds, pseudo_queries
+from anomalib_protorefine.calibration import augment, held_out_folds, pseudo_queries
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +50,12 @@ logger = logging.getLogger(__name__)
 THRESHOLD_SOURCES: tuple[str, ...] = ("auto", "support", "validation")
 #: Where the image threshold sits between the highest pseudo-normal and the median pseudo-defect score
 #: (0: the highest pseudo-normal score; 1: the median pseudo-defect score). Measured: docs/benchmarks.md.
-IMAGE_POSITION = 0.25
-#: The same for the pixel threshold (highest pseudo-normal pixel, median pixel inside pasted defects).
-PIXEL_POSITION = 0.5
+POSITION = 0.75
+#: How the pseudo-normal images are made: augmented copies against the full bank (default), or
+#: leave-one-out folds (bank of the other k - 1 images; k = 1: copies against the image's own bank).
+HELD_OUT: tuple[str, ...] = ("copies", "leave_one_out")
+#: Augmented copies of each support image (``held_out="copies"``).
+COPIES_PER_IMAGE = 2
 #: Pixels kept per clean pseudo-normal map (a seeded sample: enough for a maximum, little memory).
 MAX_PIXELS_PER_MAP = 16384
 
@@ -86,9 +94,9 @@ class SupportScores:
     """Scores of the pseudo-normal and pseudo-defect images made from the support images.
 
     Attributes:
-        normal_scores: Image scores of the clean held-out images.
-        defect_scores: Image scores of the held-out images with pasted defects.
-        normal_pixels: Anomaly-map values of the clean held-out images (a seeded sample of each map).
+        normal_scores: Image scores of the clean pseudo-normal images.
+        defect_scores: Image scores of the pseudo-normal images with pasted defects.
+        normal_pixels: Anomaly-map values of the clean images (a seeded sample of each map, its maximum kept).
         defect_pixels: Anomaly-map values inside the pasted defect masks.
     """
 
@@ -109,10 +117,10 @@ class SupportThresholds:
         image_max: Highest pseudo image score (normalisation).
         pixel_min: Lowest pseudo anomaly-map value (normalisation).
         pixel_max: Highest pseudo anomaly-map value (normalisation).
-        highest_normal_score: Highest pseudo-normal image score (anomalib's normal-only fallback).
+        highest_normal_score: Highest pseudo-normal image score.
         num_normal: Pseudo-normal images scored.
         num_defect: Pseudo-defect images scored.
-        separated: The median pseudo-defect value exceeded the highest pseudo-normal one at both levels.
+        separated: The median pseudo-defect score exceeded the highest pseudo-normal one.
     """
 
     image_threshold: float
@@ -136,31 +144,21 @@ class SupportThresholds:
         return asdict(self)
 
 
-def _interpolate(normal: torch.Tensor, defect: torch.Tensor, position: float) -> tuple[float, bool]:
-    """``max(normal) + position * (median(defect) - max(normal))`` (lower median), and whether the gap is positive."""
-    top = float(normal.max())
-    gap = float(defect.median()) - top
-    return (top + position * gap if gap > 0 else top), gap > 0
-
-
-def choose_thresholds(
-    scores: SupportScores, image_position: float = IMAGE_POSITION, pixel_position: float = PIXEL_POSITION
-) -> SupportThresholds:
+def choose_thresholds(scores: SupportScores, position: float = POSITION) -> SupportThresholds:
     """The thresholds and normalisation range of :class:`SupportScores` (the rule of the module docstring).
 
     Args:
         scores: Pseudo-normal and pseudo-defect scores.
-        image_position: Fraction of the gap between the highest pseudo-normal and the median
-            pseudo-defect image score where the image threshold sits.
-        pixel_position: The same for the pixel threshold.
+        position: Fraction of the gap between the highest pseudo-normal and the median pseudo-defect
+            image score where the image threshold sits (the pixel threshold is the same value).
 
     Returns:
-        The thresholds. A threshold whose pseudo-defects do not exceed the pseudo-normals (median
-        defect value below the highest normal one) falls back to the highest normal value, with a
-        warning; so does the case of support images without spread.
+        The thresholds. When the pseudo-defects do not exceed the pseudo-normals (median defect score
+        not above the highest normal one) the threshold is the highest normal score, with a warning;
+        support images without spread give finite thresholds and a warning too.
 
     Raises:
-        ValueError: A position outside ``[0, 1]``, empty or non-finite scores.
+        ValueError: ``position`` outside ``[0, 1]``, empty or non-finite scores.
 
     Example:
         >>> scores = SupportScores(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.8]), torch.zeros(2), torch.ones(2))
@@ -172,48 +170,46 @@ def choose_thresholds(
         >>> "synthetic defects" in str(caught[0].message)
         True
     """
-    for name, value in (("image_position", image_position), ("pixel_position", pixel_position)):
-        if not (isinstance(value, int | float) and 0.0 <= float(value) <= 1.0):
-            msg = (
-                f"{name} must be a number in [0, 1] (0: highest pseudo-normal value, 1: median pseudo-defect), "
-                f"got {value!r}."
-            )
-            raise ValueError(msg)
+    if isinstance(position, bool) or not isinstance(position, int | float) or not 0.0 <= float(position) <= 1.0:
+        msg = (
+            "position must be a number in [0, 1] (0: highest pseudo-normal score, 1: median pseudo-defect score), "
+            f"got {position!r}."
+        )
+        raise ValueError(msg)
     for name, tensor in asdict(scores).items():
         if tensor.numel() == 0 or not bool(torch.isfinite(tensor).all()):
             msg = f"support scores {name} are empty or not finite ({tensor.numel()} values): no thresholds can be set."
             raise ValueError(msg)
     normal, defect = scores.normal_scores.double(), scores.defect_scores.double()
-    normal_px, defect_px = scores.normal_pixels.double(), scores.defect_pixels.double()
-    image_threshold, image_separated = _interpolate(normal, defect, float(image_position))
-    pixel_threshold, pixel_separated = _interpolate(normal_px, defect_px, float(pixel_position))
-    if not (image_separated and pixel_separated):
-        levels = [name for name, ok in (("image", image_separated), ("pixel", pixel_separated)) if not ok]
+    highest, median = float(normal.max()), float(defect.median())  # lower median for an even count
+    separated = median > highest
+    threshold = highest + float(position) * (median - highest) if separated else highest
+    if not separated:
         _warn(
-            f"support thresholds: the synthetic defects pasted into the held-out support images do not score above "
-            f"the clean ones at the {' and '.join(levels)} level, so the threshold is the highest clean score and "
-            "may miss defects. The features may not see such defects on this part: check the decisions on a few "
-            "known defective parts, or validate on labelled images (threshold='validation')."
+            "support thresholds: the synthetic defects pasted into copies of the support images do not score above "
+            "the clean copies (median defect score below the highest clean one), so the threshold is the highest "
+            "clean score and may miss defects. The features may not see such defects on this part: check the "
+            "decisions on a few known defective parts, or validate on labelled images (threshold='validation')."
         )
-    if normal.numel() > 1 and float(normal.max() - normal.min()) <= 1e-6 * max(abs(float(normal.max())), 1e-12):
+    if normal.numel() > 1 and float(normal.max() - normal.min()) <= 1e-6 * max(abs(highest), 1e-12):
         _warn(
-            "support thresholds: the held-out support images all score the same (no spread: are the support images "
-            "identical?). The thresholds are finite but rest on no variation of good parts: use k_shot images of "
-            "different parts, or validate on labelled images (threshold='validation')."
+            "support thresholds: the clean copies of the support images all score the same (no spread: are the "
+            "support images identical?). The thresholds are finite but rest on no variation of good parts: use "
+            "k_shot images of different parts, or validate on labelled images (threshold='validation')."
         )
     every = torch.cat((normal, defect))
-    every_px = torch.cat((normal_px, defect_px))
+    every_px = torch.cat((scores.normal_pixels.double(), scores.defect_pixels.double()))
     return SupportThresholds(
-        image_threshold=_float32(image_threshold),
-        pixel_threshold=_float32(pixel_threshold),
+        image_threshold=_float32(threshold),
+        pixel_threshold=_float32(threshold),
         image_min=_float32(every.min()),
         image_max=_float32(every.max()),
         pixel_min=_float32(every_px.min()),
         pixel_max=_float32(every_px.max()),
-        highest_normal_score=_float32(normal.max()),
+        highest_normal_score=_float32(highest),
         num_normal=int(normal.numel()),
         num_defect=int(defect.numel()),
-        separated=image_separated and pixel_separated,
+        separated=separated,
     )
 
 
@@ -234,6 +230,7 @@ def collect_support_scores(
     score: ImageScorer,
     seed: int = 0,
     variants: int = 3,
+    held_out: str = "copies",
 ) -> SupportScores:
     """Score pseudo-normal and pseudo-defect images made from the support images (the model's own scoring).
 
@@ -242,11 +239,15 @@ def collect_support_scores(
         normalize: The model's photometric pre-processing.
         fit_bank: Builds the model's support data (bank, references) from pre-processed images.
         score: Image scores and anomaly maps of pre-processed images against that support data.
-        seed: Seed of the folds' augmentations, the pasted defects and the pixel sample.
-        variants: Defective copies per held-out image.
+        seed: Seed of the augmentations, the pasted defects and the pixel sample.
+        variants: Defective copies per pseudo-normal image.
+        held_out: ``"copies"`` (:data:`COPIES_PER_IMAGE` augmented copies of each image, bank of all
+            k images) or ``"leave_one_out"`` (folds of
+            :func:`~anomalib_protorefine.calibration.held_out_folds`).
 
     Returns:
-        The pseudo scores. The caller rebuilds its support data from all images afterwards.
+        The pseudo scores. With ``"leave_one_out"`` the support data is left built from a subset:
+        the caller rebuilds it from all images.
 
     Example:
         >>> import torch
@@ -257,13 +258,31 @@ def collect_support_scores(
         >>> scores = collect_support_scores(
         ...     torch.full((2, 3, 32, 32), 0.5), lambda x: x, lambda x: bank.insert(0, x), score, variants=2
         ... )
-        >>> scores.normal_scores.tolist(), bool((scores.defect_scores > 0).all())
-        ([0.0, 0.0], True)
+        >>> scores.normal_scores.shape, bool((scores.defect_scores > scores.normal_scores.max()).all())
+        (torch.Size([4]), True)
     """
+    if held_out not in HELD_OUT:
+        msg = f"held_out must be one of {', '.join(repr(name) for name in HELD_OUT)}, got {held_out!r}."
+        raise ValueError(msg)
+    if len(raw_images) > 1 and bool((raw_images - raw_images[:1]).abs().amax() <= 1e-6):
+        _warn(
+            f"support thresholds: the {len(raw_images)} support images are identical (no spread between good parts). "
+            "The thresholds are finite but rest on copies of one image: use k_shot images of different parts, or "
+            "validate on labelled images (threshold='validation')."
+        )
+    if held_out == "copies":
+        copies = [
+            augment(image, seed * 1000 + index * COPIES_PER_IMAGE + copy)
+            for index, image in enumerate(raw_images)
+            for copy in range(COPIES_PER_IMAGE)
+        ]
+        folds = [(raw_images, torch.stack(copies))]
+    else:
+        folds = held_out_folds(raw_images, seed)
     generator = torch.Generator().manual_seed(seed)
     normal, defect, normal_px, defect_px = [], [], [], []
-    for fold_index, (bank_images, held_out) in enumerate(held_out_folds(raw_images, seed)):
-        queries, masks = pseudo_queries(held_out, seed, fold_index, variants)
+    for fold_index, (bank_images, held) in enumerate(folds):
+        queries, masks = pseudo_queries(held, seed, fold_index, variants)
         fit_bank(normalize(bank_images))
         image_scores, maps = score(normalize(queries))
         image_scores, maps = image_scores.detach().float().cpu(), maps.detach().float().cpu()
@@ -300,7 +319,7 @@ def describe(thresholds: SupportThresholds) -> str:
         f"image {thresholds.image_threshold:.4g}, pixel {thresholds.pixel_threshold:.4g} (raw scores; normalisation "
         f"image [{thresholds.image_min:.4g}, {thresholds.image_max:.4g}], pixel [{thresholds.pixel_min:.4g}, "
         f"{thresholds.pixel_max:.4g}]; from {thresholds.num_normal} clean and {thresholds.num_defect} "
-        "synthetic-defect held-out support images)"
+        "synthetic-defect copies of the support images)"
     )
 
 

@@ -310,11 +310,10 @@ class RefinedFewShotMixin:
     def calibrate_thresholds_from_images(self, images: torch.Tensor) -> SupportThresholds | None:
         """Thresholds from support images ``(k, 3, H, W)`` in ``[0, 1]`` at the model's input size (not normalised).
 
-        Held-out support images (leave-one-out, or augmented copies of a single image) are scored
-        clean and with synthetic defects pasted in, with the model's own refiner, scoring and anomaly
-        map (:mod:`anomalib_protorefine.thresholds`); the result goes into the post-processor and
-        :attr:`support_thresholds`. The support data is left built from a subset: the caller rebuilds
-        it (``fit_support`` on all support images, pre-processed).
+        Augmented copies of the support images are scored against the bank of all of them, clean and
+        with synthetic defects pasted in, with the model's own refiner, scoring and anomaly map
+        (:mod:`anomalib_protorefine.thresholds`); the result goes into the post-processor and
+        :attr:`support_thresholds`. The support data is left built from all support images.
 
         Example:
             >>> import torch

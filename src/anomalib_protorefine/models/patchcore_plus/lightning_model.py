@@ -146,8 +146,8 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         online_capacity: Size bound of the online bank (default: the support bank's size).
         threshold: Where the image and pixel thresholds (and the normalisation range) come from:
             ``"auto"`` (the support images, replaced by anomalib's F1-adaptive thresholds when a
-            validation pass with defective images runs), ``"support"`` (the support images only: held-out
-            support images scored clean and with synthetic defects; see
+            validation pass with defective images runs), ``"support"`` (the support images only: augmented
+            copies of them scored clean and with synthetic defects; see
             :mod:`anomalib_protorefine.thresholds`) or ``"validation"`` (anomalib's behaviour).
         pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
         post_processor: Post-processor or flag.
