@@ -24,13 +24,17 @@ _EXPORTS = {
     "WinClipPlusModel": "anomalib_protorefine.models",
     "PrototypeRefiner": "anomalib_protorefine.refinement",
     "RefinerOptions": "anomalib_protorefine.refinement",
+    "FewShotPostProcessor": "anomalib_protorefine.post_processing",
+    "SupportThresholds": "anomalib_protorefine.thresholds",
 }
 
 __all__ = [*_EXPORTS, "__version__", "config_path"]
 
 if TYPE_CHECKING:
     from .models import PatchCorePlus, PatchcorePlusModel, WinClipPlus, WinClipPlusModel  # noqa: F401
+    from .post_processing import FewShotPostProcessor  # noqa: F401
     from .refinement import PrototypeRefiner, RefinerOptions  # noqa: F401
+    from .thresholds import SupportThresholds  # noqa: F401
 
 
 def config_path(name: str | None = None) -> Path:

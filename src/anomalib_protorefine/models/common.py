@@ -375,11 +375,12 @@ class RefinedFewShotMixin:
             return
         thresholds = (post_processor.image_threshold, post_processor.pixel_threshold)
         if not any(bool(torch.isnan(threshold).all()) for threshold in thresholds):
-            origin = getattr(post_processor, "threshold_origin", "a checkpoint or a validation pass")
+            origin = getattr(post_processor, "threshold_origin", "none")
+            sources = {"support": "the support images", "validation": "a validation pass"}
             logger.info(
                 "%s decides with thresholds from %s: image %.4g, pixel %.4g (raw scores; pred_label = score above it).",
                 type(self).__name__,
-                "the support images" if origin == "support" else "validation" if origin == "validation" else origin,
+                sources.get(origin, "a checkpoint or a validation pass"),
                 float(post_processor.image_threshold),
                 float(post_processor.pixel_threshold),
             )
