@@ -222,3 +222,21 @@ def test_anomalib_benchmark_cli_runs_the_few_shot_pipeline(tiny_config: dict, tm
     rows = _rows(tmp_path / "out")
     assert {r["method"] for r in rows} == {"PatchCore"}
     assert {r["metric"] for r in rows} >= set(METRICS)
+
+
+def test_a_data_set_without_masks_reports_no_pixel_metrics(tiny_config: dict, tmp_path: Path) -> None:
+    """No masks: pixel AUROC / F1 / AUPRO and the pixel decision are absent (not 0.0), and the report says why."""
+    tiny_config["benchmark"]["data"]["init_args"].pop("mask_dir")
+    tiny_config["benchmark"]["few_shot_seed"] = 0
+    tiny_config["benchmark"].pop("sweeps")
+    tiny_config["benchmark"]["model"]["grid"] = tiny_config["benchmark"]["model"]["grid"][:1]
+    tiny_config["benchmark"]["figure7"] = False
+    tiny_config["benchmark"]["heatmaps"] = {"images": 0}
+    main(["--config", str(_write(tiny_config, tmp_path))])
+    output = Path(tiny_config["benchmark"]["output"])
+    metrics = {r["metric"] for r in _rows(output)}
+    assert {"image_AUROC", "support_image_BAcc", "oracle_image_BAcc"} <= metrics
+    assert not {m for m in metrics if "pixel" in m}
+    report = (output / "report.md").read_text()
+    assert "Pixel metrics n/a: the test set of this data set has no masks" in report
+    assert "| n/a |" in report

@@ -180,7 +180,8 @@ def run_cached(
     model.prepare_support(datamodule)
     support_seconds = time.perf_counter() - start
     scored = score_test_set(model, method, test, device, batch_size)
-    metrics = benchmark_metrics()
+    has_masks = bool(test.masks.any())
+    metrics = [metric for metric in benchmark_metrics() if has_masks or not metric.name.startswith("pixel_")]
     batch = SimpleNamespace(pred_score=scored.scores, anomaly_map=scored.maps, gt_label=test.labels, gt_mask=test.masks)
     for metric in metrics:
         metric.update(batch)

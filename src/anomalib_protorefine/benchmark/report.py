@@ -98,7 +98,7 @@ def _table(
             for metric, _ in metrics:
                 runs = data.get((method.name, k, metric))
                 if not runs:
-                    cells.append("-")
+                    cells.append("n/a")
                     continue
                 base_runs = data.get((method.base, k, metric)) if paired and method.base else None
                 seeds = sorted(set(runs) & set(base_runs)) if base_runs else sorted(runs)
@@ -254,6 +254,8 @@ def markdown(plan: BenchmarkPlan, frame: pd.DataFrame) -> str:
         part = frame[frame.dataset == dataset]
         n_seeds = part.seed.nunique()
         lines += [f"## {dataset} ({n_seeds} seeds)", ""]
+        if not part.metric.str.startswith("pixel_").any():
+            lines += ["Pixel metrics n/a: the test set of this data set has no masks (`mask_dir`).", ""]
         lines += [*_table(plan, part, ACCURACY, percent=True, paired=True), ""]
         lines += [*_table(plan, part, F1, percent=True, paired=True), ""]
         lines += ["Cost (mean ± std over seeds; time = cached backbone time + scoring time):", ""]
