@@ -60,6 +60,7 @@ def _rows(output: Path) -> list[dict[str, str]]:
         (lambda b: b["data"]["init_args"].pop("val_split_mode"), "val_split_mode: none"),
         (lambda b: b["shared"].update(colour="red"), "benchmark.shared: unknown options"),
         (lambda b: b.update(max_test_images=1), "max_test_images"),
+        (lambda b: b.update(k_shots=1), r"unknown key\(s\) 'k_shots' \(did you mean 'k_shot'\?\)"),
     ],
 )
 def test_bad_configs_are_reported_before_anything_runs(tiny_config: dict, change: Any, message: str) -> None:
@@ -75,6 +76,21 @@ def test_k_larger_than_the_training_pool_stops_before_any_job(tiny_config: dict,
     with pytest.raises(BenchmarkConfigError, match="normal training image"):
         main(["--config", str(_write(tiny_config, tmp_path))])
     assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_an_unknown_model_class_stops_before_any_job_with_an_error(tiny_config: dict, tmp_path: Path) -> None:
+    """A typo in class_path is a config error (non-zero exit), not a 'skipped for missing weights' line."""
+    tiny_config["benchmark"]["model"]["grid"].append({"name": "Typo", "class_path": "NoSuchModel"})
+    with pytest.raises(BenchmarkConfigError, match="class_path 'NoSuchModel' is not a model"):
+        main(["--config", str(_write(tiny_config, tmp_path))])
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_a_misspelt_few_shot_key_does_not_fall_through_to_anomalibs_pipeline(tiny_config: dict) -> None:
+    section = tiny_config["benchmark"]
+    section["k_shots"] = section.pop("k_shot")
+    with pytest.raises(BenchmarkConfigError, match="did you mean 'k_shot'"):
+        FewShotBenchmark()._setup_runners(tiny_config)
 
 
 def test_a_config_without_k_shot_runs_anomalibs_own_benchmark() -> None:

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,22 @@ from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 FEATURE_METHODS = ("PatchCorePlus", "anomalib_protorefine.PatchCorePlus", "FastRecon")
 #: Options of ``shared`` (PatchCorePlus arguments that fix the test features, plus the image size).
 SHARED_OPTIONS = ("backbone", "layers", "pre_trained", "weights", "coreset_sampling_ratio", "image_size")
+
+
+#: Keys of the ``benchmark`` section of a few-shot config (anomalib's ``model``/``data``/``seed`` included).
+SECTION_KEYS: tuple[str, ...] = (
+    "output",
+    "k_shot",
+    "few_shot_seed",
+    "max_test_images",
+    "heatmaps",
+    "figure7",
+    "shared",
+    "model",
+    "data",
+    "sweeps",
+    "seed",
+)
 
 
 class BenchmarkConfigError(ValueError):
@@ -298,6 +315,12 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
     accelerator = accelerators[0] if isinstance(accelerators, list) else accelerators
     if accelerator not in {"cpu", "cuda", "gpu"}:
         msg = f"accelerator must be cpu or cuda, got {accelerator!r}."
+        raise BenchmarkConfigError(msg)
+    unknown_keys = sorted(set(section) - set(SECTION_KEYS))
+    if unknown_keys:
+        hints = {key: difflib.get_close_matches(key, SECTION_KEYS, n=1) for key in unknown_keys}
+        named = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
+        msg = f"benchmark: unknown key(s) {named}; the few-shot benchmark knows {list(SECTION_KEYS)}."
         raise BenchmarkConfigError(msg)
     shared = dict(section.get("shared") or {})
     unknown = set(shared) - set(SHARED_OPTIONS)

@@ -18,11 +18,13 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from anomalib.models import UnknownModelError
 from anomalib.pipelines import Benchmark
 from anomalib.pipelines.components.base import Runner
 from jsonargparse import ArgumentParser, Namespace
@@ -37,9 +39,28 @@ from .methods import build_engine_model
 logger = logging.getLogger(__name__)
 
 
+#: Keys that only a few-shot config has (anomalib's own benchmark config has ``seed``, ``model`` and ``data``).
+FEW_SHOT_MARKERS = ("k_shot", "few_shot_seed", "max_test_images", "heatmaps", "figure7", "shared", "sweeps", "output")
+
+
 def is_few_shot_config(config: dict[str, Any]) -> bool:
-    """Whether a benchmark config asks for the few-shot grid (``k_shot`` in its ``benchmark`` section)."""
-    return isinstance(config.get("benchmark"), dict) and "k_shot" in config["benchmark"]
+    """Whether a benchmark config is a few-shot one: its ``benchmark`` section has a key only few-shot configs have.
+
+    A misspelt key next to them (``k_shots``) is then reported by the few-shot parser instead of
+    falling through to anomalib's stock pipeline.
+
+    Example:
+        >>> is_few_shot_config({"benchmark": {"k_shots": 1, "max_test_images": 10}})
+        True
+        >>> is_few_shot_config({"benchmark": {"seed": 42, "model": {}, "data": {}}})
+        False
+    """
+    section = config.get("benchmark")
+    if not isinstance(section, dict):
+        return False
+    return any(key in section for key in FEW_SHOT_MARKERS) or any(
+        difflib.get_close_matches(key, FEW_SHOT_MARKERS, n=1, cutoff=0.8) for key in section
+    )
 
 
 def preflight(plan: BenchmarkPlan, echo: Any = print) -> BenchmarkPlan:
@@ -75,6 +96,9 @@ def preflight(plan: BenchmarkPlan, echo: Any = print) -> BenchmarkPlan:
         if not method.uses_cached_features:
             try:
                 build_engine_model(method)
+            except UnknownModelError as error:
+                msg = f"benchmark.model {method.name!r}: class_path {method.class_path!r} is not a model: {error}"
+                raise BenchmarkConfigError(msg) from error
             except Exception as error:
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
                 echo(f"skipped {method.name}: the model cannot be built here (weights?): {reason}")
