@@ -18,7 +18,7 @@ from anomalib_protorefine.benchmark import BenchmarkConfigError, FewShotBenchmar
 from anomalib_protorefine.benchmark.features import make_datamodule
 from anomalib_protorefine.benchmark.job import FewShotBenchmarkJob, RunContext
 from anomalib_protorefine.benchmark.methods import fastrecon_patch_scores, run_cached, run_engine
-from anomalib_protorefine.benchmark.pipeline import main
+from anomalib_protorefine.benchmark.pipeline import main, preflight
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -256,3 +256,25 @@ def test_a_data_set_without_masks_reports_no_pixel_metrics(tiny_config: dict, tm
     report = (output / "report.md").read_text()
     assert "Pixel metrics n/a: the test set of this data set has no masks" in report
     assert "| n/a |" in report
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: b["data"]["init_args"].pop("mask_dir"),
+        lambda b: b.update(few_shot_seed={"grid": [0, 1, 2]}),
+        lambda b: b["shared"].update(image_size=96),
+    ],
+    ids=["mask_dir", "seeds", "shared"],
+)
+def test_resuming_into_a_folder_of_another_run_is_refused(tiny_config: dict, tmp_path: Path, change: Any) -> None:
+    """The run guard covers the data, k, seeds and shared settings, not only the methods."""
+    tiny_config["benchmark"]["model"]["grid"] = tiny_config["benchmark"]["model"]["grid"][:1]
+    tiny_config["benchmark"].pop("sweeps")
+    tiny_config["benchmark"]["few_shot_seed"] = {"grid": [0, 1]}
+    plan = preflight(plan_from_config(tiny_config), echo=lambda *_: None)
+    (plan.output / "results.csv").write_text("dataset,category,k_shot,seed,method,metric,value\n")
+    assert preflight(plan_from_config(copy.deepcopy(tiny_config)), echo=lambda *_: None).output == plan.output
+    change(tiny_config["benchmark"])
+    with pytest.raises(BenchmarkConfigError, match="holds results of a different run"):
+        preflight(plan_from_config(tiny_config), echo=lambda *_: None)

@@ -117,6 +117,7 @@ class BenchmarkPlan:
     heatmap_images: int = 4
     figure7: bool = True
     shared: dict[str, Any] = field(default_factory=dict)
+    data_configs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def cells(self) -> list[tuple[DataSpec, int, int]]:
@@ -344,6 +345,7 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
         figure7=bool(section.get("figure7", True)),
         shared=shared,
     )
+    plan.data_configs = [data.config for data in plan.datasets]  # all of them, whatever --only runs
     if check_data:
         for data in plan.datasets:
             _check_data(data)
@@ -351,11 +353,20 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
 
 
 def describe(plan: BenchmarkPlan) -> str:
-    """One JSON line that identifies what a results folder holds (checked on resume)."""
+    """One JSON line that identifies what a results folder holds (checked on resume).
+
+    Everything that changes a row: the methods, every data set's config (all of them, also when a
+    process runs ``--only`` some), k, the seeds, the shared settings and the test subset.
+    """
     return json.dumps(
         {
             "methods": [[m.name, m.class_path, m.init_args] for m in plan.methods],
             "max_test_images": plan.max_test_images,
+            "data": plan.data_configs,
+            "k_shot": plan.k_shots,
+            "few_shot_seed": plan.seeds,
+            "shared": plan.shared,
+            "seed": plan.seed,
         },
         sort_keys=True,
         default=str,

@@ -112,8 +112,8 @@ def preflight(plan: BenchmarkPlan, echo: Any = print) -> BenchmarkPlan:
     marker = plan.output / "run.json"
     if results_file(plan).exists() and marker.exists() and marker.read_text() != describe(plan):
         msg = (
-            f"{plan.output} holds results of a different set of methods or test images: choose another "
-            "benchmark.output, or delete the folder to start over."
+            f"{plan.output} holds results of a different run (other methods, data sets, k, seeds, shared settings "
+            "or test images): choose another benchmark.output, or delete the folder to start over."
         )
         raise BenchmarkConfigError(msg)
     plan.output.mkdir(parents=True, exist_ok=True)
