@@ -111,3 +111,50 @@ def test_fit_support_rejects_unprocessed_images(images: torch.Tensor, error: typ
 def test_support_thresholds_expect_images_in_zero_one() -> None:
     with pytest.raises(ValueError, match=r"expected float images in \[0, 1\]"):
         small_model().calibrate_thresholds_from_images(torch.full((2, 3, 64, 64), 2.0))
+
+
+def _gray_images(folder: Path, count: int = 3) -> tuple[list[Path], list[Path]]:
+    """The same grayscale images as 8-bit and as 16-bit PNG (value * 257, as ``cv2.imwrite`` of uint16 writes)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    narrow, wide = [], []
+    for index in range(count):
+        gray = rng.integers(0, 256, size=(64, 64), dtype=np.uint8)
+        Image.fromarray(gray).save(folder / f"n{index}.png")
+        Image.fromarray(gray.astype(np.uint16) * 257).save(folder / f"w{index}.png")
+        narrow.append(folder / f"n{index}.png")
+        wide.append(folder / f"w{index}.png")
+    return narrow, wide
+
+
+def test_16_bit_support_images_are_read_by_their_range(tmp_path: Path) -> None:
+    """anomalib's read_image flattens a 16-bit PNG; the support loader scales it by 65535 (= the 8-bit read)."""
+    from anomalib.data.utils import read_image
+
+    from anomalib_protorefine.few_shot import load_images
+
+    narrow, wide = _gray_images(tmp_path)
+    upstream = read_image(str(wide[0]), as_tensor=True)
+    assert float((upstream == 1.0).float().mean()) > 0.99  # upstream: (nearly) one flat value, clipped at 255
+    torch.testing.assert_close(load_images(wide, None), load_images(narrow, None), rtol=0, atol=1e-6)
+
+
+def test_predicting_on_16_bit_images_warns_naming_the_files(tmp_path: Path) -> None:
+    """The datamodule path (anomalib's loader) flattens them: a loud warning names the files."""
+    from anomalib.engine import Engine
+
+    narrow, wide = _gray_images(tmp_path / "parts")
+    support = tmp_path / "good"
+    support.mkdir()
+    for path in narrow:
+        shutil.copy(path, support / path.name)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    shutil.copy(wide[0], queries / wide[0].name)
+    model = small_model(few_shot_source=str(support))
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match=r"hold one flat value.*w0\.png.*16-bit"):
+        engine.predict(model, data_path=queries)

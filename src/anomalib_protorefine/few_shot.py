@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from anomalib.data.utils import read_image
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +145,44 @@ def select_indices(pool_size: int, k_shot: int, seed: int) -> list[int]:
     return torch.randperm(pool_size, generator=generator)[:k_shot].tolist()
 
 
+#: Pillow modes of 16-bit (and 32-bit integer) grayscale images, which anomalib's ``read_image`` flattens.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def read_image_file(path: str | Path) -> torch.Tensor:
+    """Read an image as a float tensor ``(3, H, W)`` in ``[0, 1]``, 16-bit grayscale scaled by its range.
+
+    anomalib's ``read_image`` converts with Pillow's ``convert("RGB")``, which clips 16-bit values to
+    255 and so reads a 16-bit image as (nearly) one flat value; here such an image is scaled by
+    65535 and repeated over three channels. Other images are read as anomalib reads them.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from PIL import Image
+        >>> path = Path(tempfile.mkdtemp()) / "wide.png"
+        >>> Image.fromarray((np.arange(16, dtype=np.uint16).reshape(4, 4) * 4096)).save(path)
+        >>> image = read_image_file(path)
+        >>> image.shape, round(float(image.max()), 4), round(float(image[0, 0, 1]), 4)
+        (torch.Size([3, 4, 4]), 0.9375, 0.0625)
+    """
+    with Image.open(path) as image:
+        if image.mode not in WIDE_MODES:
+            return read_image(str(path), as_tensor=True)
+        array = np.asarray(image).astype(np.float64)
+    if array.max() > 65535 or array.min() < 0:
+        msg = f"{str(path)!r} holds integer values outside [0, 65535]: save it as an 8- or 16-bit image."
+        raise ValueError(msg)
+    gray = torch.from_numpy(array / 65535.0).float()
+    return gray[None].expand(3, -1, -1).contiguous()
+
+
 def load_images(paths: Sequence[str | Path], transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """Read images as float tensors in [0, 1], transform each, and stack them ``(k, 3, H, W)``."""
     images = []
     for path in paths:
         try:
-            image = read_image(str(path), as_tensor=True)
+            image = read_image_file(path)
         except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, corrupt or unreadable files
             msg = (
                 f"Could not read support image {str(path)!r} ({type(error).__name__}: {error}): replace or remove "

@@ -413,8 +413,19 @@ class RefinedFewShotMixin:
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
         """Score a batch (refined or plain) and attach ``pred_score`` and ``anomaly_map``."""
         del args, kwargs
+        warn_about_flat_images(batch)
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
+
+    def test_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
+        """anomalib's test step, after a check for images read as one flat value."""
+        warn_about_flat_images(batch)
+        return super().test_step(batch, batch_idx, *args, **kwargs)  # type: ignore[misc]
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
+        """anomalib's predict step, after a check for images read as one flat value."""
+        warn_about_flat_images(batch)
+        return super().predict_step(batch, batch_idx, dataloader_idx)  # type: ignore[misc]
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
         """Anomalib's component callbacks plus one that logs the refinement statistics of the model's refiner."""
@@ -504,6 +515,51 @@ class RefinedFewShotMixin:
     def _replace_refiner(self, refiner: PrototypeRefiner | None) -> None:
         """Install another refiner in the torch model (models with derived state override this)."""
         self.model.refiner = refiner
+
+
+#: Share of an image's values at its maximum (or minimum) from which it counts as one flat value.
+FLAT_SHARE = 0.95
+
+
+def warn_about_flat_images(batch: Batch) -> list[str]:
+    """Warn loudly, naming the files, about images of a batch that (nearly) hold one flat value; return their paths.
+
+    An image counts as flat when, in every channel, :data:`FLAT_SHARE` of its values sit at the maximum or the minimum.
+
+    anomalib's ``read_image`` converts with Pillow's ``convert("RGB")``, which clips 16-bit images to
+    255: a 16-bit image arrives as (nearly) one flat value and its scores mean nothing.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> import warnings
+        >>> batch = SimpleNamespace(image=torch.stack([torch.ones(3, 4, 4), torch.rand(3, 4, 4)]), image_path=["a", "b"])
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     warn_about_flat_images(batch)
+        ['a']
+    """
+    images = getattr(batch, "image", None)
+    if images is None or images.ndim != 4:
+        return []
+    values = images.detach().flatten(2).float()  # (B, C, H*W): channels are normalised apart
+    top, bottom = values.amax(2, keepdim=True), values.amin(2, keepdim=True)
+    tolerance = 1e-4 * (top - bottom).abs().clamp_min(1e-6)
+    at_top = (values >= top - tolerance).float().mean(2)
+    at_bottom = (values <= bottom + tolerance).float().mean(2)
+    flat = (torch.maximum(at_top, at_bottom) >= FLAT_SHARE).all(1)
+    if not bool(flat.any()):
+        return []
+    paths = list(getattr(batch, "image_path", None) or [f"batch image {i}" for i in range(len(images))])
+    named = [str(paths[i]) for i in flat.nonzero().flatten().tolist()]
+    msg = (
+        f"{len(named)} image(s) hold one flat value (at least {FLAT_SHARE:.0%} of their pixels), so their scores and "
+        f"decisions mean nothing: {named[:5]}. "
+        "anomalib's read_image reads 16-bit images this way (Pillow's convert('RGB') clips them to 255): convert "
+        "them to 8-bit (e.g. with OpenCV, dividing by 257), or check the files."
+    )
+    warnings.warn(msg, UserWarning, stacklevel=2)
+    logger.warning(msg)
+    return named
 
 
 class RefinementStatsCallback(Callback):
