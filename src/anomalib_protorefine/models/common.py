@@ -418,12 +418,12 @@ class RefinedFewShotMixin:
         return batch.update(**predictions._asdict())
 
     def test_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN002, ANN003
-        """anomalib's test step, after a check for images read as one flat value."""
+        """Anomalib's test step, after a check for images read as one flat value."""
         warn_about_flat_images(batch)
         return super().test_step(batch, batch_idx, *args, **kwargs)  # type: ignore[misc]
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
-        """anomalib's predict step, after a check for images read as one flat value."""
+        """Anomalib's predict step, after a check for images read as one flat value."""
         warn_about_flat_images(batch)
         return super().predict_step(batch, batch_idx, dataloader_idx)  # type: ignore[misc]
 
