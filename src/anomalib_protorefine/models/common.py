@@ -532,7 +532,8 @@ def warn_about_flat_images(batch: Batch) -> list[str]:
     Example:
         >>> from types import SimpleNamespace
         >>> import warnings
-        >>> batch = SimpleNamespace(image=torch.stack([torch.ones(3, 4, 4), torch.rand(3, 4, 4)]), image_path=["a", "b"])
+        >>> images = torch.stack([torch.ones(3, 4, 4), torch.rand(3, 4, 4)])
+        >>> batch = SimpleNamespace(image=images, image_path=["a", "b"])
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore")
         ...     warn_about_flat_images(batch)
