@@ -25,6 +25,7 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -rs --durations=15
+	cd $(VENV) && ./bin/python -m pytest -q -p no:cacheprovider --doctest-modules --pyargs anomalib_protorefine
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
