@@ -158,3 +158,28 @@ def test_predicting_on_16_bit_images_warns_naming_the_files(tmp_path: Path) -> N
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.warns(UserWarning, match=r"hold one flat value.*w0\.png.*16-bit"):
         engine.predict(model, data_path=queries)
+
+
+def test_a_checkpoint_of_other_layers_or_another_model_is_one_clear_error(tmp_path: Path) -> None:
+    """Another backbone's layers, or a WinClipPlus checkpoint: one line naming the cause and the fix."""
+    from lightning.pytorch import Trainer
+
+    model = small_model(threshold="validation")
+    model.fit_support(model.pre_processor.transform(torch.rand(2, 3, 64, 64)))
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    assert PatchCorePlus.load_from_checkpoint(path).model.memory_bank.shape == model.model.memory_bank.shape
+    with pytest.raises(
+        ValueError, match=r"backbone weights do not fit this model's backbone='resnet18', layers=\['layer3'\]"
+    ):
+        PatchCorePlus.load_from_checkpoint(path, layers=("layer3",))  # Lightning writes the kwargs into the hparams
+    checkpoint = torch.load(path, weights_only=False)  # as `anomalib predict --ckpt_path` hands it to the model
+    with pytest.raises(
+        ValueError, match=r"made with backbone='resnet18', layers=\['layer2'\].*--model.layers '\[layer2\]'"
+    ):
+        small_model(layers=("layer3",)).on_load_checkpoint(checkpoint)
+    winclip_like = {"hyper_parameters": {"k_shot": 2, "scales": [2, 3]}, "state_dict": {"model.clip.positional": 0}}
+    with pytest.raises(ValueError, match="not a PatchCorePlus checkpoint \\(a WinClipPlus checkpoint"):
+        small_model().on_load_checkpoint(winclip_like)

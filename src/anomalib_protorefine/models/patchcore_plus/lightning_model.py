@@ -69,6 +69,40 @@ PATCHCORE_DEFAULT_PRESET = "fused"
 PATCHCORE_AUTO_CANDIDATES: tuple[str, ...] = ("off", PATCHCORE_DEFAULT_PRESET)
 
 
+def check_architecture(checkpoint: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise one clear error when a checkpoint cannot fit this PatchCorePlus (before any state is loaded).
+
+    Example:
+        >>> check_architecture({"hyper_parameters": {"backbone": "resnet18", "layers": ["layer2"]}},
+        ...                    {"backbone": "resnet18", "layers": ("layer2",)})
+        >>> check_architecture({"hyper_parameters": {"backbone": "resnet18", "layers": ["layer2"]}},
+        ...                    {"backbone": "wide_resnet50_2", "layers": ("layer2", "layer3")})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the checkpoint was made with backbone='resnet18', layers=['layer2'] ...
+    """
+    stored = checkpoint.get("hyper_parameters") or {}
+    state = checkpoint.get("state_dict") or {}
+    if "layers" not in stored or any(key.startswith("model.clip.") for key in state):
+        kind = "a WinClipPlus checkpoint" if any(key.startswith("model.clip.") for key in state) else "not one"
+        msg = (
+            f"this is not a PatchCorePlus checkpoint ({kind}: no backbone layers in its hyper_parameters): load it "
+            "with the model that wrote it (e.g. --model WinClipPlus), or pass a PatchCorePlus checkpoint."
+        )
+        raise ValueError(msg)
+    made = {"backbone": stored.get("backbone"), "layers": list(stored.get("layers") or [])}
+    wanted = {"backbone": current.get("backbone"), "layers": list(current.get("layers") or [])}
+    if made != wanted:
+        layers = ", ".join(made["layers"])
+        msg = (
+            f"the checkpoint was made with backbone={made['backbone']!r}, layers={made['layers']} but this model has "
+            f"backbone={wanted['backbone']!r}, layers={wanted['layers']}: its memory bank holds those features. Build "
+            f"the model with them (CLI: --model.backbone {made['backbone']} --model.layers '[{layers}]'), or use a "
+            "checkpoint made with this backbone."
+        )
+        raise ValueError(msg)
+
+
 def validate_layers(layers: Sequence[str]) -> tuple[str, ...]:
     """Return ``layers`` as a tuple of layer names, or raise an error that names ``layers`` and the fix.
 
@@ -491,7 +525,30 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             msg = f"{name!r} is not an option of PatchCorePlus that a checkpoint restores."
             raise KeyError(msg)
 
+    def _check_feature_extractor(self, checkpoint: dict[str, Any]) -> None:
+        """Compare the checkpoint's feature-extractor tensors with this model's (names and shapes)."""
+        prefix = "model.feature_extractor."
+        stored = {k: tuple(v.shape) for k, v in (checkpoint.get("state_dict") or {}).items() if k.startswith(prefix)}
+        current = {k: tuple(v.shape) for k, v in self.state_dict().items() if k.startswith(prefix)}
+        if stored and stored != current:
+            made = checkpoint.get("hyper_parameters") or {}
+            msg = (
+                f"the checkpoint's backbone weights do not fit this model's backbone={self.hparams.get('backbone')!r}, "
+                f"layers={list(self.hparams.get('layers') or [])} ({len(set(stored) ^ set(current))} tensors differ "
+                "in name, others in shape): it was made with another backbone or layers (its hyper_parameters say "
+                f"backbone={made.get('backbone')!r}, layers={made.get('layers')!r}). Build the model with the "
+                "checkpoint's backbone and layers, or use a checkpoint made with this backbone."
+            )
+            raise ValueError(msg)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the score-relevant options and the support file list; a loaded bank counts as fitted."""
+        """Restore the score-relevant options and the support file list; a loaded bank counts as fitted.
+
+        Raises:
+            ValueError: The checkpoint is not a PatchCorePlus one, or was made with another backbone or
+                layers (the feature extractor and the bank would not match); the message names the fix.
+        """
+        check_architecture(checkpoint, {"backbone": self.hparams.get("backbone"), "layers": self.hparams.get("layers")})
+        self._check_feature_extractor(checkpoint)
         super().on_load_checkpoint(checkpoint)
         self._is_fitted = torch.tensor([True])
