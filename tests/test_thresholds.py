@@ -239,7 +239,7 @@ def decision_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("k_shot", "max_false_alarms"), [(1, 0.5), (2, 0.25)])
 def test_predict_without_validation_decides_from_the_support_images(
-    decision_data: Path, tmp_path: Path, k_shot: int, max_false_alarms: float
+    decision_data: Path, tmp_path: Path, folder_layout: dict[str, str], k_shot: int, max_false_alarms: float
 ) -> None:
     """No validation pass, no defect image: predict flags most defective images and not most good ones.
 
@@ -251,15 +251,7 @@ def test_predict_without_validation_decides_from_the_support_images(
     from anomalib.data import Folder
 
     datamodule = Folder(
-        name="decisions",
-        root=decision_data,
-        normal_dir="train/good",
-        abnormal_dir="test/defect",
-        normal_test_dir="test/good",
-        mask_dir="ground_truth/defect",
-        val_split_mode="none",
-        num_workers=0,
-        eval_batch_size=8,
+        name="decisions", root=decision_data, **folder_layout, val_split_mode="none", num_workers=0, eval_batch_size=8
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*no adaptive thresholds.*")

@@ -28,7 +28,7 @@ import torch
 from anomalib.post_processing import PostProcessor
 from lightning import LightningModule, Trainer
 
-from anomalib_protorefine.thresholds import THRESHOLD_SOURCES, SupportThresholds, is_set
+from anomalib_protorefine.thresholds import SupportThresholds, check_threshold_source, is_set
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,8 @@ class FewShotPostProcessor(PostProcessor):
     """
 
     def __init__(self, threshold: str = "auto", **kwargs: Any) -> None:
-        if threshold not in THRESHOLD_SOURCES:
-            names = ", ".join(repr(name) for name in THRESHOLD_SOURCES)
-            msg = f"threshold={threshold!r} is not a threshold source: use one of {names}."
-            raise ValueError(msg)
         super().__init__(**kwargs)
-        self.threshold = threshold
+        self.threshold = check_threshold_source(threshold)
         self.threshold_origin = "none"
         self._validation_images = 0
         self._validation_defects = 0

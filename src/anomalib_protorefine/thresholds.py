@@ -63,6 +63,22 @@ MAX_PIXELS_PER_MAP = 16384
 ImageScorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def check_threshold_source(threshold: str) -> str:
+    """Return ``threshold`` after checking it is one of :data:`THRESHOLD_SOURCES`.
+
+    Example:
+        >>> check_threshold_source("best")
+        Traceback (most recent call last):
+        ...
+        ValueError: threshold='best' is not a threshold source: use one of 'auto', 'support', 'validation'.
+    """
+    if threshold not in THRESHOLD_SOURCES:
+        names = ", ".join(repr(name) for name in THRESHOLD_SOURCES)
+        msg = f"threshold={threshold!r} is not a threshold source: use one of {names}."
+        raise ValueError(msg)
+    return threshold
+
+
 def validate_threshold(threshold: str, k_shot: int | None, few_shot_source: object | None = None) -> str:
     """Return ``threshold`` after checking it is a known source and that ``"support"`` has support images.
 
@@ -74,10 +90,7 @@ def validate_threshold(threshold: str, k_shot: int | None, few_shot_source: obje
         ...
         ValueError: threshold='best' is not a threshold source: use one of 'auto', 'support', 'validation'.
     """
-    if threshold not in THRESHOLD_SOURCES:
-        names = ", ".join(repr(name) for name in THRESHOLD_SOURCES)
-        msg = f"threshold={threshold!r} is not a threshold source: use one of {names}."
-        raise ValueError(msg)
+    check_threshold_source(threshold)
     if threshold == "support" and not k_shot:
         msg = (
             "threshold='support' computes the thresholds from the k support images, but k_shot is not set"

@@ -177,11 +177,12 @@ def decision_summary(frame: pd.DataFrame) -> dict[tuple[str, str], dict[str, flo
 def _decision_tables(frame: pd.DataFrame) -> list[str]:
     """Markdown of the decision tables of one dataset: support thresholds, oracle, anomalib's normal-only fallback."""
     data = _per_seed(frame)
-    rows = sorted({(m, k) for (m, k, metric) in data if metric == "support_image_BAcc"}, key=lambda r: (r[0], r[1]))
+    order = {name: i for i, name in enumerate(dict.fromkeys(frame.method))}  # methods in results order
+    rows = sorted(
+        {(m, k) for (m, k, metric) in data if metric == "support_image_BAcc"}, key=lambda r: (order[r[0]], r[1])
+    )
     if not rows:
         return []
-    order = {name: i for i, name in enumerate(dict.fromkeys(frame.method))}
-    rows.sort(key=lambda r: (order.get(r[0], 0), r[1]))
 
     def cell(method: str, k: int, metric: str) -> str:
         runs = data.get((method, k, metric))

@@ -239,18 +239,15 @@ class RefinedFewShotMixin:
     support_thresholds: SupportThresholds | None
     support_scores: SupportScores | None
 
-    def _init_thresholds(self, threshold: str, k_shot: int | None, few_shot_source: object | None) -> None:
-        """Validate and store ``threshold``, and hand it to the model's :class:`FewShotPostProcessor`."""
-        self.threshold = validate_threshold(threshold, k_shot, few_shot_source)
+    def _init_thresholds(self, threshold: str) -> None:
+        """No support thresholds yet; validate ``threshold`` and hand it to the post-processor (after ``k_shot``)."""
         self.support_thresholds = None
         self.support_scores = None
-        post_processor = getattr(self, "post_processor", None)
-        if isinstance(post_processor, FewShotPostProcessor):
-            post_processor.threshold = self.threshold
+        self._set_threshold_source(threshold)
 
     def _set_threshold_source(self, threshold: str) -> None:
-        """Change ``threshold`` (from a checkpoint): the model's attribute and its post-processor's."""
-        self.threshold = validate_threshold(threshold, self.k_shot)
+        """Set ``threshold`` (constructor, checkpoint): the model's attribute and its post-processor's."""
+        self.threshold = validate_threshold(threshold, self.k_shot, self.few_shot_source)
         post_processor = getattr(self, "post_processor", None)
         if isinstance(post_processor, FewShotPostProcessor):
             post_processor.threshold = self.threshold

@@ -249,7 +249,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         self.few_shot_source = source
         self.support_paths: tuple[str, ...] = ()
         self.calibration: CalibrationResult | None = None
-        self._init_thresholds(threshold, k_shot, source)
+        self._init_thresholds(threshold)
 
     # ------------------------------------------------------------------ components
     @classmethod

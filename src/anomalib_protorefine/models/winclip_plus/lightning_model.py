@@ -137,7 +137,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         self.few_shot_seed = few_shot_seed
         self.few_shot_source = source
         self.support_paths: tuple[str, ...] = ()
-        self._init_thresholds(threshold, k_shot, source)
+        self._init_thresholds(threshold)
 
     # ------------------------------------------------------------------ components
     @classmethod
