@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AnomalyDINOPlus": "anomalib_protorefine.models",
+    "AnomalyDINOPlusModel": "anomalib_protorefine.models",
     "PatchCorePlus": "anomalib_protorefine.models",
     "PatchcorePlusModel": "anomalib_protorefine.models",
     "WinClipPlus": "anomalib_protorefine.models",
@@ -31,7 +33,14 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__", "config_path"]
 
 if TYPE_CHECKING:
-    from .models import PatchCorePlus, PatchcorePlusModel, WinClipPlus, WinClipPlusModel  # noqa: F401
+    from .models import (  # noqa: F401
+        AnomalyDINOPlus,
+        AnomalyDINOPlusModel,
+        PatchCorePlus,
+        PatchcorePlusModel,
+        WinClipPlus,
+        WinClipPlusModel,
+    )
     from .post_processing import FewShotPostProcessor  # noqa: F401
     from .refinement import PrototypeRefiner, RefinerOptions  # noqa: F401
     from .thresholds import SupportThresholds  # noqa: F401

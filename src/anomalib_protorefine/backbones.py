@@ -90,6 +90,7 @@ __all__ = [
     "WeightSource",
     "available_layers",
     "build_feature_extractor",
+    "build_vit_extractor",
     "load_backbone_weights",
     "normalization_for",
     "resolve_weights",
@@ -477,8 +478,18 @@ def load_backbone_weights(
     )
 
 
-def _hub_error(backbone: str, reason: str) -> RuntimeError:
-    """Build the error raised when hub weights are unavailable."""
+def _hub_error(backbone: str, reason: str, vit: bool = False) -> RuntimeError:
+    """Build the error raised when hub weights are unavailable (``vit``: the fixes of a ViT encoder)."""
+    if vit:
+        msg = (
+            f"Could not get pretrained weights for encoder {backbone!r} from the hub ({reason}). To work offline, pass "
+            "`weights=/path/to/file.pth` (CLI: `--model.weights /path/to/file.pth`; a state dict of timm's full "
+            f"{backbone!r} model, .pth/.pt/.safetensors, e.g. saved on a machine with hub access with "
+            f"`torch.save(timm.create_model({backbone!r}, pretrained=True).state_dict(), path)`), or set "
+            "HF_HUB_OFFLINE=1 with a Hugging Face cache that already holds the weights. Use `pre_trained=False` "
+            "(CLI: `--model.pre_trained false`) for random weights."
+        )
+        return RuntimeError(msg)
     msg = (
         f"Could not get pretrained weights for backbone {backbone!r} from the hub ({reason}). To work offline, "
         "either pass `weights=/path/to/file.pth` (CLI: `--model.weights /path/to/file.pth`; a timm state dict "
@@ -556,4 +567,75 @@ def build_feature_extractor(
     except Exception as exc:
         raise _hub_error(backbone, f"{type(exc).__name__}: {exc}") from exc
     logger.info("Backbone %s: pretrained weights from %s.", backbone, source.description)
+    return extractor.eval()
+
+
+def build_vit_extractor(
+    encoder_name: str,
+    layer: str,
+    pre_trained: bool = True,
+    weights: str | Path | None = None,
+) -> TimmFeatureExtractor:
+    """Build anomalib's ``TimmFeatureExtractor`` for a timm ViT (patch tokens, ``"NLC"``), weights resolved offline first.
+
+    The extractor is configured exactly as anomalib's AnomalyDINO builds it (last-block tokens after
+    the final norm, no class token, dynamic image size); only the weights differ in where they come
+    from: ``weights=`` (a state dict of timm's full ``encoder_name`` model, loaded strictly), else
+    the hub as anomalib does it (with an error that names the offline fixes), or random with
+    ``pre_trained=False``.
+
+    Args:
+        encoder_name: timm ViT name, e.g. ``"vit_small_patch14_dinov2"``.
+        layer: The block whose tokens are returned, e.g. ``"blocks.11"``.
+        pre_trained: Load pretrained weights; ``False`` keeps the random initialisation.
+        weights: Local state-dict file of the full timm model.
+
+    Returns:
+        The extractor in eval mode.
+
+    Raises:
+        ValueError: ``weights`` with ``pre_trained=False``, or weights that do not fit the encoder.
+        FileNotFoundError: ``weights`` is not a file.
+        RuntimeError: The weights must come from the hub and the download fails.
+
+    Example:
+        >>> extractor = build_vit_extractor("vit_small_patch14_dinov2", "blocks.11", pre_trained=False)
+        >>> extractor(torch.rand(1, 3, 56, 56))["blocks.11"].shape
+        torch.Size([1, 16, 384])
+    """
+    _check_backbone(encoder_name)
+    if not pre_trained and weights is not None:
+        msg = (
+            f"`weights`={str(weights)!r} was given with `pre_trained=False`. Set `pre_trained=True` or drop `weights`."
+        )
+        raise ValueError(msg)
+    options = {"layers": [layer], "output_fmt": "NLC", "return_class_token": False, "norm": True}
+    if not pre_trained or weights is not None:
+        extractor = TimmFeatureExtractor(backbone=encoder_name, pre_trained=False, **options)
+        if weights is not None:
+            source = resolve_weights(encoder_name, weights)
+            assert source.path is not None
+            state_dict = _read_state_dict(source.path)
+            try:
+                extractor.feature_extractor.load_state_dict(state_dict, strict=True)
+            except RuntimeError as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                msg = (
+                    f"Weights from {source.path} do not fit encoder {encoder_name!r} ({reason}; "
+                    f"{_listed(sorted(set(state_dict) ^ set(extractor.feature_extractor.state_dict())))} differ). "
+                    f"Expected a state dict of timm's full {encoder_name!r} model "
+                    f"(`timm.create_model({encoder_name!r}).state_dict()`); check that `weights` belongs to "
+                    "`encoder_name`."
+                )
+                raise ValueError(msg) from error
+            logger.info("Encoder %s: weights from %s.", encoder_name, source.description)
+        return extractor.eval()
+    cfg = None if encoder_name.startswith(_HUB_PREFIXES) else get_pretrained_cfg(encoder_name)
+    if cfg is not None and not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
+        raise _hub_error(encoder_name, "timm has no pretrained weights for it", vit=True)
+    try:
+        extractor = TimmFeatureExtractor(backbone=encoder_name, pre_trained=True, **options)
+    except Exception as exc:
+        raise _hub_error(encoder_name, f"{type(exc).__name__}: {exc}", vit=True) from exc
+    logger.info("Encoder %s: pretrained weights from the hub.", encoder_name)
     return extractor.eval()

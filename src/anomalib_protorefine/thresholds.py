@@ -298,7 +298,7 @@ def collect_support_scores(
         queries, masks = pseudo_queries(held, seed, fold_index, variants)
         fit_bank(normalize(bank_images))
         image_scores, maps = score(normalize(queries))
-        image_scores, maps = image_scores.detach().float().cpu(), maps.detach().float().cpu()
+        image_scores, maps = image_scores.detach().float().cpu().reshape(-1), maps.detach().float().cpu()
         maps = maps.reshape(len(queries), *maps.shape[-2:])
         if maps.shape[-2:] != masks.shape[-2:]:
             msg = f"anomaly maps {tuple(maps.shape[-2:])} and support images {tuple(masks.shape[-2:])} differ in size."

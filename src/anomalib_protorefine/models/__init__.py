@@ -1,11 +1,12 @@
 """Anomalib models with test-time prototype refinement.
 
 Importing this module registers the models with anomalib: they are direct subclasses of
-``AnomalibModule``, so ``anomalib.models.get_model("PatchCorePlus")`` (or ``"WinClipPlus"``) and the
-``anomalib`` CLI find them.
+``AnomalibModule``, so ``anomalib.models.get_model("PatchCorePlus")`` (or ``"WinClipPlus"``,
+``"AnomalyDINOPlus"``) and the ``anomalib`` CLI find them.
 """
 
+from .anomaly_dino_plus import AnomalyDINOPlus, AnomalyDINOPlusModel
 from .patchcore_plus import PatchCorePlus, PatchcorePlusModel
 from .winclip_plus import WinClipPlus, WinClipPlusModel
 
-__all__ = ["PatchCorePlus", "PatchcorePlusModel", "WinClipPlus", "WinClipPlusModel"]
+__all__ = ["AnomalyDINOPlus", "AnomalyDINOPlusModel", "PatchCorePlus", "PatchcorePlusModel", "WinClipPlus", "WinClipPlusModel"]

@@ -20,13 +20,18 @@ from typing import Any, ClassVar
 import torch
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_protorefine.calibration import split_transform
 from anomalib_protorefine.few_shot import (
+    SupportSet,
     check_support_images,
     load_images,
+    support_from_dataset,
+    support_from_folder,
+    train_dataset_of,
     validate_few_shot_source,
     validate_k_shot,
     validate_support_options,
@@ -164,6 +169,26 @@ class RefinedFewShotMixin:
             hparams = getattr(self, name, None)
             if hparams is not None and "refiner" in hparams:
                 hparams["refiner"] = dict(plain) if plain else False
+
+    def draw_support(self, datamodule: object | None = None) -> SupportSet:
+        """The ``k_shot`` support images drawn with ``few_shot_seed``, through the pre-processor's transform.
+
+        They come from ``few_shot_source`` when set, else from the normal images of the training set of
+        ``datamodule`` (default: the attached trainer's), so ``anomalib test``, ``Engine`` and the
+        few-shot benchmark draw the same files.
+
+        Args:
+            datamodule: Datamodule to draw from; default: the attached trainer's.
+
+        Returns:
+            The pre-processed images and their paths.
+        """
+        pre_processor = getattr(self, "pre_processor", None)
+        transform = pre_processor.transform if isinstance(pre_processor, PreProcessor) else None
+        if self.few_shot_source is not None:
+            return support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
+        dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__, datamodule)
+        return support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
 
     def _reset_support(self) -> None:
         """Forget the support data (memory bank / reference embeddings) so it is rebuilt (implemented by the model)."""

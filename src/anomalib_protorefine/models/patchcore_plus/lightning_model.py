@@ -39,9 +39,6 @@ from anomalib_protorefine.calibration import CalibrationResult, calibrate, split
 from anomalib_protorefine.few_shot import (
     check_support_images,
     load_images,
-    support_from_dataset,
-    support_from_folder,
-    train_dataset_of,
     validate_few_shot_source,
     validate_support_options,
 )
@@ -313,12 +310,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         if self.model.memory_bank.numel():
             return
         if self.k_shot:
-            transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-            if self.few_shot_source is not None:
-                support = support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
-            else:
-                dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__, datamodule)
-                support = support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
+            support = self.draw_support(datamodule)
             self.support_paths = support.paths
             if self.auto_refiner:
                 self.calibrate_refiner(support.paths)

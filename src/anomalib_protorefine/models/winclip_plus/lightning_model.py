@@ -36,9 +36,6 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from anomalib_protorefine.few_shot import (
     SupportSet,
     check_support_images,
-    support_from_dataset,
-    support_from_folder,
-    train_dataset_of,
     validate_few_shot_source,
     validate_support_options,
 )
@@ -190,11 +187,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         if not self.k_shot:
             msg = "select_support needs k_shot >= 1 (the model is zero-shot): set e.g. k_shot=2."
             raise RuntimeError(msg)
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        if self.few_shot_source is not None:
-            return support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
-        dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__, datamodule)
-        return support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
+        return self.draw_support(datamodule)
 
     def fit_support(self, images: torch.Tensor) -> None:
         """Embed pre-processed reference images ``(k, 3, H, W)`` (and build the refinement banks).

@@ -1,0 +1,338 @@
+"""AnomalyDINOPlus: few-shot AnomalyDINO with cosine prototype refinement (Lightning glue).
+
+A subclass of anomalib's ``AnomalyDINO`` that also names ``AnomalibModule`` among its direct bases,
+so ``anomalib.models.get_model("AnomalyDINOPlus")`` and ``anomalib test --model AnomalyDINOPlus``
+find it (anomalib looks up direct subclasses only). With ``k_shot`` set, ``k_shot`` normal images
+are drawn with ``few_shot_seed`` from the datamodule's training set (or from ``few_shot_source``)
+and the bank is built from them the first time it is needed: no checkpoint and no training pass.
+
+Example:
+    >>> from anomalib_protorefine import AnomalyDINOPlus
+    >>> model = AnomalyDINOPlus(pre_trained=False, k_shot=2)
+    >>> model.learning_type.value, model.model.refiner is None
+    ('few_shot', True)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType, PrecisionType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.models.image.anomaly_dino.lightning_model import AnomalyDINO
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
+from anomalib_protorefine.backbones import IMAGENET_MEAN, IMAGENET_STD
+from anomalib_protorefine.few_shot import check_support_images, validate_few_shot_source, validate_support_options
+from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.pre_processing import AntialiasPreProcessor
+from anomalib_protorefine.refinement import PrototypeRefiner
+
+from .torch_model import DEFAULT_ENCODER, AnomalyDINOPlusModel
+
+logger = logging.getLogger(__name__)
+
+#: The paper's cosine refinement (as WinCLIP+: lambda 0.1, N 10), scored by the refined distance alone.
+DINO_PAPER_REFINER: dict[str, Any] = {"lambda_": 0.1, "num_iterations": 10, "distance": "cosine"}
+#: The paper's EM with each patch scored by the geometric mean of its refined and nearest-neighbour distances.
+DINO_FUSED_REFINER: dict[str, Any] = {**DINO_PAPER_REFINER, "score_fusion": "geometric"}
+#: Named refiner settings of AnomalyDINOPlus (``refiner="paper"`` etc.).
+DINO_REFINER_PRESETS: dict[str, dict[str, Any]] = {"fused": DINO_FUSED_REFINER, "paper": DINO_PAPER_REFINER}
+#: The preset of ``refiner=True`` and the base of a partial dict.
+DINO_DEFAULT_PRESET = "fused"
+#: The default ``refiner`` argument (chosen by measurement: docs/benchmarks.md, "AnomalyDINOPlus").
+DINO_DEFAULT_REFINER: bool | str = "off"
+
+
+class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
+    """AnomalyDINO (anomalib 2.7) with seeded k-shot support, offline weights and optional prototype refinement.
+
+    Args:
+        num_neighbours: Nearest bank patches averaged per patch (anomalib: 1; plain scoring only).
+        encoder_name: timm DINO ViT (anomalib: ``"vit_small_patch14_dinov2"``).
+        masking: anomalib's PCA background masking.
+        coreset_subsampling: Reduce the bank with a seeded greedy coreset.
+        sampling_ratio: Coreset ratio when ``coreset_subsampling`` (anomalib: 0.1).
+        precision: ``"float32"`` or ``"float16"`` (as anomalib's AnomalyDINO).
+        pre_trained: Load pretrained encoder weights: ``weights`` first, then the hub (with an error
+            naming the offline fixes); ``False`` keeps a random initialisation (tests).
+        weights: Local state-dict file of timm's full ``encoder_name`` model (air-gapped machines).
+        k_shot: Number of normal support images, or ``None`` for anomalib's behaviour (the bank
+            from every training image, built by ``Engine.fit``).
+        few_shot_seed: Seed of the support draw (and of the coreset).
+        few_shot_source: Folder of normal images to draw the support images from instead of the
+            datamodule's training set.
+        refiner: ``"off"`` / ``False`` (anomalib's scoring: the default, see docs/benchmarks.md),
+            ``"fused"`` / ``True`` (the paper's cosine EM, lambda 0.1, N 10, each patch scored by the
+            geometric mean of its refined and nearest-neighbour distances), ``"paper"`` (the paper's
+            form: refined distance alone), a dict of options over ``"fused"`` (CLI:
+            ``--model.refiner.lambda_ 0.2``), or a cosine :class:`PrototypeRefiner`.
+        threshold: ``"auto"``, ``"support"`` or ``"validation"``, as
+            :class:`~anomalib_protorefine.PatchCorePlus`.
+        pre_processor: Pre-processor, ``True`` for anomalib's (252 px bicubic, ImageNet normalisation).
+        post_processor: Post-processor or flag.
+        evaluator: Evaluator or flag.
+        visualizer: Visualizer or flag.
+
+    Example:
+        >>> model = AnomalyDINOPlus(pre_trained=False, refiner="fused")
+        >>> model.model.refiner.options.lambda_
+        0.1
+    """
+
+    def __init__(
+        self,
+        num_neighbours: int = 1,
+        encoder_name: str = DEFAULT_ENCODER,
+        masking: bool = False,
+        coreset_subsampling: bool = False,
+        sampling_ratio: float = 0.1,
+        precision: str | PrecisionType = PrecisionType.FLOAT32,
+        pre_trained: bool = True,
+        weights: str | None = None,
+        k_shot: int | None = 4,
+        few_shot_seed: int = 0,
+        few_shot_source: str | Path | None = None,
+        refiner: bool | str | dict[str, Any] | PrototypeRefiner = DINO_DEFAULT_REFINER,
+        threshold: str = "auto",
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        validate_support_options(k_shot, few_shot_seed, sampling_ratio, paper="AnomalyDINO's default 0.1")
+        source = validate_few_shot_source(few_shot_source, k_shot)
+        precision = _precision(precision)
+        refiner_module = make_refiner(refiner, DINO_REFINER_PRESETS, DINO_DEFAULT_PRESET)
+        # AnomalyDINO's constructor builds anomalib's model, which always downloads the encoder: its
+        # base (MemoryBankMixin, AnomalibModule) is initialised instead and the torch model built here.
+        super(AnomalyDINO, self).__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
+        self.model: AnomalyDINOPlusModel = AnomalyDINOPlusModel(
+            num_neighbours=num_neighbours,
+            encoder_name=encoder_name,
+            masking=masking,
+            coreset_subsampling=coreset_subsampling,
+            sampling_ratio=sampling_ratio,
+            pre_trained=pre_trained,
+            weights=weights,
+            refiner=refiner_module,
+        )
+        self.model = self.model.half() if precision == PrecisionType.FLOAT16 else self.model.float()
+        self._store_plain_hparams()
+        self.k_shot = k_shot
+        self.few_shot_seed = few_shot_seed
+        self.few_shot_source = source
+        self.support_paths: tuple[str, ...] = ()
+        self._init_thresholds(threshold)
+
+    # ------------------------------------------------------------------ components
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
+        """anomalib's AnomalyDINO pre-processing (252 x 252 bicubic, ImageNet normalisation), exported as computed.
+
+        Example:
+            >>> AnomalyDINOPlus.configure_pre_processor((448, 448)).transform.transforms[0].size
+            [448, 448]
+        """
+        size = image_size or (252, 252)
+        transform = Compose(
+            [
+                Resize(size, antialias=True, interpolation=InterpolationMode.BICUBIC),
+                Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            ]
+        )
+        return AntialiasPreProcessor(transform=transform)
+
+    # ------------------------------------------------------------------ memory bank
+    def fit_support(self, images: torch.Tensor) -> None:
+        """Build the memory bank from pre-processed support images ``(k, 3, H, W)``.
+
+        Example:
+            >>> model = AnomalyDINOPlus(pre_trained=False)
+            >>> model.fit_support(torch.rand(2, 3, 56, 56))
+            >>> tuple(model.model.memory_bank.shape)
+            (32, 384)
+        """
+        check_support_images(images, preprocessed=True)
+        was_training = self.model.training
+        self.model.eval()
+        embedding, grid = self.model.embed(images.to(self.device))
+        self.model.build_bank(self.model.support_features(embedding, grid), seed=self.few_shot_seed)
+        self.model.train(was_training)
+        self._is_fitted = torch.tensor([True], device=self.device)
+
+    def prepare_support(self, datamodule: object | None = None) -> None:
+        """Build the memory bank now, as a test run would (k seeded support images of ``datamodule``)."""
+        self._ensure_ready(datamodule)
+
+    def _ensure_ready(self, datamodule: object | None = None) -> None:
+        """Build the bank if it is empty: from k seeded support images, or from the embeddings of ``Engine.fit``."""
+        if self.model.memory_bank.numel():
+            return
+        if self.k_shot:
+            support = self.draw_support(datamodule)
+            self.support_paths = support.paths
+            if self._wants_support_thresholds():
+                self.calibrate_thresholds(support.paths)
+            self.fit_support(support.images)
+        elif self.model.embedding_store:
+            self.fit()
+        else:
+            msg = (
+                "AnomalyDINOPlus has an empty memory bank and k_shot=None: run Engine.fit first, load a checkpoint, "
+                "or set k_shot (e.g. --model.k_shot 4) to build the bank from support images."
+            )
+            raise RuntimeError(msg)
+
+    def fit(self) -> None:
+        """Build the bank from the embeddings collected by ``Engine.fit`` (full-shot), or from the support images."""
+        if self.k_shot or not self.model.embedding_store:
+            self._ensure_ready()
+            return
+        embeddings = torch.vstack(self.model.embedding_store)
+        self.model.embedding_store.clear()
+        self.model.build_bank(embeddings, seed=self.few_shot_seed)
+        self._is_fitted = torch.tensor([True], device=self.device)
+
+    def _reset_support(self) -> None:
+        """Empty the memory bank and the support list: a support-defining option changed."""
+        device = self.model.memory_bank.device
+        self.model.memory_bank = torch.empty(0, device=device, dtype=self.model.memory_bank.dtype)
+        self.model.embedding_store.clear()
+        self.support_paths = ()
+        self._is_fitted = torch.tensor([False], device=device)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:  # noqa: ANN002, ANN003
+        """Full-shot: collect embeddings (as anomalib). Few-shot: nothing (the bank comes from k images)."""
+        del args, kwargs
+        if self.k_shot:
+            return None
+        self.model(batch.image)
+        return torch.tensor(0.0, requires_grad=True, device=self.device)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """anomalib's AnomalyDINO arguments; few-shot runs a single (skipped) training batch."""
+        arguments = dict(super().trainer_arguments)
+        if self.k_shot:
+            arguments["limit_train_batches"] = 1
+        return arguments
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``FEW_SHOT`` with ``k_shot`` (anomalib then validates before testing), else ``ONE_CLASS``."""
+        return LearningType.FEW_SHOT if self.k_shot else LearningType.ONE_CLASS
+
+    # ------------------------------------------------------------------ export
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        sinkhorn_iterations: int | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX (also the first step of ``to_openvino``) with the bank, and the refinement if any, in the graph.
+
+        As :meth:`PatchCorePlus.to_onnx <anomalib_protorefine.PatchCorePlus.to_onnx>`: the bank is built from
+        ``few_shot_source`` first when there is none; opset 18 by default.
+
+        Raises:
+            ValueError: ``masking=True`` (scikit-learn's PCA cannot be exported) or an empty bank.
+        """
+        kwargs.setdefault("opset_version", 18)
+        if not self.model.memory_bank.numel() and self.few_shot_source is not None:
+            self._ensure_ready()
+        with self.model.exporting(sinkhorn_iterations):
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    refiner_presets = DINO_REFINER_PRESETS
+    refiner_default_preset = DINO_DEFAULT_PRESET
+
+    def _score_options(self) -> dict[str, Any]:
+        """Options besides the refiner that change scores or decisions."""
+        return {
+            "k_shot": self.k_shot,
+            "few_shot_seed": self.few_shot_seed,
+            "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
+            "num_neighbours": self.model.num_neighbours,
+            "masking": self.model.masking,
+            "coreset_subsampling": self.model.coreset_subsampling,
+            "sampling_ratio": self.model.sampling_ratio,
+            "threshold": self.threshold,
+        }
+
+    def _apply_score_option(self, name: str, value: Any) -> None:
+        """Set an option of :meth:`_score_options` (from a checkpoint)."""
+        if name == "threshold":
+            self._set_threshold_source(value)
+        elif name in {"k_shot", "few_shot_seed"}:
+            setattr(self, name, value)
+        elif name == "few_shot_source":
+            self.few_shot_source = value or None
+        elif name in {"num_neighbours", "masking", "coreset_subsampling", "sampling_ratio"}:
+            setattr(self.model, name, value)
+        else:
+            msg = f"{name!r} is not an option of AnomalyDINOPlus that a checkpoint restores."
+            raise KeyError(msg)
+
+    def _replace_refiner(self, refiner: PrototypeRefiner | None) -> None:
+        """Install another refiner after checking it fits the model's options."""
+        from .torch_model import validate_dino_options
+
+        validate_dino_options(self.model.encoder_name, self.model.num_neighbours, refiner)
+        self.model.refiner = refiner
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store ``pre_trained=False`` and no ``weights``: the encoder is in the state dict (no download on reload)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["hyper_parameters"]["pre_trained"] = False
+        checkpoint["hyper_parameters"]["weights"] = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint was made by AnomalyDINOPlus with this encoder, then restore its options.
+
+        Raises:
+            ValueError: Another model's checkpoint, or one of another encoder (its bank holds other features).
+        """
+        stored = checkpoint.get("hyper_parameters") or {}
+        if "encoder_name" not in stored:
+            msg = (
+                "this is not an AnomalyDINOPlus checkpoint (no encoder_name in its hyper_parameters): load it with the "
+                "model that wrote it (e.g. --model PatchCorePlus), or pass an AnomalyDINOPlus checkpoint."
+            )
+            raise ValueError(msg)
+        if stored["encoder_name"] != self.model.encoder_name:
+            msg = (
+                f"the checkpoint was made with encoder_name={stored['encoder_name']!r} but this model has "
+                f"encoder_name={self.model.encoder_name!r}: its memory bank holds that encoder's features. Build the "
+                f"model with it (CLI: --model.encoder_name {stored['encoder_name']})."
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+        self._is_fitted = torch.tensor([True])
+
+
+def _precision(precision: str | PrecisionType) -> PrecisionType:
+    """anomalib's precision argument, validated (float32 or float16) with an error naming it."""
+    try:
+        value = PrecisionType(precision.lower() if isinstance(precision, str) else precision)
+    except ValueError:
+        value = None
+    if value not in {PrecisionType.FLOAT32, PrecisionType.FLOAT16}:
+        msg = f"precision must be 'float32' or 'float16' (as anomalib's AnomalyDINO), got {precision!r}."
+        raise ValueError(msg)
+    return value
