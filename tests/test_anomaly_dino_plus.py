@@ -143,7 +143,9 @@ def test_refined_scores_are_the_refiners_cosine_distances(preset: str) -> None:
     out = plus.model(queries)
     bank = reference_tokens(plus, support).reshape(-1, 384)
     torch.testing.assert_close(plus.model.memory_bank, bank, atol=1e-5, rtol=0)
-    refiner = PrototypeRefiner(**{"fused": plus.refiner_presets["fused"], "paper": plus.refiner_presets["paper"]}[preset])
+    refiner = PrototypeRefiner(
+        **{"fused": plus.refiner_presets["fused"], "paper": plus.refiner_presets["paper"]}[preset]
+    )
     distances = 2 * refiner.patch_scores(reference_tokens(plus, queries), bank)  # (2, 64)
     top = distances.topk(max(int(64 * 0.01), 1), dim=1).values.mean(1, keepdim=True)
     torch.testing.assert_close(out.pred_score, top, atol=1e-5, rtol=0)
@@ -151,8 +153,12 @@ def test_refined_scores_are_the_refiners_cosine_distances(preset: str) -> None:
     plain.model.load_state_dict(plus.model.state_dict())
     plain.model.eval()
     nearest = (1 - reference_tokens(plus, queries) @ bank.T).amin(-1)
-    torch.testing.assert_close(plain.model(queries).anomaly_map, plain.model.anomaly_map_generator(
-        nearest.reshape(2, 1, 8, 8), (SIZE, SIZE)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        plain.model(queries).anomaly_map,
+        plain.model.anomaly_map_generator(nearest.reshape(2, 1, 8, 8), (SIZE, SIZE)),
+        atol=1e-5,
+        rtol=0,
+    )
     assert not torch.allclose(out.pred_score, plain.model(queries).pred_score, atol=1e-3)
 
 
@@ -247,6 +253,8 @@ def test_registry_and_direct_subclass() -> None:
     model = get_model("AnomalyDINOPlus", pre_trained=False, k_shot=1, refiner="paper")
     assert isinstance(model, AnomalyDINOPlus)
     assert model.model.refiner.options.score_fusion == "none"
+    configured = AnomalyDINOPlus.from_config(REPO / "configs" / "anomaly_dino_plus.yaml", **{"model.pre_trained": False})
+    assert (configured.k_shot, configured.model.refiner, configured.threshold) == (2, None, "auto")
 
 
 def test_checkpoint_round_trip_keeps_bank_refiner_and_thresholds(dataset_root: Path, tmp_path: Path) -> None:
@@ -271,9 +279,14 @@ def test_checkpoint_round_trip_keeps_bank_refiner_and_thresholds(dataset_root: P
     reloaded.model.eval()
     assert torch.equal(model.model(queries).pred_score, reloaded.model(queries).pred_score)
 
+    other = dict(checkpoint, hyper_parameters={"backbone": "resnet18"})
     with pytest.raises(ValueError, match="not an AnomalyDINOPlus checkpoint"):
-        other = dict(checkpoint, hyper_parameters={"backbone": "resnet18"})
         small_model().on_load_checkpoint(other)
+    wrong_encoder = dict(
+        checkpoint, hyper_parameters={**checkpoint["hyper_parameters"], "encoder_name": "vit_base_patch14_dinov2"}
+    )
+    with pytest.raises(ValueError, match="encoder_name='vit_base_patch14_dinov2'"):
+        small_model().on_load_checkpoint(wrong_encoder)
 
 
 def test_changing_the_seed_rebuilds_the_support(dataset_root: Path) -> None:
@@ -281,9 +294,11 @@ def test_changing_the_seed_rebuilds_the_support(dataset_root: Path) -> None:
     trainer().test(model, datamodule=make_datamodule(dataset_root), verbose=False)
     first = model.support_paths
     model.few_shot_seed = 3
-    assert model.model.memory_bank.numel() == 0 and model.support_paths == ()
+    assert model.model.memory_bank.numel() == 0
+    assert model.support_paths == ()
     trainer().test(model, datamodule=make_datamodule(dataset_root), verbose=False)
-    assert model.support_paths != first and model.hparams["few_shot_seed"] == 3
+    assert model.support_paths != first
+    assert model.hparams["few_shot_seed"] == 3
 
 
 def test_onnx_export_reproduces_scores_and_maps(tmp_path: Path) -> None:
@@ -296,7 +311,9 @@ def test_onnx_export_reproduces_scores_and_maps(tmp_path: Path) -> None:
         raw = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
         expected = model(raw)
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": raw.numpy()}), strict=True))
+        outputs = dict(
+            zip([o.name for o in session.get_outputs()], session.run(None, {"input": raw.numpy()}), strict=True)
+        )
         torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, atol=1e-4, rtol=1e-4)
     masked = small_model(masking=True, k_shot=None, threshold="validation", post_processor=False)

@@ -136,6 +136,49 @@ def test_a_cell_equals_anomalib_engine_test(tiny_config: dict) -> None:
 
 
 @pytest.mark.slow
+def test_anomaly_dino_plus_off_equals_anomalibs_anomaly_dino_on_the_same_draw(
+    tiny_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AnomalyDINOPlus(refiner=False) on cached features reports what anomalib's AnomalyDINO reports through Engine."""
+    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+    from anomalib.models.image.anomaly_dino import torch_model as upstream_torch_model
+
+    def random_weights(*args: object, **kwargs: object) -> TimmFeatureExtractor:  # anomalib's model asks the hub
+        return TimmFeatureExtractor(*args, **{**kwargs, "pre_trained": False})
+
+    monkeypatch.setattr(upstream_torch_model, "TimmFeatureExtractor", random_weights)
+    tiny_config["benchmark"]["model"] = {
+        "grid": [
+            {"name": "AnomalyDINO (anomalib)", "class_path": "AnomalyDINO"},
+            {
+                "name": "AnomalyDINO",
+                "class_path": "AnomalyDINOPlus",
+                "init_args": {"refiner": False, "pre_trained": False},
+            },
+            {
+                "name": "AnomalyDINO+",
+                "class_path": "AnomalyDINOPlus",
+                "base": "AnomalyDINO",
+                "init_args": {"refiner": "fused", "pre_trained": False},
+            },
+        ]
+    }
+    del tiny_config["benchmark"]["sweeps"]
+    plan = plan_from_config(tiny_config)
+    assert "backbone" not in plan.method("AnomalyDINO").init_args  # `shared` is PatchCorePlus's only
+    context = RunContext(plan)
+    data = plan.datasets[0]
+    test = context.test_features(data, plan.method("AnomalyDINO"))
+    assert test.embeddings.shape[1:] == (18 * 18, 384)  # anomalib's 252 px, 14 px patches
+    ours = run_cached(plan.method("AnomalyDINO"), context.datamodule(data), test, 2, 1, context.device, batch_size=4)
+    theirs = run_engine(plan.method("AnomalyDINO (anomalib)"), make_datamodule(data.config), plan, 2, 1)
+    for metric in METRICS:
+        assert ours[metric] == pytest.approx(theirs[metric], abs=1e-5), metric
+    refined = run_cached(plan.method("AnomalyDINO+"), context.datamodule(data), test, 2, 1, context.device, 4)
+    assert refined["bank_size"] == ours["bank_size"] == 2 * 18 * 18
+
+
+@pytest.mark.slow
 def test_an_anomalib_model_is_fitted_on_the_same_k_support_images(tiny_config: dict) -> None:
     """Any anomalib model runs through Engine on the cell's draw: its training set is cut to those k images."""
     from anomalib_protorefine.benchmark.config import MethodSpec

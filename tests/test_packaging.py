@@ -55,6 +55,8 @@ def test_wheel_has_licence_metadata_typing_marker_and_configs(tmp_path: Path) ->
         "anomalib_protorefine/configs/patchcore_plus.yaml",
         "anomalib_protorefine/configs/patchcore_plus_offline.yaml",
         "anomalib_protorefine/configs/winclip_plus.yaml",
+        "anomalib_protorefine/configs/anomaly_dino_plus.yaml",
+        "anomalib_protorefine/models/anomaly_dino_plus/README.md",
     } <= names
     assert metadata["License-Expression"] == "Apache-2.0"
     classifiers = metadata.get_all("Classifier")

@@ -576,7 +576,7 @@ def build_vit_extractor(
     pre_trained: bool = True,
     weights: str | Path | None = None,
 ) -> TimmFeatureExtractor:
-    """Build anomalib's ``TimmFeatureExtractor`` for a timm ViT (patch tokens, ``"NLC"``), weights resolved offline first.
+    """Build anomalib's ``TimmFeatureExtractor`` for a timm ViT (``"NLC"`` patch tokens), weights offline first.
 
     The extractor is configured exactly as anomalib's AnomalyDINO builds it (last-block tokens after
     the final norm, no class token, dynamic image size); only the weights differ in where they come

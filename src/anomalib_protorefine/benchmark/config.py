@@ -39,8 +39,12 @@ from typing import Any
 
 from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 
-#: Method class paths the benchmark scores on cached test features (the PatchCorePlus family).
-FEATURE_METHODS = ("PatchCorePlus", "anomalib_protorefine.PatchCorePlus", "FastRecon")
+#: The PatchCorePlus family: scored on cached test features, with ``shared`` merged into their arguments.
+PATCHCORE_METHODS = ("PatchCorePlus", "anomalib_protorefine.PatchCorePlus", "FastRecon")
+#: AnomalyDINOPlus (``refiner: off`` is anomalib's AnomalyDINO): scored on its own cached DINOv2 test features.
+DINO_METHODS = ("AnomalyDINOPlus", "anomalib_protorefine.AnomalyDINOPlus")
+#: Method class paths the benchmark scores on cached test features.
+FEATURE_METHODS = (*PATCHCORE_METHODS, *DINO_METHODS)
 #: Options of ``shared`` (PatchCorePlus arguments that fix the test features, plus the image size).
 SHARED_OPTIONS = ("backbone", "layers", "pre_trained", "weights", "coreset_sampling_ratio", "image_size")
 
@@ -71,7 +75,7 @@ class MethodSpec:
 
     Attributes:
         name: Display name, unique in the run.
-        class_path: ``PatchCorePlus``, ``FastRecon`` or any anomalib model class path.
+        class_path: ``PatchCorePlus``, ``FastRecon``, ``AnomalyDINOPlus`` or any anomalib model class path.
         init_args: Constructor arguments (``shared`` merged in for feature methods).
         base: Name of the method it is compared with, or ``None``.
         sweep: ``(method, parameter, value)`` when the method is a point of a sweep.
@@ -82,6 +86,11 @@ class MethodSpec:
     init_args: dict[str, Any]
     base: str | None = None
     sweep: tuple[str, str, Any] | None = None
+
+    @property
+    def is_dino(self) -> bool:
+        """Whether the method is an AnomalyDINOPlus (its own encoder and pre-processing)."""
+        return self.class_path in DINO_METHODS
 
     @property
     def uses_cached_features(self) -> bool:
@@ -176,7 +185,7 @@ def _methods(section: dict[str, Any], shared: dict[str, Any]) -> list[MethodSpec
             raise BenchmarkConfigError(msg)
         class_path = str(entry["class_path"])
         init_args = copy.deepcopy(entry.get("init_args") or {})
-        if class_path in FEATURE_METHODS:
+        if class_path in PATCHCORE_METHODS:
             init_args = {**shared, **init_args}
         name = str(entry.get("name") or class_path)
         methods.append(MethodSpec(name, class_path, init_args, entry.get("base")))

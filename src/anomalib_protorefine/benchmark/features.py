@@ -26,7 +26,7 @@ from anomalib.data import AnomalibDataModule, get_datamodule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Subset
 
-from anomalib_protorefine.models import PatchCorePlus
+from anomalib_protorefine.models import AnomalyDINOPlus, PatchCorePlus
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +94,22 @@ def feature_key(data_config: dict[str, Any], paths: list[str], model_args: dict[
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def feature_model_args(init_args: dict[str, Any]) -> dict[str, Any]:
-    """The PatchCorePlus arguments that change test features (backbone, layers, weights, image size)."""
+def feature_model_args(init_args: dict[str, Any], dino: bool = False) -> dict[str, Any]:
+    """The arguments that change test features: backbone (or DINO encoder), layers, weights, image size.
+
+    Example:
+        >>> feature_model_args({"encoder_name": "vit_small_patch14_dinov2", "refiner": "fused"}, dino=True)
+        {'model': 'AnomalyDINOPlus', 'encoder_name': 'vit_small_patch14_dinov2'}
+    """
+    if dino:
+        names = ("encoder_name", "pre_trained", "weights", "image_size")
+        return {"model": "AnomalyDINOPlus", **{name: init_args[name] for name in names if name in init_args}}
     names = ("backbone", "layers", "pre_trained", "weights", "image_size")
     return {name: init_args[name] for name in names if name in init_args}
 
 
 def load_test_features(
-    model: PatchCorePlus,
+    model: PatchCorePlus | AnomalyDINOPlus,
     datamodule: AnomalibDataModule,
     data_config: dict[str, Any],
     model_args: dict[str, Any],
@@ -111,7 +119,7 @@ def load_test_features(
     """The test features of ``datamodule`` under ``model``'s backbone: from the cache, or computed and cached.
 
     Args:
-        model: A PatchCorePlus whose backbone and pre-processor define the features.
+        model: A PatchCorePlus or AnomalyDINOPlus whose encoder and pre-processor define the features.
         datamodule: The set-up datamodule.
         data_config: Its config (part of the cache key).
         model_args: The feature-defining model arguments (part of the cache key).

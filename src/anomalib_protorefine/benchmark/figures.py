@@ -27,9 +27,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from .config import BenchmarkPlan, DataSpec, MethodSpec
-from .features import CachedTestSet
+from .features import CachedTestSet, feature_model_args
 from .job import RunContext
-from .methods import build_patchcore
+from .methods import build_feature_model
 
 if TYPE_CHECKING:
     from anomalib_protorefine.models import PatchCorePlus
@@ -51,14 +51,22 @@ def _pair(plan: BenchmarkPlan) -> tuple[MethodSpec, MethodSpec] | None:
     for method in plan.methods:
         refiner = method.init_args.get("refiner", True)
         if (
-            method.class_path.endswith("PatchCorePlus")
+            method.class_path.endswith(("PatchCorePlus", "AnomalyDINOPlus"))
             and method.base is not None
             and method.sweep is None
             and refiner not in (False, "off", "auto")
             and plan.method(method.base).uses_cached_features
+            and _same_features(plan.method(method.base), method)
         ):
             return plan.method(method.base), method
     return None
+
+
+def _same_features(first: MethodSpec, second: MethodSpec) -> bool:
+    """Whether two cached-feature methods score the same test features (same encoder, weights and size)."""
+    return first.is_dino == second.is_dino and feature_model_args(first.init_args, first.is_dino) == feature_model_args(
+        second.init_args, second.is_dino
+    )
 
 
 def _image(path: str, size: tuple[int, int]) -> torch.Tensor:
@@ -78,7 +86,7 @@ def _shown(labels: torch.Tensor, masks: torch.Tensor, count: int) -> list[int]:
 
 def _first_cell_model(context: RunContext, data: DataSpec, method: MethodSpec) -> PatchCorePlus:
     """``method``'s model on the run's first cell (smallest k, first seed), support drawn from ``data``."""
-    model = build_patchcore(method, context.plan.k_shots[0], context.plan.seeds[0], context.device)
+    model = build_feature_model(method, context.plan.k_shots[0], context.plan.seeds[0], context.device)
     model.prepare_support(context.datamodule(data))
     return model
 

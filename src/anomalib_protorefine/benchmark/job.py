@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import BenchmarkPlan, DataSpec, MethodSpec
 from .features import CachedTestSet, feature_model_args, load_test_features, make_datamodule
-from .methods import build_patchcore, run_cached, run_engine
+from .methods import build_feature_model, run_cached, run_engine
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,11 @@ class RunContext:
 
     def test_features(self, data: DataSpec, method: MethodSpec) -> CachedTestSet:
         """The cached test features of ``data`` under ``method``'s backbone (computed on first use)."""
-        model_args = feature_model_args(method.init_args)
+        model_args = feature_model_args(method.init_args, dino=method.is_dino)
         key = (data.label, repr(sorted(model_args.items())))
         if key not in self.features:
             self.features.clear()  # one dataset at a time in memory
-            model = build_patchcore(method, 1, 0, self.device)
+            model = build_feature_model(method, 1, 0, self.device)
             self.features[key] = load_test_features(
                 model,
                 self.datamodule(data),

@@ -3,10 +3,11 @@
 Two paths, one metric set (:mod:`~anomalib_protorefine.benchmark.metrics`: anomalib's metrics on raw
 scores, scaled by the whole test set's range, no thresholds):
 
-* **cached features** (PatchCorePlus in any setting, and the FastRecon-style baseline): the model
-  draws its support images from the datamodule's training set exactly as in ``anomalib test``
-  (:meth:`PatchCorePlus.prepare_support`), then scores the cached test embeddings with the model's
-  own inference code (:meth:`PatchcorePlusModel.score_embedding`), batch by batch in test order;
+* **cached features** (PatchCorePlus in any setting, the FastRecon-style baseline, and
+  AnomalyDINOPlus, whose ``refiner: off`` is anomalib's AnomalyDINO): the model draws its support
+  images from the datamodule's training set exactly as in ``anomalib test``
+  (``prepare_support``), then scores the cached test embeddings with the model's own inference code
+  (``model.model.score_embedding``), batch by batch in test order;
 * **Engine** (any other anomalib model, e.g. AnomalyDINO, WinClip, WinClipPlus): the datamodule's
   training set is cut down to the same k support images and anomalib's ``Engine`` fits and tests
   the model (its own features, not cached).
@@ -33,7 +34,7 @@ from anomalib.metrics import Evaluator
 from anomalib.models import get_model
 
 from anomalib_protorefine.few_shot import drawn_support_paths, load_images
-from anomalib_protorefine.models import PatchCorePlus, WinClipPlus
+from anomalib_protorefine.models import AnomalyDINOPlus, PatchCorePlus, WinClipPlus
 from anomalib_protorefine.thresholds import SupportThresholds
 
 from .config import BenchmarkPlan, MethodSpec
@@ -86,6 +87,31 @@ def build_patchcore(method: MethodSpec, k: int, seed: int, device: torch.device)
     return model.to(device).eval()
 
 
+def dino_arguments(init_args: dict[str, Any]) -> dict[str, Any]:
+    """AnomalyDINOPlus constructor arguments of a method: ``image_size`` (anomalib: 252) becomes the pre-processor."""
+    args = {key: value for key, value in init_args.items() if key != "image_size"}
+    image_size = init_args.get("image_size", 252)
+    size = tuple(image_size) if isinstance(image_size, list | tuple) else (image_size, image_size)
+    args["pre_processor"] = AnomalyDINOPlus.configure_pre_processor(size)
+    return args
+
+
+def build_feature_model(method: MethodSpec, k: int, seed: int, device: torch.device) -> PatchCorePlus | AnomalyDINOPlus:
+    """The model of a cached-feature method for a (k, seed) cell, without Lightning parts."""
+    if not method.is_dino:
+        return build_patchcore(method, k, seed, device)
+    with same_initialisation():
+        model = AnomalyDINOPlus(
+            **dino_arguments(method.init_args),
+            k_shot=k,
+            few_shot_seed=seed,
+            post_processor=False,
+            evaluator=False,
+            visualizer=False,
+        )
+    return model.to(device).eval()
+
+
 def fastrecon_patch_scores(
     embedding: torch.Tensor, bank: torch.Tensor, lambda_: float = 1.0, ridge: float = 1e-3
 ) -> torch.Tensor:
@@ -119,7 +145,9 @@ def fastrecon_patch_scores(
     return (queries - weights @ bank).norm(dim=-1)
 
 
-def _score_batch(model: PatchCorePlus, method: MethodSpec, chunk: torch.Tensor, test: CachedTestSet) -> Any:
+def _score_batch(
+    model: PatchCorePlus | AnomalyDINOPlus, method: MethodSpec, chunk: torch.Tensor, test: CachedTestSet
+) -> Any:
     """``pred_score`` and ``anomaly_map`` of a batch of cached embeddings, as the model's forward computes them."""
     if method.class_path != "FastRecon":
         return model.model.score_embedding(chunk, test.grid, test.image_size)
@@ -146,7 +174,11 @@ class ScoredTestSet:
 
 
 def score_test_set(
-    model: PatchCorePlus, method: MethodSpec, test: CachedTestSet, device: torch.device, batch_size: int
+    model: PatchCorePlus | AnomalyDINOPlus,
+    method: MethodSpec,
+    test: CachedTestSet,
+    device: torch.device,
+    batch_size: int,
 ) -> ScoredTestSet:
     """Score the cached test embeddings batch by batch, as the model's forward does, timing the scoring."""
     memory: dict[str, float] = {}
@@ -160,7 +192,7 @@ def score_test_set(
                 output = _score_batch(model, method, chunk, test)
                 _sync(device)
             seconds += time.perf_counter() - start
-            scores.append(output.pred_score.cpu())
+            scores.append(output.pred_score.reshape(-1).cpu())
             maps.append(output.anomaly_map.squeeze(1).cpu())
     return ScoredTestSet(torch.cat(scores), torch.cat(maps), seconds, memory)
 
@@ -175,7 +207,7 @@ def run_cached(
     batch_size: int,
 ) -> dict[str, float]:
     """Metrics, decisions, time and memory of a feature-based method on one cell, from the cached test features."""
-    model = build_patchcore(method, k, seed, device)
+    model = build_feature_model(method, k, seed, device)
     start = time.perf_counter()
     model.prepare_support(datamodule)
     support_seconds = time.perf_counter() - start
@@ -186,7 +218,7 @@ def run_cached(
     for metric in metrics:
         metric.update(batch)
     values = {metric.name: float(metric.compute()) for metric in metrics}
-    if method.class_path != "FastRecon":  # the support thresholds are in the model's (PatchCore) score units
+    if method.class_path != "FastRecon":  # the support thresholds are in the model's own score units
         values |= decisions(model, scored, test)
     head_ms = 1000 * scored.seconds / len(test.paths)
     values |= {
@@ -201,7 +233,10 @@ def run_cached(
 
 
 def decisions(
-    model: PatchCorePlus, scored: ScoredTestSet, test: CachedTestSet, thresholds: SupportThresholds | None = None
+    model: PatchCorePlus | AnomalyDINOPlus,
+    scored: ScoredTestSet,
+    test: CachedTestSet,
+    thresholds: SupportThresholds | None = None,
 ) -> dict[str, float]:
     """Decision metrics of a cell: at the support thresholds, the oracle, and anomalib's normal-only fallback.
 

@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from anomalib.models import UnknownModelError
 from anomalib.pipelines import Benchmark
 from anomalib.pipelines.components.base import Runner
@@ -34,7 +35,7 @@ from anomalib_protorefine.few_shot import _normal_paths
 from .config import BenchmarkConfigError, BenchmarkPlan, describe, plan_from_config
 from .features import make_datamodule
 from .job import FewShotJobGenerator, FewShotRunner, results_file
-from .methods import build_engine_model
+from .methods import build_engine_model, build_feature_model
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ def preflight(plan: BenchmarkPlan, echo: Any = print) -> BenchmarkPlan:
     """Check what can be checked before anything heavy runs; drop methods whose weights are missing.
 
     * every dataset builds and its training pool holds at least ``max(k_shot)`` normal images;
-    * every method that does not run on cached features is constructed once: a model that cannot
-      load its weights (no internet, e.g. AnomalyDINO, WinClip) is skipped with a clear line;
+    * every method that does not run on cached features, and every AnomalyDINOPlus, is constructed
+      once: a model that cannot load its weights (no internet, e.g. AnomalyDINO, WinClip, or an
+      AnomalyDINOPlus without ``weights``) is skipped with a clear line;
     * the results folder, if it exists, was written by the same methods (resume is safe).
 
     Returns:
@@ -93,7 +95,15 @@ def preflight(plan: BenchmarkPlan, echo: Any = print) -> BenchmarkPlan:
             raise BenchmarkConfigError(msg)
     kept = []
     for method in plan.methods:
-        if not method.uses_cached_features:
+        if method.is_dino:  # its encoder's weights (hub or weights=) must load; bad arguments are config errors
+            try:
+                build_feature_model(method, 1, 0, torch.device("cpu"))
+            except (ValueError, TypeError) as error:
+                raise BenchmarkConfigError(f"benchmark.model {method.name!r}: {error}") from error
+            except (RuntimeError, FileNotFoundError) as error:
+                echo(f"skipped {method.name}: its encoder weights cannot be loaded here: {str(error)[:200]}")
+                continue
+        elif not method.uses_cached_features:
             try:
                 build_engine_model(method)
             except UnknownModelError as error:

@@ -9,4 +9,11 @@ from .anomaly_dino_plus import AnomalyDINOPlus, AnomalyDINOPlusModel
 from .patchcore_plus import PatchCorePlus, PatchcorePlusModel
 from .winclip_plus import WinClipPlus, WinClipPlusModel
 
-__all__ = ["AnomalyDINOPlus", "AnomalyDINOPlusModel", "PatchCorePlus", "PatchcorePlusModel", "WinClipPlus", "WinClipPlusModel"]
+__all__ = [
+    "AnomalyDINOPlus",
+    "AnomalyDINOPlusModel",
+    "PatchCorePlus",
+    "PatchcorePlusModel",
+    "WinClipPlus",
+    "WinClipPlusModel",
+]

@@ -139,7 +139,7 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
     # ------------------------------------------------------------------ components
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
-        """anomalib's AnomalyDINO pre-processing (252 x 252 bicubic, ImageNet normalisation), exported as computed.
+        """Anomalib's AnomalyDINO pre-processing (252 x 252 bicubic, ImageNet normalisation), exported as computed.
 
         Example:
             >>> AnomalyDINOPlus.configure_pre_processor((448, 448)).transform.transforms[0].size
@@ -224,7 +224,7 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """anomalib's AnomalyDINO arguments; few-shot runs a single (skipped) training batch."""
+        """Anomalib's AnomalyDINO arguments; few-shot runs a single (skipped) training batch."""
         arguments = dict(super().trainer_arguments)
         if self.k_shot:
             arguments["limit_train_batches"] = 1
@@ -244,7 +244,7 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
         sinkhorn_iterations: int | None = None,
         **kwargs: Any,
     ) -> Path:
-        """Export to ONNX (also the first step of ``to_openvino``) with the bank, and the refinement if any, in the graph.
+        """Export to ONNX (also the first step of ``to_openvino``) with the bank and any refinement in the graph.
 
         As :meth:`PatchCorePlus.to_onnx <anomalib_protorefine.PatchCorePlus.to_onnx>`: the bank is built from
         ``few_shot_source`` first when there is none; opset 18 by default.
@@ -327,7 +327,7 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
 
 
 def _precision(precision: str | PrecisionType) -> PrecisionType:
-    """anomalib's precision argument, validated (float32 or float16) with an error naming it."""
+    """Anomalib's precision argument, validated (float32 or float16) with an error naming it."""
     try:
         value = PrecisionType(precision.lower() if isinstance(precision, str) else precision)
     except ValueError:

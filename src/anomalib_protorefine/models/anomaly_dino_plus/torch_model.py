@@ -64,7 +64,10 @@ def validate_dino_options(encoder_name: str, num_neighbours: int, refiner: Proto
         )
         raise ValueError(msg)
     if isinstance(num_neighbours, bool) or not isinstance(num_neighbours, numbers.Integral) or num_neighbours < 1:
-        msg = f"num_neighbours must be an integer >= 1, got {num_neighbours!r}. Use e.g. num_neighbours=1 (AnomalyDINO's default)."
+        msg = (
+            f"num_neighbours must be an integer >= 1, got {num_neighbours!r}. "
+            "Use e.g. num_neighbours=1 (AnomalyDINO's default)."
+        )
         raise ValueError(msg)
     if refiner is None:
         return
@@ -127,13 +130,15 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
 
     # ------------------------------------------------------------------ features
     def _crop(self, size: tuple[int, int] | torch.Size) -> tuple[int, int, int, int]:
-        """Rows and columns ``(top, bottom, left, right)`` that anomalib's centre crop removes from an image of ``size``."""
+        """Rows and columns ``(top, bottom, left, right)`` that anomalib's centre crop removes from ``size``."""
         height, width = int(size[0]), int(size[1])
         crop_h, crop_w = height % self.patch_size, width % self.patch_size
         return crop_h // 2, crop_h - crop_h // 2, crop_w // 2, crop_w - crop_w // 2
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Last-block patch tokens ``(B, h*w, c)`` of pre-processed images (centre-cropped to the patch size), and ``(h, w)``.
+        """Last-block patch tokens ``(B, h*w, c)`` of pre-processed images and their grid ``(h, w)``.
+
+        The images are centre-cropped to a multiple of the patch size first, as anomalib does.
 
         Example:
             >>> model = AnomalyDINOPlusModel(pre_trained=False)
@@ -161,7 +166,7 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
         return F.normalize(embedding[self.foreground(embedding, grid)], p=2, dim=1)
 
     def build_bank(self, features: torch.Tensor, seed: int = 0) -> None:
-        """Set the memory bank to ``features`` ``(n, c)``, or to a seeded coreset of them with ``coreset_subsampling``."""
+        """Set the memory bank to ``features`` ``(n, c)`` (a seeded coreset of them with ``coreset_subsampling``)."""
         if features.shape[0] == 0:
             msg = (
                 "masking=True kept no patch of the support images (PCA masking found no foreground), so the bank "
@@ -174,7 +179,7 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
 
     # ------------------------------------------------------------------ scoring
     def _distances(self, queries: torch.Tensor) -> torch.Tensor:
-        """Cosine distances ``1 - cos`` in ``[0, 2]`` of normalised queries ``(B, m, c)`` to the bank (refined or k-NN)."""
+        """Distances ``1 - cos`` in ``[0, 2]`` of normalised queries ``(B, m, c)`` to the bank (refined or k-NN)."""
         bank = self.memory_bank
         if self.refiner is not None:
             return 2.0 * self.refiner.patch_scores(queries, bank)  # the refiner's (1 - cos) / 2
@@ -199,13 +204,15 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
             scores = torch.zeros(masks.shape, dtype=self.memory_bank.dtype, device=embedding.device)
             for index in range(len(queries)):  # each image refines its own foreground patches
                 if masks[index].any():
-                    scores[index, masks[index]] = self._distances(queries[index, masks[index]][None])[0].to(scores.dtype)
+                    scores[index, masks[index]] = self._distances(queries[index, masks[index]][None])[0].to(
+                        scores.dtype
+                    )
             return scores
 
     def score_embedding(
         self, embedding: torch.Tensor, grid: tuple[int, int], output_size: tuple[int, int] | torch.Size
     ) -> InferenceBatch:
-        """Image scores ``(B, 1)`` (mean of the top 1 % patch scores) and anomaly maps of patch tokens from :meth:`embed`.
+        """Image scores ``(B, 1)`` (mean of the top 1 % patch scores) and maps of patch tokens from :meth:`embed`.
 
         Args:
             embedding: Patch tokens ``(B, h*w, c)``.
@@ -257,7 +264,8 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
         """
         if self.memory_bank.numel() == 0:
             msg = (
-                "Memory bank is empty: give AnomalyDINOPlus support images before exporting (model.fit_support(images), "
+                "Memory bank is empty: give AnomalyDINOPlus support images before exporting "
+                "(model.fit_support(images), "
                 "a checkpoint with --ckpt_path, or few_shot_source)."
             )
             raise ValueError(msg)
