@@ -231,8 +231,8 @@ def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def make_datamodule(root: Path) -> Folder:
-    kwargs = {**folder_kwargs(), "root": root, "test_split_mode": "from_dir", "val_split_mode": "none"}
+def make_datamodule(root: Path, val_split_mode: str = "none") -> Folder:
+    kwargs = {**folder_kwargs(), "root": root, "test_split_mode": "from_dir", "val_split_mode": val_split_mode}
     return Folder(**kwargs, train_batch_size=4, eval_batch_size=4, num_workers=0, seed=0)
 
 
@@ -253,7 +253,9 @@ def test_registry_and_direct_subclass() -> None:
     model = get_model("AnomalyDINOPlus", pre_trained=False, k_shot=1, refiner="paper")
     assert isinstance(model, AnomalyDINOPlus)
     assert model.model.refiner.options.score_fusion == "none"
-    configured = AnomalyDINOPlus.from_config(REPO / "configs" / "anomaly_dino_plus.yaml", **{"model.pre_trained": False})
+    configured = AnomalyDINOPlus.from_config(
+        REPO / "configs" / "anomaly_dino_plus.yaml", **{"model.pre_trained": False}
+    )
     assert (configured.k_shot, configured.model.refiner, configured.threshold) == (2, None, "auto")
 
 
@@ -279,6 +281,15 @@ def test_checkpoint_round_trip_keeps_bank_refiner_and_thresholds(dataset_root: P
     reloaded.model.eval()
     assert torch.equal(model.model(queries).pred_score, reloaded.model(queries).pred_score)
 
+    # Built from other arguments, then loaded with ckpt_path (anomalib predict/export --ckpt_path): the checkpoint wins.
+    fresh = small_model(refiner=False, few_shot_seed=0)
+    with pytest.warns(UserWarning, match=r"refiner=.*constructor: False.*few_shot_seed=1 \(constructor: 0\)"):
+        trainer().test(fresh, datamodule=make_datamodule(dataset_root), ckpt_path=path, verbose=False)
+    assert fresh.model.refiner.options.lambda_ == 0.2
+    assert fresh.support_paths == model.support_paths
+    fresh.model.eval()
+    assert torch.equal(fresh.model(queries).pred_score, model.model(queries).pred_score)
+
     other = dict(checkpoint, hyper_parameters={"backbone": "resnet18"})
     with pytest.raises(ValueError, match="not an AnomalyDINOPlus checkpoint"):
         small_model().on_load_checkpoint(other)
@@ -287,6 +298,22 @@ def test_checkpoint_round_trip_keeps_bank_refiner_and_thresholds(dataset_root: P
     )
     with pytest.raises(ValueError, match="encoder_name='vit_base_patch14_dinov2'"):
         small_model().on_load_checkpoint(wrong_encoder)
+
+
+def test_full_shot_builds_the_bank_from_every_training_image(dataset_root: Path, upstream_offline: None) -> None:
+    """``k_shot=None`` is anomalib's behaviour: Engine.fit collects every training image, as anomalib's model does."""
+    from anomalib.engine import Engine
+
+    quiet = {"logger": False, "enable_progress_bar": False, "accelerator": "cpu"}
+    model = small_model(k_shot=None, threshold="validation")
+    Engine(**quiet).fit(model, datamodule=make_datamodule(dataset_root, "same_as_test"))
+    upstream = AnomalyDINO(pre_processor=AnomalyDINOPlus.configure_pre_processor(SIZE))
+    upstream.model.feature_encoder.load_state_dict(model.model.feature_encoder.state_dict())
+    Engine(**quiet).fit(upstream, datamodule=make_datamodule(dataset_root, "same_as_test"))
+    assert model.model.memory_bank.shape == (4 * 64, 384)  # 4 training images x 8 x 8 patches
+    torch.testing.assert_close(
+        model.model.memory_bank.sort(0).values, upstream.model.memory_bank.sort(0).values, atol=1e-6, rtol=0
+    )
 
 
 def test_changing_the_seed_rebuilds_the_support(dataset_root: Path) -> None:
@@ -316,10 +343,43 @@ def test_onnx_export_reproduces_scores_and_maps(tmp_path: Path) -> None:
         )
         torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, atol=1e-4, rtol=1e-4)
+        ov = pytest.importorskip("openvino")
+        compiled = ov.Core().compile_model(ov.convert_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        run = {out.get_any_name(): value for out, value in compiled(raw.numpy()).items()}
+        torch.testing.assert_close(torch.from_numpy(run["pred_score"]), expected.pred_score, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(run["anomaly_map"]), expected.anomaly_map, atol=1e-4, rtol=1e-4)
     masked = small_model(masking=True, k_shot=None, threshold="validation", post_processor=False)
     masked.fit_support(images(2, 0, square=True))
     with pytest.raises(ValueError, match="masking=True"):
         masked.to_onnx(tmp_path / "masked", input_size=(SIZE, SIZE))
+
+
+def test_torch_export_and_inferencer_give_engine_predict_scores(
+    dataset_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``anomalib export --export_type torch`` + ``TorchInferencer`` give ``Engine.predict``'s scores and maps."""
+    from anomalib.deploy import ExportType, TorchInferencer
+    from anomalib.engine import Engine
+
+    model = small_model(refiner="fused", few_shot_source=str(dataset_root / "train" / "good"))
+    quiet = {"logger": False, "enable_progress_bar": False, "accelerator": "cpu"}
+    engine = Engine(default_root_dir=tmp_path / "run", **quiet)
+    folder = dataset_root / "test" / "defect"
+    predictions = engine.predict(model, data_path=folder)  # support and thresholds from few_shot_source
+    exported = engine.export(model, ExportType.TORCH, export_root=tmp_path / "export")
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the exported file is a pickled model
+    inferencer = TorchInferencer(exported, device="cpu")
+    compared = 0
+    for batch in predictions:
+        for path, score, label, anomaly_map in zip(
+            batch.image_path, batch.pred_score, batch.pred_label, batch.anomaly_map, strict=True
+        ):
+            result = inferencer.predict(path)
+            torch.testing.assert_close(result.pred_score.reshape(()), score.reshape(()), rtol=0, atol=1e-4)
+            torch.testing.assert_close(result.anomaly_map.reshape(anomaly_map.shape), anomaly_map, rtol=0, atol=1e-4)
+            assert bool(result.pred_label.reshape(())) == bool(label.reshape(()))
+            compared += 1
+    assert compared == len(list(folder.glob("*.png")))
 
 
 @pytest.mark.slow

@@ -120,6 +120,22 @@ def test_fastrecon_reconstructs_the_bank_and_scores_outliers_higher() -> None:
 
 
 # ------------------------------------------------------------------------------------------- runs
+def test_a_truncated_feature_cache_is_discarded_and_recomputed(
+    tiny_config: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    plan = plan_from_config(tiny_config)
+    data, method = plan.datasets[0], plan.method("PatchCore")
+    first = RunContext(plan).test_features(data, method)
+    (cache,) = (plan.output / "cache").glob("features-*.pt")
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # a run killed while writing
+    with caplog.at_level("WARNING"):
+        again = RunContext(plan).test_features(data, method)
+    assert f"discarding unreadable feature cache {cache}" in caplog.text
+    assert torch.equal(again.embeddings, first.embeddings)
+    assert torch.load(cache, weights_only=False)["paths"] == first.paths  # rewritten whole
+    assert not list((plan.output / "cache").glob("*.partial"))
+
+
 @pytest.mark.slow
 def test_a_cell_equals_anomalib_engine_test(tiny_config: dict) -> None:
     """The cached-feature path reports exactly what ``Engine.test`` reports for the same model, draw and test images."""
@@ -229,8 +245,21 @@ def test_tiny_run_resumes_after_a_stop_and_writes_the_report(
             assert values["time_ms"] > 0
 
     report = (output / "report.md").read_text()
-    assert "| PatchCore+ | " in report
-    assert " ± " in report
+
+    # The first cell of the PatchCore+ row (1-shot image AUROC): mean ± std over the seeds of results.csv and
+    # the mean of the per-seed differences to its base, recomputed here.
+    def auroc(method: str) -> dict[str, float]:
+        return {
+            r["seed"]: 100 * float(r["value"]) for r in rows if (r["method"], r["metric"]) == (method, "image_AUROC")
+        }
+
+    refined, base = auroc("PatchCore+"), auroc("PatchCore")
+    values = list(refined.values())
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    difference = sum(refined[seed] - base[seed] for seed in refined) / len(refined)
+    row = next(line for line in report.splitlines() if line.startswith("| PatchCore+ | "))
+    assert row.split(" | ")[1].replace("**", "") == f"{mean:.1f} ± {std:.1f} ({difference:+.1f})"
     # Decisions at the support thresholds: the oracle (best threshold on the test set) is never worse, and
     # the report's cell is the mean ± std of results.csv.
     for seed in ("0", "1"):

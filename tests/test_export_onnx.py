@@ -132,12 +132,18 @@ def test_refined_onnx_is_close_to_the_default_solver(refined, images, batch) -> 
         assert relative_error(exported[name], getattr(reference, name)) <= RTOL_DEFAULT_SOLVER, name
 
 
-def test_refined_onnx_image_scores_keep_their_order_and_differ_from_plain(refined, plain, images) -> None:
-    """The graph really refines: its scores are not plain PatchCore's, and batching changes nothing."""
-    (_, refined_path), (_, plain_path) = refined, plain
+def test_refined_onnx_ranks_images_as_torch_does_whatever_the_batch_and_differs_from_plain(
+    refined, plain, images
+) -> None:
+    """The graph really refines (its scores are not plain PatchCore's), ranks the images as the torch model, and
+    batching changes nothing."""
+    (model, refined_path), (_, plain_path) = refined, plain
     together = run_onnx(refined_path, images)["pred_score"]
     alone = np.concatenate([run_onnx(refined_path, images[i : i + 1])["pred_score"] for i in range(3)])
     np.testing.assert_allclose(together, alone, rtol=1e-5)
+    reference = torch_outputs(model, images).pred_score.numpy().reshape(-1)
+    assert np.diff(np.sort(reference)).min() > 1e-3  # distinct scores, so the order is meaningful
+    np.testing.assert_array_equal(np.argsort(together.reshape(-1)), np.argsort(reference))
     assert np.abs(together - run_onnx(plain_path, images)["pred_score"]).max() > 1e-3
 
 
@@ -161,6 +167,7 @@ def test_openvino_runs_the_refined_onnx_in_float32(refined) -> None:
             model, images[:batch], sinkhorn_method="fixed", sinkhorn_max_iter=EXPORT_SINKHORN_ITERATIONS
         )
         assert relative_error(exported["pred_score"], reference.pred_score) <= RTOL_SAME_PATH
+        assert relative_error(exported["anomaly_map"], reference.anomaly_map) <= RTOL_SAME_PATH
 
 
 # ------------------------------------------------------------------------------ static refiner pieces

@@ -682,13 +682,26 @@ def test_half_precision_model_gives_finite_scores() -> None:
     """A float16 model (anomalib's ``precision="float16"`` path) refines in float32 and returns finite float16."""
     torch.manual_seed(0)
     model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, k_shot=1).half()
-    model.fit_support(torch.rand(1, 3, 64, 64).half())
+    support = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)).half()
+    queries = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    model.fit_support(support)
     model.eval()
     with torch.inference_mode():
-        output = model.model(torch.rand(2, 3, 64, 64))  # float32 input is cast to the model's dtype
+        output = model.model(queries)  # float32 input is cast to the model's dtype
     assert output.pred_score.dtype == torch.float16
     assert torch.isfinite(output.pred_score).all()
     assert torch.isfinite(output.anomaly_map).all()
+    # The same network in float32 (the float16 weights, upcast) on the same support: scores within float16 rounding.
+    reference = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, k_shot=1)
+    reference.load_state_dict({name: value.float() for name, value in model.state_dict().items()}, strict=False)
+    reference.fit_support(support.float())
+    reference.eval()
+    with torch.inference_mode():
+        expected = reference.model(queries.half().float())
+    torch.testing.assert_close(output.pred_score.float(), expected.pred_score, rtol=2e-2, atol=0)
+    torch.testing.assert_close(
+        output.anomaly_map.float(), expected.anomaly_map, rtol=2e-2, atol=2e-2 * float(expected.anomaly_map.max())
+    )
 
 
 # ------------------------------------------------------------------------------------------ precision

@@ -108,6 +108,22 @@ def feature_model_args(init_args: dict[str, Any], dino: bool = False) -> dict[st
     return {name: init_args[name] for name in names if name in init_args}
 
 
+def _read_cache(path: Path) -> CachedTestSet | None:
+    """The cached test set in ``path``; ``None`` (file deleted, a warning naming it) when it cannot be read.
+
+    A run killed while writing leaves a truncated file; reading it would fail the same way on every
+    re-run, so it is discarded and the features are computed again.
+    """
+    try:
+        return CachedTestSet(**torch.load(path, weights_only=False))
+    except Exception as error:  # truncated or foreign file: any unpickling or field error
+        logger.warning(
+            "discarding unreadable feature cache %s (%s: %s); recomputing", path, type(error).__name__, error
+        )
+        path.unlink(missing_ok=True)
+        return None
+
+
 def load_test_features(
     model: PatchCorePlus | AnomalyDINOPlus,
     datamodule: AnomalibDataModule,
@@ -134,7 +150,9 @@ def load_test_features(
     paths = [str(test.samples.image_path.iloc[i]) for i in indices]
     path = cache_dir / f"features-{feature_key(data_config, paths, model_args, model.hparams.get('weights'))}.pt"
     if path.exists():
-        return CachedTestSet(**torch.load(path, weights_only=False))
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
     batch_size = getattr(datamodule, "eval_batch_size", 32)
     loader = DataLoader(Subset(test, indices), batch_size=batch_size, collate_fn=test.collate_fn)
     transform = model.pre_processor.transform
@@ -165,6 +183,8 @@ def load_test_features(
         backbone_ms=1000 * seconds / len(paths),
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(features.__dict__, path)
+    partial = path.with_suffix(".partial")
+    torch.save(features.__dict__, partial)
+    partial.replace(path)  # atomic: a stopped run never leaves a truncated cache under the final name
     logger.info("cached %d test features in %s (%.0f s)", len(paths), path, seconds)
     return features

@@ -130,6 +130,10 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
         )
         self.model = self.model.half() if precision == PrecisionType.FLOAT16 else self.model.float()
         self._store_plain_hparams()
+        for name in ("_hparams", "_hparams_initial"):  # a plain string: checkpoints load with weights_only
+            hparams = getattr(self, name, None)
+            if hparams is not None and "precision" in hparams:
+                hparams["precision"] = precision.value
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
         self.few_shot_source = source
