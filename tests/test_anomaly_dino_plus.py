@@ -62,6 +62,7 @@ def images(count: int, seed: int, size: int | tuple[int, int] = SIZE, square: bo
 
 def upstream_and_ours(masking: bool = False, **ours: object) -> tuple[AnomalyDINO, AnomalyDINOPlus]:
     """anomalib's AnomalyDINO and AnomalyDINOPlus with the same random encoder weights."""
+    torch.manual_seed(0)  # the same random encoder whatever ran before (PCA masking keeps part of its patches)
     upstream = AnomalyDINO(masking=masking, post_processor=False, evaluator=False, visualizer=False)
     plus = AnomalyDINOPlus(
         pre_trained=False, masking=masking, post_processor=False, evaluator=False, visualizer=False, **ours
