@@ -37,7 +37,7 @@ from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
-from .torch_model import DEFAULT_ENCODER, AnomalyDINOPlusModel
+from .torch_model import DEFAULT_ENCODER, AnomalyDINOPlusModel, validate_dino_options
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +295,6 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
 
     def _replace_refiner(self, refiner: PrototypeRefiner | None) -> None:
         """Install another refiner after checking it fits the model's options."""
-        from .torch_model import validate_dino_options
-
         validate_dino_options(self.model.encoder_name, self.model.num_neighbours, refiner)
         self.model.refiner = refiner
 
