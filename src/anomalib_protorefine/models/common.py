@@ -38,6 +38,7 @@ from anomalib_protorefine.few_shot import (
 )
 from anomalib_protorefine.post_processing import FewShotPostProcessor, clear_thresholds, write_support_thresholds
 from anomalib_protorefine.refinement import PrototypeRefiner, RefinerOptions
+from anomalib_protorefine.support_augmentation import resolve_support_augmentation, support_views, view_names
 from anomalib_protorefine.thresholds import (
     SupportScores,
     SupportThresholds,
@@ -237,6 +238,34 @@ class RefinedFewShotMixin:
     def few_shot_source(self, value: str | Path | None) -> None:
         path = validate_few_shot_source(value, self.__dict__.get("_k_shot"))
         self._set_support_option("few_shot_source", path, str(path) if path is not None else None)
+
+    @property
+    def support_augmentation(self) -> tuple[str, ...]:
+        """Transforms whose copies of the support images join the bank (``support_augmentation`` module).
+
+        Setting it checks the names and rebuilds the support data when next needed.
+        """
+        return self.__dict__["_support_augmentation"]
+
+    @support_augmentation.setter
+    def support_augmentation(self, value: str | Sequence[str] | None) -> None:
+        names = resolve_support_augmentation(value)
+        if names and not self.__dict__.get("_k_shot"):
+            msg = (
+                f"support_augmentation={value!r} transforms the k_shot support images, but k_shot is "
+                f"{self.__dict__.get('_k_shot')!r}: set k_shot (e.g. k_shot=4), or support_augmentation=None."
+            )
+            raise ValueError(msg)
+        self._set_support_option("support_augmentation", names, list(names))
+
+    @property
+    def support_views(self) -> tuple[str, ...]:
+        """One name per support view in the bank: each support file, then ``file [transform]`` per transform."""
+        return view_names(self.support_paths, self.support_augmentation)
+
+    def augmented_support(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The views of pre-processed support images that the bank is built from (the images first)."""
+        return support_views(images, self.support_augmentation)
 
     def _set_support_option(self, name: str, value: Any, stored: Any) -> None:
         """Set a support-defining option: keep ``hparams`` in sync and forget support data built for the old value.
@@ -469,6 +498,7 @@ class RefinedFewShotMixin:
         refiner = self.model.refiner
         checkpoint["hyper_parameters"]["refiner"] = refiner.options.as_dict() if refiner is not None else False
         checkpoint["protorefine_support_paths"] = list(self.support_paths)
+        checkpoint["protorefine_support_views"] = list(self.support_views)
         thresholds = getattr(self, "support_thresholds", None)
         checkpoint["protorefine_support_thresholds"] = thresholds.as_dict() if thresholds is not None else None
 
@@ -505,6 +535,16 @@ class RefinedFewShotMixin:
                 self._apply_score_option(name, stored[name])
                 if name in self.hparams:
                     self.hparams[name] = stored[name]
+        if "hyper_parameters" in checkpoint:
+            # The bank in the checkpoint was built with its augmentation (none before the option existed).
+            augmentation = resolve_support_augmentation(stored.get("support_augmentation"))
+            if augmentation != self.support_augmentation:
+                changed.append(
+                    f"support_augmentation={list(augmentation)!r} (constructor: {list(self.support_augmentation)!r})"
+                )
+                self.__dict__["_support_augmentation"] = augmentation
+            if "support_augmentation" in self.hparams:
+                self.hparams["support_augmentation"] = list(augmentation)
         if changed:
             msg = (
                 f"{type(self).__name__}: the checkpoint's settings differ from the constructor's and are used: "

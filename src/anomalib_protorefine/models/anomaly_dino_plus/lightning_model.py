@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
         few_shot_seed: Seed of the support draw (and of the coreset).
         few_shot_source: Folder of normal images to draw the support images from instead of the
             datamodule's training set.
+        support_augmentation: Rotated / flipped copies of the support images added to the bank
+            (``None``, a preset or a list of transforms, as :class:`~anomalib_protorefine.PatchCorePlus`).
         refiner: ``"off"`` / ``False`` (anomalib's scoring: the default, see docs/benchmarks.md),
             ``"fused"`` / ``True`` (the paper's cosine EM, lambda 0.1, N 10, each patch scored by the
             geometric mean of its refined and nearest-neighbour distances), ``"paper"`` (the paper's
@@ -102,6 +105,7 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
         k_shot: int | None = 4,
         few_shot_seed: int = 0,
         few_shot_source: str | Path | None = None,
+        support_augmentation: str | Sequence[str] | None = None,
         refiner: bool | str | dict[str, Any] | PrototypeRefiner = DINO_DEFAULT_REFINER,
         threshold: str = "auto",
         pre_processor: nn.Module | bool = True,
@@ -137,6 +141,7 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
         self.few_shot_source = source
+        self.support_augmentation = support_augmentation
         self.support_paths: tuple[str, ...] = ()
         self._init_thresholds(threshold)
 
@@ -171,8 +176,12 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
         check_support_images(images, preprocessed=True)
         was_training = self.model.training
         self.model.eval()
-        embedding, grid = self.model.embed(images.to(self.device))
-        self.model.build_bank(self.model.support_features(embedding, grid), seed=self.few_shot_seed)
+        # One embedding per view (support_augmentation): a quarter turn of non-square images changes their grid.
+        features = [
+            self.model.support_features(*self.model.embed(view.to(self.device)))
+            for view in self.augmented_support(images)
+        ]
+        self.model.build_bank(torch.cat(features), seed=self.few_shot_seed)
         self.model.train(was_training)
         self._is_fitted = torch.tensor([True], device=self.device)
 

@@ -166,6 +166,11 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         few_shot_seed: Seed of the support image draw.
         few_shot_source: Folder of normal images to draw the support images from instead of the
             datamodule's training set (needed to predict on a folder without a checkpoint).
+        support_augmentation: Rotated / flipped copies of the support images added to the bank:
+            ``None`` (default), a preset (``"flips"``, ``"rotations"``, ``"dihedral"``) or a list of
+            ``"rot90"``, ``"rot180"``, ``"rot270"``, ``"hflip"``, ``"vflip"``
+            (:mod:`anomalib_protorefine.support_augmentation`). The bank grows by one copy per transform
+            before the coreset. Only with ``k_shot``.
         refiner: ``True`` or ``"fused"`` (the default form: the paper's EM, lambda 0.3, N 10, with
             each patch scored by the geometric mean of its refined and nearest-neighbour distances;
             see docs/method.md), ``"paper"`` (the paper's exact form: refined distance alone),
@@ -201,6 +206,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         k_shot: int | None = 4,
         few_shot_seed: int = 0,
         few_shot_source: str | Path | None = None,
+        support_augmentation: str | Sequence[str] | None = None,
         refiner: bool | str | dict[str, Any] | PrototypeRefiner = True,
         online: bool = False,
         online_capacity: int | None = None,
@@ -244,6 +250,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
         self.few_shot_source = source
+        self.support_augmentation = support_augmentation
         self.support_paths: tuple[str, ...] = ()
         self.calibration: CalibrationResult | None = None
         self._init_thresholds(threshold)
@@ -286,9 +293,12 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            embedding, _ = self.model.embed(images.to(self.device))
+            # One embedding per view (support_augmentation): a quarter turn of non-square images changes their shape.
+            patches = [self.model.embed(view.to(self.device))[0] for view in self.augmented_support(images)]
         self.model.build_bank(
-            embedding.reshape(-1, embedding.shape[-1]), self.coreset_sampling_ratio, seed=self.few_shot_seed
+            torch.cat([patch.reshape(-1, patch.shape[-1]) for patch in patches]),
+            self.coreset_sampling_ratio,
+            seed=self.few_shot_seed,
         )
         self.model.train(was_training)
         self._is_fitted = torch.tensor([True], device=self.device)

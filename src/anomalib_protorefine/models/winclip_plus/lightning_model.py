@@ -66,6 +66,8 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         few_shot_seed: Seed of the reference draw (and of the coreset start).
         few_shot_source: Folder of normal images to draw the references from instead of the
             datamodule's training set.
+        support_augmentation: Rotated / flipped copies of the support images added to the references
+            (``None``, a preset or a list of transforms, as :class:`~anomalib_protorefine.PatchCorePlus`).
         scales: Window sizes in patches (WinCLIP: ``(2, 3)``).
         backbone: open_clip model name (WinCLIP: ``"ViT-B-16-plus-240"``) or the path of an
             open_clip model-config JSON.
@@ -99,6 +101,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         k_shot: int | None = 4,
         few_shot_seed: int = 0,
         few_shot_source: str | Path | None = None,
+        support_augmentation: str | Sequence[str] | None = None,
         scales: Sequence[int] = (2, 3),
         backbone: str = DEFAULT_BACKBONE,
         pretrained: str | None = DEFAULT_PRETRAINED,
@@ -133,6 +136,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
         self.few_shot_source = source
+        self.support_augmentation = support_augmentation
         self.support_paths: tuple[str, ...] = ()
         self._init_thresholds(threshold)
 
@@ -200,7 +204,16 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
 
         """
         check_support_images(images, preprocessed=True)
-        self.model.setup(reference_images=images.to(self.device))
+        views = self.augmented_support(images)
+        if len({tuple(view.shape) for view in views}) > 1:
+            msg = (
+                f"support_augmentation={list(self.support_augmentation)!r}: a quarter turn of "
+                f"{tuple(images.shape[-2:])} images changes their shape, and WinCLIP's references must share "
+                "the CLIP input size. Use square images (the default pre-processor resizes to the CLIP size) "
+                "or only 'rot180', 'hflip', 'vflip'."
+            )
+            raise ValueError(msg)
+        self.model.setup(reference_images=torch.cat(views).to(self.device))
 
     def _ensure_ready(self) -> None:
         """Text embeddings for the class name (cached per name) and, few-shot, the reference embeddings."""
