@@ -21,6 +21,8 @@ Usage:
     python benchmarks/patchcore_speed.py --threads 2 --repeats 3
     python benchmarks/patchcore_speed.py --threads 1 --clock process --solvers auto pot --em-tol 1e-3
     python benchmarks/patchcore_speed.py --device cuda --batch-size 32 --solvers auto
+    python benchmarks/patchcore_speed.py --threads 1 --clock process --repeats 3 --no-memory \
+        --iterations 1 2 3 5 --images ../shared/data/bsdata/test/good
 """
 
 from __future__ import annotations
@@ -39,15 +41,20 @@ import torch
 
 from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
 from anomalib_protorefine.benchmark.resources import status_kb
+from anomalib_protorefine.few_shot import load_images
 
 BASELINE = "PatchCore (baseline)"
 
 
-def variants(solvers: list[str], em_tol: float | None) -> dict[str, dict[str, Any] | None]:
+def variants(
+    solvers: list[str], em_tol: float | None, iterations: list[int] | None = None
+) -> dict[str, dict[str, Any] | None]:
     """Name -> refiner options (``None``: the baseline)."""
     table: dict[str, dict[str, Any] | None] = {BASELINE: None}
     # PatchCorePlus's default form: the paper's EM (lambda 0.3, closed form) with geometric score fusion.
     table["default (fused): lambda 0.3, closed form, auto"] = {"lambda_": 0.3, "score_fusion": "geometric"}
+    for count in iterations or ():
+        table[f"fused, N {count}"] = {"lambda_": 0.3, "score_fusion": "geometric", "num_iterations": count}
     for solver in solvers:
         method = "auto" if solver == "auto" else "sinkhorn"
         for lambda_ in (0.3, 3.0):
@@ -164,6 +171,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--solvers", nargs="+", default=["auto"], choices=["auto", "pot"])
     parser.add_argument("--em-tol", type=float, default=None, help="also time closed-form variants with this em_tol")
+    parser.add_argument("--iterations", nargs="+", type=int, default=None, help="also time the fused form at these N")
+    parser.add_argument(
+        "--images", type=Path, default=None, help="folder of real images: k support + batch queries (default: noise)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (subprocesses)")
     parser.add_argument("--memory-sizes", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--skip-timing", action="store_true", help="only the memory table")
@@ -202,10 +213,22 @@ def timing(args: argparse.Namespace) -> None:
         evaluator=False,
     ).to(device)
     size = (args.image_size, args.image_size)
-    model.fit_support(torch.randn(args.k, 3, *size, device=device))
+    if args.images is not None:
+        files = sorted(
+            path for path in args.images.iterdir() if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}
+        )
+        if len(files) < args.k + args.batch_size:
+            msg = f"--images {args.images} holds {len(files)} images; need k + batch-size = {args.k + args.batch_size}."
+            raise SystemExit(msg)
+        transform = PatchCorePlus.configure_pre_processor(image_size=size, backbone=args.backbone).transform
+        real = load_images(files[: args.k + args.batch_size], transform).to(device)
+        support, images = real[: args.k], real[args.k :]
+    else:
+        support = torch.randn(args.k, 3, *size, device=device)
+        images = torch.randn(args.batch_size, 3, *size, device=device)
+    model.fit_support(support)
     model.eval()
-    images = torch.randn(args.batch_size, 3, *size, device=device)
-    table = variants(args.solvers, args.em_tol)
+    table = variants(args.solvers, args.em_tol, args.iterations)
     refiners = {name: None if opts is None else PrototypeRefiner(**opts) for name, opts in table.items()}
 
     clock = time.perf_counter if args.clock == "wall" else time.process_time

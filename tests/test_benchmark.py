@@ -19,6 +19,7 @@ from anomalib_protorefine.benchmark.features import make_datamodule
 from anomalib_protorefine.benchmark.job import FewShotBenchmarkJob, RunContext
 from anomalib_protorefine.benchmark.methods import fastrecon_patch_scores, run_cached, run_engine
 from anomalib_protorefine.benchmark.pipeline import main, preflight
+from anomalib_protorefine.refinement import PrototypeRefiner
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -350,3 +351,27 @@ def test_resuming_into_a_folder_of_another_run_is_refused(tiny_config: dict, tmp
     change(tiny_config["benchmark"])
     with pytest.raises(BenchmarkConfigError, match="holds results of a different run"):
         preflight(plan_from_config(tiny_config), echo=lambda *_: None)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (Path(__file__).parents[1] / "configs" / "benchmark").glob("*.yaml"))
+)
+def test_every_shipped_benchmark_config_is_a_valid_plan(repo_root: Path, name: str) -> None:
+    """Each config under configs/benchmark parses into a plan (methods, refiner options, data) without running."""
+    config = yaml.safe_load((repo_root / "configs" / "benchmark" / name).read_text())
+    plan = plan_from_config(config, check_data=False)
+    assert plan.methods, name
+    for method in plan.methods:
+        refiner = method.init_args.get("refiner")
+        if isinstance(refiner, dict):  # options over the preset: each must be a PrototypeRefiner option
+            PrototypeRefiner(**{k: v for k, v in refiner.items() if k != "class_path"})
+
+
+def test_em_budget_confirmation_differs_only_in_seeds_and_output(repo_root: Path) -> None:
+    folder = repo_root / "configs" / "benchmark"
+    choice = yaml.safe_load((folder / "em_budget.yaml").read_text())
+    confirm = yaml.safe_load((folder / "em_budget_confirm.yaml").read_text())
+    assert choice["benchmark"].pop("few_shot_seed") == {"grid": [0, 1, 2, 3, 4]}
+    assert confirm["benchmark"].pop("few_shot_seed") == {"grid": [5, 6, 7, 8, 9]}
+    assert choice["benchmark"].pop("output") != confirm["benchmark"].pop("output")
+    assert choice == confirm
