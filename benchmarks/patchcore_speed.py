@@ -41,7 +41,7 @@ import torch
 
 from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
 from anomalib_protorefine.benchmark.resources import status_kb
-from anomalib_protorefine.few_shot import load_images
+from anomalib_protorefine.few_shot import folder_images, load_images
 
 BASELINE = "PatchCore (baseline)"
 
@@ -214,9 +214,7 @@ def timing(args: argparse.Namespace) -> None:
     ).to(device)
     size = (args.image_size, args.image_size)
     if args.images is not None:
-        files = sorted(
-            path for path in args.images.iterdir() if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}
-        )
+        files = folder_images(args.images)
         if len(files) < args.k + args.batch_size:
             msg = f"--images {args.images} holds {len(files)} images; need k + batch-size = {args.k + args.batch_size}."
             raise SystemExit(msg)
