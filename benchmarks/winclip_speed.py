@@ -169,7 +169,7 @@ def run(arch: str, args: argparse.Namespace, folder: Path, device: torch.device)
     for key, value in one_off.items():
         print(f"| {key} | {value:.3f} |")
     refined = models["refined"]
-    stats = refined.refiner.last_stats
+    stats = refined.refinement_stats
     banks = [bank.shape[0] for bank in [refined._patch_bank, *refined._window_banks]]
     print(
         f"\nlast refinement: {stats['em_iterations']:.1f} EM and {stats['sinkhorn_iterations']:.0f} Sinkhorn "

@@ -776,11 +776,15 @@ def test_refinement_statistics_are_synced_across_ranks() -> None:
     """Under DDP each rank refines its own batches: the logged statistics must be reduced (``sync_dist``)."""
     from unittest import mock
 
+    from anomalib_protorefine.models.common import RefinementStatsCallback
+
     refiner = PrototypeRefiner(num_iterations=2)
     refiner.patch_scores(torch.randn(2, 6, 4), torch.randn(5, 4))
     module = mock.MagicMock()
-    refiner.on_test_batch_end(mock.MagicMock(), module, None, [0, 1], 0)
-    refiner.on_validation_batch_end(mock.MagicMock(), module, None, [0, 1], 0)
+    module.model.refinement_stats = refiner.last_stats
+    callback = RefinementStatsCallback()
+    callback.on_test_batch_end(mock.MagicMock(), module, None, [0, 1], 0)
+    callback.on_validation_batch_end(mock.MagicMock(), module, None, [0, 1], 0)
     assert module.log.call_count == 2 * len(refiner.last_stats)
     for call in module.log.call_args_list:
         assert call.kwargs["sync_dist"] is True, call

@@ -15,16 +15,18 @@ import itertools
 import math
 import re
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from unittest.mock import MagicMock
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import LightningModule
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_protorefine.refinement import PrototypeRefiner, RefinementResult, RefinerOptions
 from anomalib_protorefine.refinement.bank import BankFactors
-from anomalib_protorefine.refinement.m_step import QueryTerms, closed_form_step, gradient_step, objective
+from anomalib_protorefine.refinement.m_step import ClosedFormStep, QueryTerms, gradient_step, objective
 from anomalib_protorefine.refinement.transport import (
     SinkhornMarginalError,
     marginal_errors,
@@ -141,7 +143,7 @@ def test_gradient_step_converges_to_closed_form(optimizer: str, lr: float, steps
     queries, bank, factors, terms = _setup()
     plan = PrototypeRefiner(lambda_=0.3, num_iterations=2, sinkhorn_tol=1e-6).refine(queries, bank).plan
     start = terms.initial_weights(factors)
-    exact = closed_form_step(terms, factors, plan, 0.3)
+    exact = ClosedFormStep(terms, factors, 0.3)(plan)[0]
     j_exact = objective(exact, terms, factors, plan, 0.3)
     # The start is far enough from the optimum for the comparison to mean something.
     assert (objective(start, terms, factors, plan, 0.3) / j_exact - 1).min() > 1e-2
@@ -189,7 +191,7 @@ def test_closed_form_is_exact_minimiser(distance: str, plan_kind: str) -> None:
         plan64 = torch.full((B, N_BANK, M_PATCHES), 1.0 / (N_BANK * M_PATCHES), dtype=torch.float64)
     else:
         plan64 = _exact_plan(B, N_BANK, M_PATCHES)
-    best = closed_form_step(terms, factors, plan64.float(), 0.3).double()
+    best = ClosedFormStep(terms, factors, 0.3)(plan64.float())[0].double()
     queries64, bank64 = _prepare(queries, bank, distance)
 
     def grad(weights: torch.Tensor) -> torch.Tensor:
@@ -294,20 +296,6 @@ def test_batched_sinkhorn_matches_pot(n: int, m: int, duplicate: bool, epsilon: 
     # Each query is solved independently of the others in its batch.
     alone, _ = solve_plans(costs[2:3], epsilon, 5000, 1e-6, overrelaxation=overrelaxation)
     torch.testing.assert_close(alone[0], plans[2], rtol=1e-4, atol=1e-7)
-
-
-def test_batched_sinkhorn_warm_start_saves_iterations() -> None:
-    costs = _random_costs(3, 20, 50)
-    _cold, state = solve_plans(costs, 0.05, 5000, 1e-6)
-    nearby = costs + 0.01 * _random_costs(3, 20, 50, seed=1)
-    warm, warm_state = solve_plans(nearby, 0.05, 5000, 1e-6, potential=state.potential)
-    fresh, fresh_state = solve_plans(nearby, 0.05, 5000, 1e-6)
-    assert (warm_state.iterations < fresh_state.iterations).all()
-    assert float((warm - fresh).abs().sum((-1, -2)).max()) < 1e-4
-    # The potentials are in cost units: a constant shift of a row of the cost changes nothing.
-    shifted = nearby + torch.arange(20.0)[None, :, None]
-    again, _ = solve_plans(shifted, 0.05, 5000, 1e-6, potential=state.potential)
-    assert float((again - warm).abs().sum((-1, -2)).max()) < 1e-4
 
 
 def test_batched_sinkhorn_half_precision_costs() -> None:
@@ -734,25 +722,49 @@ def test_bank_factor_cache(inference: bool) -> None:
 
 
 class _FakeModule(LightningModule):
-    """A LightningModule whose ``log`` is a mock."""
+    """A LightningModule whose ``log`` is a mock, holding a refiner the way the models' torch models do."""
 
-    def __init__(self) -> None:
+    def __init__(self, refiner: PrototypeRefiner) -> None:
         super().__init__()
         self.log = MagicMock()
+        self.model = SimpleNamespace(refinement_stats=refiner.last_stats)
+
+
+def test_refinement_package_imports_neither_lightning_nor_anomalib() -> None:
+    """The refinement core is torch + POT only: the models' Lightning callback logs its statistics."""
+    import ast
+
+    import anomalib_protorefine.refinement as package
+
+    imported: dict[str, set[str]] = {}
+    for path in Path(package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            imported.setdefault(path.name, set()).update(name.split(".")[0] for name in names)
+    assert {"refiner.py", "transport.py", "m_step.py"} <= set(imported)
+    banned = {"lightning", "pytorch_lightning", "anomalib"}
+    offending = {name: sorted(roots & banned) for name, roots in imported.items()}
+    assert not any(offending.values()), offending
+    assert "torch" in imported["refiner.py"]
 
 
 @pytest.mark.parametrize("hook", ["on_test_batch_end", "on_validation_batch_end"])
 def test_callback_logs_statistics(hook: str) -> None:
+    from anomalib_protorefine.models.common import RefinementStatsCallback
+
     refiner = PrototypeRefiner(num_iterations=2)
-    assert isinstance(refiner, Callback)
-    module = _FakeModule()
+    callback = RefinementStatsCallback()
+    module = _FakeModule(refiner)
     batch = torch.zeros(B, 3, 8, 8)  # len(batch) is the batch size, like anomalib's ImageBatch
-    getattr(refiner, hook)(MagicMock(), module, None, batch, 0)
+    getattr(callback, hook)(MagicMock(), module, None, batch, 0)
     module.log.assert_not_called()  # nothing refined yet
 
     queries, bank = _data()
     result = refiner.refine(queries, bank)
-    getattr(refiner, hook)(MagicMock(), module, None, batch, 0)
+    module.model.refinement_stats = refiner.last_stats
+    getattr(callback, hook)(MagicMock(), module, None, batch, 0)
     logged = {call.args[0]: call for call in module.log.call_args_list}
     # The batch's refinement time is logged per image; the other statistics as they are.
     names = {"seconds": "seconds_per_image"}

@@ -157,8 +157,21 @@ def test_refinement_changes_few_shot_scores(plain_and_refined: tuple, queries: t
     plain, refined = plain_and_refined
     _, windows, patches = refined.encode_image(queries)
     # Each of the 1 + len(scales) reference sets is refined against its own coreset bank.
-    with mock.patch.object(refined.refiner, "patch_scores", wraps=refined.refiner.patch_scores) as spy:
+    seen: list[dict[str, float]] = []
+    original = refined.refiner.patch_scores
+
+    def recording(*args: torch.Tensor) -> torch.Tensor:
+        scores = original(*args)
+        seen.append(dict(refined.refiner.last_stats))
+        return scores
+
+    with mock.patch.object(refined.refiner, "patch_scores", side_effect=recording) as spy:
         refined_map = refined._compute_few_shot_scores(patches, windows)
+    # The batch's statistics: total refinement time of the reference sets, mean of the rest.
+    stats = refined.refinement_stats
+    assert stats["seconds"] == pytest.approx(sum(s["seconds"] for s in seen))
+    assert stats["em_iterations"] == pytest.approx(sum(s["em_iterations"] for s in seen) / 3)
+    assert 0 < stats["em_iterations"] <= 10
     banks = [refined._patch_bank, *refined._window_banks]
     assert spy.call_count == len(banks) == 3
     for call, query_set, bank in zip(spy.call_args_list, [patches, *windows], banks, strict=True):
@@ -172,7 +185,6 @@ def test_refinement_changes_few_shot_scores(plain_and_refined: tuple, queries: t
     assert (refined_map - plain_map).abs().max() > 1e-3
     # The zero-shot part is untouched; the final scores change.
     assert not torch.equal(refined(queries).pred_score, plain(queries).pred_score)
-    assert 0 < refined.refiner.last_stats["em_iterations"] <= 10
 
 
 def test_image_score_fusion_eq9(plain_and_refined: tuple, queries: torch.Tensor) -> None:

@@ -626,28 +626,36 @@ def warn_about_flat_images(batch: Batch) -> list[str]:
 
 
 class RefinementStatsCallback(Callback):
-    """Log the refinement statistics of whatever refiner the model holds at each batch.
+    """Log the refinement statistics of the model's last validation/test batch.
 
-    The model's refiner can be replaced after the callbacks are attached (a checkpoint loaded with
-    ``ckpt_path`` rebuilds it), so this callback looks it up on every batch.
+    The statistics are the torch model's ``refinement_stats`` (the refiner's ``last_stats``: EM and
+    Sinkhorn iterations, objective, OT cost, time); the refiner itself knows nothing of Lightning.
+    ``seconds`` (the batch's refinement time) is logged per image as ``refinement/seconds_per_image``;
+    all values are epoch means weighted by batch size, reduced over ranks under DDP. The model's refiner
+    can be replaced after the callbacks are attached (a checkpoint loaded with ``ckpt_path`` rebuilds it),
+    so the statistics are looked up on every batch.
     """
 
     @staticmethod
-    def _refiner(pl_module: Any) -> PrototypeRefiner | None:
-        return getattr(getattr(pl_module, "model", None), "refiner", None)
+    def log_stats(pl_module: Any, batch_size: int) -> None:
+        """Log the statistics of the last refined batch of ``pl_module`` (nothing before the first one)."""
+        stats = getattr(getattr(pl_module, "model", None), "refinement_stats", None) or {}
+        for name, value in stats.items():
+            key, logged = ("seconds_per_image", value / max(batch_size, 1)) if name == "seconds" else (name, value)
+            pl_module.log(
+                f"refinement/{key}", logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+            )
 
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Log the statistics of the validation batch."""
-        refiner = self._refiner(pl_module)
-        if refiner is not None:
-            refiner.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        del trainer, outputs, batch_idx, dataloader_idx
+        self.log_stats(pl_module, len(batch))
 
     def on_test_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Log the statistics of the test batch."""
-        refiner = self._refiner(pl_module)
-        if refiner is not None:
-            refiner.on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        del trainer, outputs, batch_idx, dataloader_idx
+        self.log_stats(pl_module, len(batch))

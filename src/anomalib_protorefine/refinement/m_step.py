@@ -6,7 +6,7 @@ Objective per query (coefficient space, see ``docs/method.md``)::
 
 Two solvers:
 
-* :func:`closed_form_step`: the exact minimiser ``W = (F M^T + lambda m T^T G) ((1+lambda) G + rho I)^-1``
+* :class:`ClosedFormStep`: the exact minimiser ``W = (F M^T + lambda m T^T G) ((1+lambda) G + rho I)^-1``
   (exact when the columns of T sum to ``1/m``, which Sinkhorn enforces up to its tolerance).
 * :func:`gradient_step`: the paper's variant, a few optimizer steps (SGD or Adam) on the
   closed-form gradient (:func:`objective_gradient`); unmasked SGD computes the same iterates in
@@ -15,11 +15,12 @@ Two solvers:
 Example:
     >>> import torch
     >>> from anomalib_protorefine.refinement.bank import BankFactors
-    >>> from anomalib_protorefine.refinement.m_step import QueryTerms, closed_form_step
+    >>> from anomalib_protorefine.refinement.m_step import ClosedFormStep, QueryTerms
     >>> factors = BankFactors.from_bank(torch.randn(5, 8), lambda_=0.3, ridge=1e-3, normalize=False)
     >>> terms = QueryTerms.from_features(torch.randn(1, 7, 8), factors)
     >>> plan = torch.full((1, 5, 7), 1 / 35)
-    >>> closed_form_step(terms, factors, plan, lambda_=0.3).shape
+    >>> weights, weighted_gram = ClosedFormStep(terms, factors, lambda_=0.3)(plan)
+    >>> weights.shape
     torch.Size([1, 7, 5])
 """
 
@@ -259,11 +260,6 @@ class LocalClosedFormStep:
         rhs = self.local_cross + self.lambda_ * num_patches * pull.gather(-1, self.index)
         weights = self._dense(self._solve(self._inverse, rhs))
         return weights, weights @ self.factors.gram
-
-
-def closed_form_step(terms: QueryTerms, factors: BankFactors, plan: torch.Tensor, lambda_: float) -> torch.Tensor:
-    """Exact minimiser of ``J`` for a fixed plan, ``(B, m, n)`` (one-off form of :class:`ClosedFormStep`)."""
-    return ClosedFormStep(terms, factors, lambda_)(plan)[0]
 
 
 def objective_gradient(

@@ -1,4 +1,4 @@
-"""Test-time prototype refinement: an ``nn.Module`` that is also a Lightning ``Callback``.
+"""Test-time prototype refinement: a plain ``nn.Module`` (torch and POT; no Lightning, no anomalib).
 
 For every query image with patch features ``F`` (m x c) and a memory bank ``M`` (n x c) the
 refiner finds refined prototypes ``P = W M`` (m x c) by the EM algorithm of the paper:
@@ -11,8 +11,8 @@ Patch scores are the distances of the query patches to the refined prototypes (p
 Everything runs batched over B queries on the tensors' device, in float32 whatever the input
 dtype, in the bank's n-dimensional coefficient space.
 
-As a Lightning callback (returned by the model's ``configure_callbacks``) it logs the refinement
-statistics of every validation/test batch: EM iterations, Sinkhorn iterations, OT cost, time.
+The statistics of the last refinement (EM iterations, Sinkhorn iterations, objective, OT cost, time)
+are kept in :attr:`PrototypeRefiner.last_stats`; the models' Lightning callback reads and logs them.
 
 Example:
     >>> import torch
@@ -33,10 +33,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -53,7 +51,7 @@ from .m_step import (
 )
 from .options import RefinerOptions
 from .precision import float32_compute
-from .transport import QueryPotential, check_marginals, plan_is_valid, solve_plan, solve_plans, solve_plans_fixed
+from .transport import WarmStart, check_marginals, plan_is_valid, solve_plan, solve_plans, solve_plans_fixed
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +61,10 @@ _SCORE_CHUNK = 1 << 21
 #: Sinkhorn iterations per E-step of an exported refiner (``sinkhorn_method="fixed"``), unless the
 #: refiner already uses ``"fixed"`` (then its ``sinkhorn_max_iter``) or the export names another number.
 EXPORT_SINKHORN_ITERATIONS = 100
+
+
+#: The Sinkhorn methods that call POT once per query (warm-started from POT's duals).
+POT_METHODS = ("sinkhorn", "sinkhorn_log")
 
 
 @dataclass
@@ -89,7 +91,7 @@ class RefinementResult:
         return self.weights @ self.factors.bank
 
 
-class PrototypeRefiner(nn.Module, Callback):
+class PrototypeRefiner(nn.Module):
     """EM refinement of a memory bank for each query (paper Sec. 4, Algorithm 1).
 
     Args:
@@ -361,8 +363,8 @@ class PrototypeRefiner(nn.Module, Callback):
         weighted_gram: torch.Tensor | None = None
         proto_sq: torch.Tensor | None = None
         if opts.transport:
-            # Sinkhorn warm starts: one per query, or one (B, n) row potential for the whole batch ("fixed").
-            states: list[Any] = [] if opts.sinkhorn_method == "fixed" else [None] * queries.shape[0]
+            # Sinkhorn warm starts of the batch: row potentials, or POT's duals per query.
+            warm_start = WarmStart.cold(queries.shape[0], queries.device, duals=opts.sinkhorn_method in POT_METHODS)
             closed_form = None
             if opts.m_step == "closed_form":
                 closed_form = local if local is not None else ClosedFormStep(terms, factors, opts.lambda_)
@@ -378,7 +380,7 @@ class PrototypeRefiner(nn.Module, Callback):
             active = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
             for _ in range(opts.num_iterations):
                 previous = plan
-                plan = self._e_step(coupling_cost(coupling, scale, initial_sq), states, active, previous)
+                plan = self._e_step(coupling_cost(coupling, scale, initial_sq), warm_start, active, previous)
                 em_iterations += 1
                 if dense:
                     # A frozen query keeps its plan, hence its coupling: no masking needed.
@@ -407,10 +409,10 @@ class PrototypeRefiner(nn.Module, Callback):
                         break
             if dense:
                 weights, weighted_gram = closed_form(plan)  # type: ignore[misc]
-            if opts.sinkhorn_method == "fixed":
+            if opts.sinkhorn_method == "fixed":  # no count in the (exportable) graph: known in advance
                 sinkhorn_iterations = em_iterations * opts.sinkhorn_max_iter * queries.shape[0]
             else:
-                sinkhorn_iterations = sum(state.iterations_total for state in states if state is not None)
+                sinkhorn_iterations = int(warm_start.iterations.sum())
         if exporting:  # statistics are Python floats of the data: not part of a static graph
             return RefinementResult(weights=weights, plan=plan, terms=terms, factors=factors)
         transport = None
@@ -435,53 +437,53 @@ class PrototypeRefiner(nn.Module, Callback):
     def _e_step(
         self,
         costs: torch.Tensor,
-        states: list[Any],
+        start: WarmStart,
         active: torch.Tensor,
         previous: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Sinkhorn for each active query's normalised cost ``(B, n, m)``, warm-started from ``states``.
+        """Sinkhorn for each active query's normalised cost ``(B, n, m)``, warm-started from ``start``.
 
         ``sinkhorn_method="auto"`` solves all active queries at once (:func:`solve_plans`), ``"fixed"``
         too, with a fixed number of iterations (:meth:`_e_step_fixed`); ``"sinkhorn"`` and
         ``"sinkhorn_log"`` call POT once per query (:func:`solve_plan`, the reference). Frozen (converged)
-        queries keep their previous plan. ``states`` is updated in place.
+        queries keep their previous plan. ``start`` is updated in place.
         """
         opts = self.options
         if opts.sinkhorn_method == "fixed":
-            return self._e_step_fixed(costs, states, active, previous)
+            return self._e_step_fixed(costs, start, active, previous)
         everyone = previous is None or bool(active.all())
         index = torch.arange(costs.shape[0], device=costs.device) if everyone else active.nonzero()[:, 0]
         if opts.sinkhorn_method == "auto":
-            warm = [states[i] for i in index.tolist()]
             # Warm start from the row potentials: the E-step cost (coupling_cost) changes between
             # EM iterations by a column constant (the prototypes' norms), which they are blind to.
-            row_potential = None if any(s is None for s in warm) else torch.stack([s.row_potential for s in warm])
-            solved, batch_state = solve_plans(
+            warm = None if start.row_potential is None else start.row_potential[index]
+            solved, state = solve_plans(
                 costs if everyone else costs[index],
                 opts.epsilon,
                 opts.sinkhorn_max_iter,
                 opts.sinkhorn_tol,
                 overrelaxation=opts.sinkhorn_overrelaxation,
-                row_potential=row_potential,
+                row_potential=warm,
             )
+            row_potential, iterations = state.row_potential, state.iterations
             valid = plan_is_valid(solved)
-            counts = batch_state.iterations.tolist()
             for row, query in enumerate(index.tolist()):
-                total = counts[row] + (0 if states[query] is None else states[query].iterations_total)
-                potential_row = batch_state.potential[row]
-                row_potential_row = batch_state.row_potential[row]
-                if not valid[row]:
-                    # Numerical breakdown (tiny epsilon, far warm start): recompute cold in the log domain.
-                    plan, pot_state = solve_plan(
-                        costs[query], opts.epsilon, "sinkhorn_log", opts.sinkhorn_max_iter, opts.sinkhorn_tol
-                    )
-                    solved[row] = plan
-                    potential_row = opts.epsilon * pot_state.log_v
-                    # POT solved the row-shifted cost C - min_j C_ij: undo the shift for f.
-                    row_potential_row = opts.epsilon * pot_state.log_u + costs[query].amin(1)
-                    total += pot_state.iterations
-                    check_marginals(plan[None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
-                states[query] = QueryPotential(potential_row, counts[row], total, row_potential_row)
+                if valid[row]:
+                    continue
+                # Numerical breakdown (tiny epsilon, far warm start): recompute cold in the log domain.
+                plan, duals = solve_plan(
+                    costs[query], opts.epsilon, "sinkhorn_log", opts.sinkhorn_max_iter, opts.sinkhorn_tol
+                )
+                solved[row] = plan
+                # POT solved the row-shifted cost C - min_j C_ij: undo the shift for f.
+                row_potential[row] = opts.epsilon * duals.log_u + costs[query].amin(1)
+                iterations[row] += duals.iterations
+                check_marginals(plan[None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
+            if start.row_potential is None:
+                start.row_potential = row_potential
+            else:
+                start.row_potential[index] = row_potential
+            start.iterations[index] += iterations
             if everyone:
                 return solved
             plans = previous.clone()
@@ -489,40 +491,41 @@ class PrototypeRefiner(nn.Module, Callback):
             return plans
         plans = torch.empty_like(costs) if previous is None else previous.clone()
         for query in index.tolist():
-            plans[query], states[query] = solve_plan(
+            plans[query], duals = solve_plan(
                 costs[query],
                 opts.epsilon,
                 opts.sinkhorn_method,
                 opts.sinkhorn_max_iter,
                 opts.sinkhorn_tol,
-                states[query],
+                start.duals[query],
             )
+            start.duals[query] = duals
+            start.iterations[query] += duals.iterations
             check_marginals(plans[query][None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
         return plans
 
     def _e_step_fixed(
         self,
         costs: torch.Tensor,
-        states: list[Any],
+        start: WarmStart,
         active: torch.Tensor,
         previous: torch.Tensor | None,
     ) -> torch.Tensor:
         """E-step of ``sinkhorn_method="fixed"``: all queries at once, a fixed number of iterations.
 
-        ``states`` holds the batch's row potentials ``(B, n)`` (warm start, updated in place; like the
-        batched solver's, blind to the column constant by which the E-step cost changes between EM
-        iterations). Frozen queries (``em_tol``) keep their previous plan. Outside an export a plan that misses its
-        marginals raises :class:`~anomalib_protorefine.refinement.transport.SinkhornMarginalError`.
+        Warm-started from the batch's row potentials (updated in place; like the batched solver's,
+        blind to the column constant by which the E-step cost changes between EM iterations). Frozen
+        queries (``em_tol``) keep their previous plan. Outside an export a plan that misses its marginals
+        raises :class:`~anomalib_protorefine.refinement.transport.SinkhornMarginalError`.
         """
         opts = self.options
-        plans, row_potential = solve_plans_fixed(
+        plans, start.row_potential = solve_plans_fixed(
             costs,
             opts.epsilon,
             opts.sinkhorn_max_iter,
-            states[0] if states else None,
+            start.row_potential,
             graph_loop=self._export_factors is not None,
         )
-        states[:] = [row_potential]
         if self._export_factors is None:
             check_marginals(plans, opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
         if previous is not None and opts.em_tol > 0:
@@ -599,42 +602,3 @@ class PrototypeRefiner(nn.Module, Callback):
     def patch_scores(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Refine, then score every query patch: ``(B, m)`` in the input dtype."""
         return self.score_result(self.refine(queries, bank)).to(queries.dtype)
-
-    # ------------------------------------------------------------------ Lightning callback
-    def _log_stats(self, pl_module: LightningModule, batch_size: int) -> None:
-        """Log the statistics of the last refinement (no-op before the first one).
-
-        ``seconds`` (the batch's refinement time) is logged per image as ``refinement/seconds_per_image``;
-        all values are epoch means weighted by batch size, reduced over ranks under DDP.
-        """
-        for name, value in self.last_stats.items():
-            key, logged = ("seconds_per_image", value / max(batch_size, 1)) if name == "seconds" else (name, value)
-            pl_module.log(
-                f"refinement/{key}", logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
-            )
-
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Log refinement statistics of the validation batch."""
-        del trainer, outputs, batch_idx, dataloader_idx
-        self._log_stats(pl_module, len(batch))
-
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Log refinement statistics of the test batch."""
-        del trainer, outputs, batch_idx, dataloader_idx
-        self._log_stats(pl_module, len(batch))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ot
 import torch
@@ -31,14 +31,12 @@ class TransportState:
     Attributes:
         log_u: Log row scaling, shape ``(n,)``.
         log_v: Log column scaling, shape ``(m,)``.
-        iterations: Sinkhorn iterations spent by the last solve.
-        iterations_total: Sinkhorn iterations spent by all solves of this query so far.
+        iterations: Sinkhorn iterations spent by the solve.
     """
 
     log_u: torch.Tensor
     log_v: torch.Tensor
     iterations: int
-    iterations_total: int = 0
 
 
 def marginal_errors(plans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,42 +154,52 @@ def solve_plan(
             warn=False,
         )  # fmt: skip
         log_u, log_v = log["log_u"], log["log_v"]
-    iterations = int(log["niter"]) + 1
-    total = iterations + (warm_start.iterations_total if warm_start is not None else 0)
-    return plan, TransportState(log_u=log_u, log_v=log_v, iterations=iterations, iterations_total=total)
+    return plan, TransportState(log_u=log_u, log_v=log_v, iterations=int(log["niter"]) + 1)
 
 
 @dataclass
-class QueryPotential:
-    """Warm start of one query for :func:`solve_plans`, kept between EM iterations.
+class WarmStart:
+    """The Sinkhorn warm starts of a batch of B queries, kept by the refiner between EM iterations.
+
+    The batched and fixed-iteration solvers (:func:`solve_plans`, :func:`solve_plans_fixed`) start from
+    the row potentials; POT's single-problem solver (:func:`solve_plan`) from each query's duals.
 
     Attributes:
-        potential: Column potential ``g`` ``(m,)`` in cost units.
-        iterations: Sinkhorn iterations spent by the last solve.
-        iterations_total: Sinkhorn iterations spent by all solves of this query so far.
-        row_potential: Row potential ``f`` ``(n,)`` in cost units (the refiner's warm start), or ``None``.
+        iterations: Sinkhorn iterations spent so far by each query, ``(B,)`` int64.
+        row_potential: Row potentials ``f`` ``(B, n)`` in cost units, ``None`` before the first solve.
+        duals: POT's log scalings of each query (``None`` before its first solve; empty for the
+            batched solvers).
+
+    Example:
+        >>> start = WarmStart.cold(3, torch.device("cpu"))
+        >>> start.iterations.tolist(), start.row_potential is None
+        ([0, 0, 0], True)
     """
 
-    potential: torch.Tensor
-    iterations: int
-    iterations_total: int
+    iterations: torch.Tensor
     row_potential: torch.Tensor | None = None
+    duals: list[TransportState | None] = field(default_factory=list)
+
+    @classmethod
+    def cold(cls, batch: int, device: torch.device, duals: bool = False) -> WarmStart:
+        """No warm start yet for ``batch`` queries (``duals``: room for POT's per-query duals)."""
+        return cls(torch.zeros(batch, dtype=torch.int64, device=device), None, [None] * batch if duals else [])
 
 
 @dataclass
 class BatchTransportState:
-    """Column potentials of a batch of entropic OT problems, kept between EM iterations.
+    """The dual potentials and iteration counts of a batch of solved entropic OT problems.
 
-    The plan of query ``k`` is ``T = diag(u) exp((g[k] - C[k]) / epsilon) ...`` up to its row scaling, i.e.
-    ``g`` holds the (epsilon-scaled) log column scaling *in cost units*: unlike POT's ``(u, v)`` it
-    does not depend on any shift of the cost, so it is a valid warm start for the next, nearby cost.
+    The plan of query ``k`` is ``T = exp((f[k]_i + g[k]_j - C[k]_ij) / epsilon)`` up to the tolerance.
+    The potentials are *in cost units*: unlike POT's scalings ``(u, v)`` of a row-shifted kernel they
+    do not depend on a shift of the cost, so the row potentials are a valid warm start for the next,
+    nearby cost (:func:`solve_plans` ``row_potential``).
 
     Attributes:
         potential: Column potentials ``g``, ``(B, m)``, in the units of the (normalised) cost.
-        iterations: Sinkhorn iterations spent by the last solve of each query, ``(B,)`` int64.
+        iterations: Sinkhorn iterations spent by the solve of each query, ``(B,)`` int64.
         converged: Whether each query met the tolerance within ``max_iter``, ``(B,)`` bool.
-        row_potential: Row potentials ``f``, ``(B, n)``, in cost units: with ``g`` the plan is
-            ``exp((f_i + g_j - C_ij) / epsilon)`` up to the tolerance.
+        row_potential: Row potentials ``f``, ``(B, n)``, in cost units.
     """
 
     potential: torch.Tensor
@@ -241,14 +249,11 @@ def _row_potential(costs: torch.Tensor, g: torch.Tensor, epsilon: float) -> torc
     return epsilon * (-math.log(costs.shape[-2]) - torch.logsumexp((g[:, None, :] - costs) / epsilon, dim=2))
 
 
-def _initial_potential(costs: torch.Tensor, epsilon: float, potential: torch.Tensor | None) -> torch.Tensor:
-    """Column potentials ``(B, m)`` to start from: the warm start, or a cold start from the row minima.
+def _initial_potential(costs: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Column potentials ``(B, m)`` of a cold start: one log-domain column update from the row minima.
 
-    The cold start is one log-domain column update from ``f = min_j C_ij``, so that every column
-    starts with its full mass (no column of the kernel underflows to zero).
+    Every column starts with its full mass (no column of the kernel underflows to zero).
     """
-    if potential is not None:
-        return potential.to(costs.dtype)
     return _column_potential(costs, costs.amin(dim=2), epsilon)
 
 
@@ -294,7 +299,7 @@ def solve_plans_fixed(
     """
     costs = _upcast(costs)
     if row_potential is None:
-        f = _row_potential(costs, _initial_potential(costs, epsilon, None), epsilon)
+        f = _row_potential(costs, _initial_potential(costs, epsilon), epsilon)
     else:
         f = row_potential.to(costs.dtype)
 
@@ -317,7 +322,6 @@ def solve_plans(
     epsilon: float,
     max_iter: int,
     tol: float,
-    potential: torch.Tensor | None = None,
     check_every: int = 10,
     overrelaxation: float = 1.0,
     first_check: int = 3,
@@ -330,12 +334,12 @@ def solve_plans(
     (``ot.backend.get_backend``); the per-query bookkeeping (masks, indices) is torch, so the costs
     must be a torch tensor (any device).
 
-    * the first row update runs from the column potentials ``potential`` (a warm start from the
-      previous EM iteration, in cost units) and is done with a row-max shift, so the kernel
-      ``K = exp((f + g - C) / epsilon)`` starts with every entry ``<= 1`` and every row holding a 1;
-      with ``row_potential`` instead, the first update is the column update from those row
-      potentials (column-max shift): the warm start for a cost that changes by a column constant
-      between solves (the refiner's E-step cost leaves out the refined prototypes' norms);
+    * a cold start is one log-domain column update from the row minima, then a row update with a
+      row-max shift, so the kernel ``K = exp((f + g - C) / epsilon)`` starts with every entry ``<= 1``
+      and every row holding a 1; with ``row_potential`` (a warm start from the previous EM
+      iteration, in cost units) the first update is the column update from those row potentials
+      (column-max shift): the warm start for a cost that changes by a column constant between
+      solves (the refiner's E-step cost leaves out the refined prototypes' norms);
     * kernel entries below ``e^-60`` of their row's (column's) largest are set to 0 (no float32
       subnormals, whose arithmetic is slow on CPUs; see ``_exp_kernel_``);
     * then the usual scaling iterations ``v = b / K^T u``, ``u = a / K v`` (two batched
@@ -351,10 +355,8 @@ def solve_plans(
         epsilon: Entropy weight (> 0).
         max_iter: Maximum number of scaling iterations.
         tol: Relative tolerance on the L2 violation of the column marginal.
-        potential: Column potentials ``(B, m)`` of a previous solve of nearby problems (warm start),
-            or ``None`` (cold start).
-        row_potential: Row potentials ``(B, n)`` of a previous solve (warm start; takes precedence
-            over ``potential``), or ``None``.
+        row_potential: Row potentials ``(B, n)`` of a previous solve of nearby problems (warm
+            start), or ``None`` (cold start).
         check_every: Iterations between convergence checks.
         first_check: Iterations before the first check (a good warm start converges in a few).
         overrelaxation: Over-relaxation factor ``omega`` in ``[1, 2)`` (1: plain Sinkhorn). Same fixed
@@ -389,7 +391,7 @@ def solve_plans(
         v = b / nx.sum(kernel, axis=1)
         u = a / (kernel @ v[:, :, None])[..., 0]
     else:
-        g = _initial_potential(costs, epsilon, potential)
+        g = _initial_potential(costs, epsilon)
         # Row update in the log domain with a row-max shift: K <= 1 and each row of K holds a 1
         # (arithmetic in place on one (B, n, m) buffer).
         kernel = g[:, None, :] - costs

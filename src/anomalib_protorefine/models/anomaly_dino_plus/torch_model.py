@@ -129,6 +129,11 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
         self.refiner = refiner
 
     # ------------------------------------------------------------------ features
+    @property
+    def refinement_stats(self) -> dict[str, float]:
+        """Statistics of the last refined batch (empty without a refiner or before the first batch)."""
+        return {} if self.refiner is None else dict(self.refiner.last_stats)
+
     def _crop(self, size: tuple[int, int] | torch.Size) -> tuple[int, int, int, int]:
         """Rows and columns ``(top, bottom, left, right)`` that anomalib's centre crop removes from ``size``."""
         height, width = int(size[0]), int(size[1])

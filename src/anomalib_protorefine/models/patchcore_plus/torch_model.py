@@ -98,6 +98,11 @@ class PatchcorePlusModel(PatchcoreModel):
         self.online_bank: torch.Tensor
         self.register_buffer("online_bank", torch.empty(0))
 
+    @property
+    def refinement_stats(self) -> dict[str, float]:
+        """Statistics of the last refined batch (empty without a refiner or before the first batch)."""
+        return {} if self.refiner is None else dict(self.refiner.last_stats)
+
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch embeddings ``(B, h*w, c)`` of a batch of pre-processed images, and ``(h, w)``."""
         images = images.type(next(self.feature_extractor.parameters()).dtype)  # e.g. a half-precision model

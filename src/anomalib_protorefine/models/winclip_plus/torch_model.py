@@ -307,6 +307,7 @@ class WinClipPlusModel(WinClipModel):
         self.apply_transform = apply_transform
         self.k_shot = 0
         self.refiner = refiner
+        self._refinement_stats: dict[str, float] = {}
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.coreset_seed = coreset_seed
 
@@ -442,7 +443,7 @@ class WinClipPlusModel(WinClipModel):
             multi_scale_scores.append(harmonic_aggregation(scores, self.grid_size, mask))
         if self.refiner is not None:
             # One log entry per batch for all reference sets: total time, mean of the rest.
-            self.refiner.last_stats = {
+            self._refinement_stats = {
                 key: sum(s[key] for s in stats) if key == "seconds" else sum(s[key] for s in stats) / len(stats)
                 for key in stats[0]
             }
@@ -451,6 +452,14 @@ class WinClipPlusModel(WinClipModel):
     def _last_refiner_stats(self) -> dict[str, float]:
         """Statistics of the refiner's last call (empty without a refiner)."""
         return dict(self.refiner.last_stats) if self.refiner is not None else {}
+
+    @property
+    def refinement_stats(self) -> dict[str, float]:
+        """Statistics of the last refined batch, over all its reference sets: total time, mean of the rest.
+
+        Empty without a refiner or before the first refined batch.
+        """
+        return {} if self.refiner is None else dict(self._refinement_stats)
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> InferenceBatch:
