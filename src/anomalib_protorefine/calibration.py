@@ -1,7 +1,7 @@
 """Self-calibration: choose the refinement setting of a task from its k support images alone.
 
 No test image and no label is needed. Synthetic defects from the package's generator
-(:mod:`anomalib_protorefine.data.synthetic`: scratches, pits, stains) are pasted into held-out
+(:mod:`anomalib_protorefine.data.defects`: scratches, pits, stains) are pasted into held-out
 support images, and every candidate setting scores these pseudo-queries against a bank built from
 the *other* support images:
 
@@ -32,7 +32,7 @@ from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
 from torchvision.transforms.v2 import Compose, Normalize
 
-from anomalib_protorefine.data.synthetic import DEFECT_TYPES, add_defect
+from anomalib_protorefine.data.defects import DEFECT_TYPES, add_defect
 
 #: Patch scores ``(B, m)`` of pre-processed images ``(B, 3, H, W)`` against the current bank.
 Scorer = Callable[[torch.Tensor], torch.Tensor]

@@ -6,7 +6,8 @@
    once into the dataset cache folder;
 2. for every ``k`` (default 1, 2, 4): the few-shot PatchCore baseline (``PatchCorePlus`` with
    ``refiner=False``: identical code, plain nearest-neighbour scoring) and PatchCore+
-   (``refiner=True``: paper defaults Euclidean, lambda 0.3, N 10), both with the offline
+   (``refiner=True``: the default form ``"fused"``, Euclidean, lambda 0.3, N 10, each patch scored by
+   the geometric mean of its refined and nearest-neighbour distances), both with the offline
    ImageNet backbone ``tf_efficientnet_lite0`` (layers ``blocks.2`` + ``blocks.4``), evaluated with
    anomalib's :class:`~anomalib.engine.Engine` (``engine.test``; few-shot models validate first,
    which builds the memory bank from ``k`` seeded support images);

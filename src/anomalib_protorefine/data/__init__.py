@@ -1,4 +1,4 @@
-"""Data utilities: a procedurally generated, download-free industrial inspection dataset.
+"""Data utilities: a procedurally generated, download-free industrial inspection dataset and its defect painters.
 
 Example:
     >>> from anomalib_protorefine.data import CATEGORIES, synthetic_datamodule
@@ -6,10 +6,10 @@ Example:
 
 """
 
+from anomalib_protorefine.data.defects import DEFECT_TYPES, add_defect
 from anomalib_protorefine.data.synthetic import (
     CATEGORIES,
     DATASET_VERSION,
-    DEFECT_TYPES,
     default_cache_dir,
     folder_kwargs,
     generate_dataset,
@@ -20,6 +20,7 @@ __all__ = [
     "CATEGORIES",
     "DATASET_VERSION",
     "DEFECT_TYPES",
+    "add_defect",
     "default_cache_dir",
     "folder_kwargs",
     "generate_dataset",

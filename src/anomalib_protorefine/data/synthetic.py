@@ -2,7 +2,8 @@
 
 The package's demo must run few-shot anomaly detection without downloading
 anything, so this module synthesises a small dataset of textured industrial
-surfaces with realistic nuisance variation and three kinds of defects:
+surfaces with realistic nuisance variation and three kinds of defects (painted by
+:mod:`anomalib_protorefine.data.defects`):
 
 * **scratch**: a thin, curved, bright or dark line of varying length and contrast;
 * **pit**: a small dark blob with soft, slightly irregular edges;
@@ -47,14 +48,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from anomalib_protorefine.data.defects import DEFECT_TYPES, add_defect
+from anomalib_protorefine.data.noise import Array, coords, fractal_noise, gaussian_noise, smoothstep
+
 if TYPE_CHECKING:
     from anomalib.data import Folder
 
 __all__ = [
     "CATEGORIES",
     "DATASET_VERSION",
-    "DEFECT_TYPES",
-    "add_defect",
     "default_cache_dir",
     "folder_kwargs",
     "generate_dataset",
@@ -63,9 +65,6 @@ __all__ = [
 
 #: Texture categories that :func:`generate_dataset` can synthesise.
 CATEGORIES: tuple[str, ...] = ("brushed_metal", "woven_fabric", "cast_stone")
-
-#: Defect types painted onto the abnormal test images.
-DEFECT_TYPES: tuple[str, ...] = ("scratch", "pit", "stain")
 
 #: Bump whenever the generated pixels change, so that stale caches are regenerated.
 DATASET_VERSION: int = 1
@@ -77,15 +76,9 @@ _NORMAL_TEST_DIR = "test/good"
 _ABNORMAL_DIR = "test/defect"
 _MASK_DIR = "ground_truth/defect"
 _MASK_SUFFIX = "_mask"
-#: A pixel belongs to the defect mask when the defect's opacity reaches this value.
-_MASK_THRESHOLD = 0.25
-#: Minimum number of mask pixels (at 256 px, scaled with the image area) for a defect to count.
-_MIN_DEFECT_PIXELS = 12
 _MIN_IMAGE_SIZE = 64
 _MAX_IMAGE_SIZE = 2048
 _SPLIT_CODES = {"train_good": 0, "test_good": 1, "test_defect": 2}
-
-Array = np.ndarray
 
 
 # --------------------------------------------------------------------------------------
@@ -404,7 +397,7 @@ def _write_dataset(folder: Path, params: Mapping[str, Any]) -> dict[str, Any]:
             kinds.append(DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))])
         mask = np.zeros((size, size), dtype=bool)
         for kind in kinds:
-            image, defect_mask = _add_defect(kind, image, rng, category)
+            image, defect_mask = add_defect(kind, image, rng, category)
             mask |= defect_mask
         stem = f"{index:0{width}d}_{'-'.join(kinds)}"
         _save_png(_finish(image, rng), folder / _ABNORMAL_DIR / f"{stem}.png")
@@ -423,58 +416,9 @@ def _write_dataset(folder: Path, params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------------------
-# Noise primitives (vectorised, FFT based)
-# --------------------------------------------------------------------------------------
-def _freq_grid(size: int) -> tuple[Array, Array]:
-    fy = np.fft.fftfreq(size).astype(np.float32)[:, None]
-    fx = np.fft.rfftfreq(size).astype(np.float32)[None, :]
-    return fy, fx
-
-
-def _normalise(field: Array) -> Array:
-    field = field - field.mean()
-    return (field / (field.std() + 1e-8)).astype(np.float32)
-
-
-def _gaussian_noise(
-    rng: np.random.Generator, size: int, sigma_along: float, sigma_across: float, angle: float
-) -> Array:
-    """Zero-mean, unit-std noise with an anisotropic Gaussian correlation (pixels).
-
-    ``angle`` (radians) is the direction of the long correlation axis.
-    """
-    fy, fx = _freq_grid(size)
-    f_along = fx * np.cos(angle) + fy * np.sin(angle)
-    f_across = -fx * np.sin(angle) + fy * np.cos(angle)
-    transfer = np.exp(-2.0 * np.pi**2 * ((sigma_along * f_along) ** 2 + (sigma_across * f_across) ** 2))
-    white = rng.standard_normal((size, size), dtype=np.float32)
-    return _normalise(np.fft.irfft2(np.fft.rfft2(white) * transfer, s=(size, size)))
-
-
-def _fractal_noise(rng: np.random.Generator, size: int, beta: float, cutoff: float) -> Array:
-    """Zero-mean, unit-std 1/f^beta noise; ``cutoff`` (cycles/pixel) flattens the low end."""
-    fy, fx = _freq_grid(size)
-    radius = np.sqrt(fx**2 + fy**2)
-    transfer = (radius**2 + cutoff**2) ** (-beta / 2.0)
-    transfer[0, 0] = 0.0
-    white = rng.standard_normal((size, size), dtype=np.float32)
-    return _normalise(np.fft.irfft2(np.fft.rfft2(white) * transfer, s=(size, size)))
-
-
-def _coords(size: int) -> tuple[Array, Array]:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    return yy, xx
-
-
-def _smoothstep(edge0: float, edge1: float, x: Array) -> Array:
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
 def _illumination(rng: np.random.Generator, size: int, strength: float) -> Array:
     """Smooth multiplicative lighting field: gain, linear gradient and a soft vignette."""
-    yy, xx = _coords(size)
+    yy, xx = coords(size)
     u, v = xx / size - 0.5, yy / size - 0.5
     angle = rng.uniform(0, 2 * np.pi)
     gradient = (u * np.cos(angle) + v * np.sin(angle)) * rng.uniform(0.0, 2.0 * strength)
@@ -490,16 +434,16 @@ def _illumination(rng: np.random.Generator, size: int, strength: float) -> Array
 def _brushed_metal(rng: np.random.Generator, size: int) -> Array:
     scale = size / 256.0
     angle = np.deg2rad(rng.normal(0.0, 2.5))  # brushing direction jitter around horizontal
-    fine = _gaussian_noise(rng, size, 60.0 * scale, 0.55 * scale, angle)
-    medium = _gaussian_noise(rng, size, 120.0 * scale, 2.5 * scale, angle)
-    broad = _gaussian_noise(rng, size, 200.0 * scale, 12.0 * scale, angle)
-    grain = _gaussian_noise(rng, size, 0.6 * scale, 0.6 * scale, 0.0)
+    fine = gaussian_noise(rng, size, 60.0 * scale, 0.55 * scale, angle)
+    medium = gaussian_noise(rng, size, 120.0 * scale, 2.5 * scale, angle)
+    broad = gaussian_noise(rng, size, 200.0 * scale, 12.0 * scale, angle)
+    grain = gaussian_noise(rng, size, 0.6 * scale, 0.6 * scale, 0.0)
     amp = rng.uniform(0.8, 1.2)
     base = rng.uniform(0.50, 0.60)
     surface = base + amp * (0.045 * fine + 0.03 * medium + 0.02 * broad) + 0.012 * grain
 
     # Anisotropic highlight: a soft bright band across the brushing direction.
-    yy, xx = _coords(size)
+    yy, xx = coords(size)
     along = xx * np.cos(angle) + yy * np.sin(angle)
     centre = rng.uniform(0.15, 0.85) * size
     width = rng.uniform(0.25, 0.45) * size
@@ -513,10 +457,10 @@ def _woven_fabric(rng: np.random.Generator, size: int) -> Array:
     scale = size / 256.0
     period = 11.0 * scale * rng.uniform(0.97, 1.03)
     angle = np.deg2rad(rng.normal(0.0, 1.5))
-    yy, xx = _coords(size)
+    yy, xx = coords(size)
     # Low-frequency waviness of the threads.
-    warp_x = 0.12 * period * _gaussian_noise(rng, size, 40.0 * scale, 40.0 * scale, 0.0)
-    warp_y = 0.12 * period * _gaussian_noise(rng, size, 40.0 * scale, 40.0 * scale, 0.0)
+    warp_x = 0.12 * period * gaussian_noise(rng, size, 40.0 * scale, 40.0 * scale, 0.0)
+    warp_y = 0.12 * period * gaussian_noise(rng, size, 40.0 * scale, 40.0 * scale, 0.0)
     u = (xx * np.cos(angle) + yy * np.sin(angle) + warp_x) / period + rng.uniform(0, 1)
     v = (-xx * np.sin(angle) + yy * np.cos(angle) + warp_y) / period + rng.uniform(0, 1)
     iu, iv = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
@@ -533,8 +477,8 @@ def _woven_fabric(rng: np.random.Generator, size: int) -> Array:
     n_threads = 4 * int(np.ceil(size / period)) + 8
     warp_jit = rng.normal(0.0, 0.035, n_threads).astype(np.float32)[iu % n_threads]
     weft_jit = rng.normal(0.0, 0.035, n_threads).astype(np.float32)[iv % n_threads]
-    fibre_u = _gaussian_noise(rng, size, 0.5 * scale, 5.0 * scale, angle)  # fibres along the warp
-    fibre_v = _gaussian_noise(rng, size, 5.0 * scale, 0.5 * scale, angle)  # fibres along the weft
+    fibre_u = gaussian_noise(rng, size, 0.5 * scale, 5.0 * scale, angle)  # fibres along the warp
+    fibre_v = gaussian_noise(rng, size, 5.0 * scale, 0.5 * scale, angle)  # fibres along the weft
 
     warp_lum = warp_shade * (1.0 + warp_jit + 0.05 * fibre_u)
     weft_lum = weft_shade * (1.0 + weft_jit + 0.05 * fibre_v)
@@ -549,15 +493,15 @@ def _woven_fabric(rng: np.random.Generator, size: int) -> Array:
 
 def _cast_stone(rng: np.random.Generator, size: int) -> Array:
     scale = size / 256.0
-    mottling = _fractal_noise(rng, size, beta=2.2, cutoff=1.0 / (40.0 * scale))
-    fine = _gaussian_noise(rng, size, 0.7 * scale, 0.7 * scale, 0.0)
-    medium = _gaussian_noise(rng, size, 1.8 * scale, 1.8 * scale, 0.0)
+    mottling = fractal_noise(rng, size, beta=2.2, cutoff=1.0 / (40.0 * scale))
+    fine = gaussian_noise(rng, size, 0.7 * scale, 0.7 * scale, 0.0)
+    medium = gaussian_noise(rng, size, 1.8 * scale, 1.8 * scale, 0.0)
     lum = 0.6 + 0.028 * mottling + 0.035 * fine + 0.03 * medium
 
     # Aggregate grains: sparse light and dark specks with their own colour.
-    grains = _gaussian_noise(rng, size, 1.3 * scale, 1.3 * scale, 0.0)
-    light = _smoothstep(2.0, 2.8, grains)
-    dark = _smoothstep(2.2, 3.0, -_gaussian_noise(rng, size, 1.1 * scale, 1.1 * scale, 0.0))
+    grains = gaussian_noise(rng, size, 1.3 * scale, 1.3 * scale, 0.0)
+    light = smoothstep(2.0, 2.8, grains)
+    dark = smoothstep(2.2, 3.0, -gaussian_noise(rng, size, 1.1 * scale, 1.1 * scale, 0.0))
     base_rgb = np.array([0.63, 0.61, 0.57], dtype=np.float32) * rng.uniform(0.94, 1.06)
     base_rgb = base_rgb + rng.normal(0.0, 0.003, 3).astype(np.float32)
     image = lum[..., None] * (base_rgb / 0.63)
@@ -580,153 +524,3 @@ def _finish(image: Array, rng: np.random.Generator) -> Array:
     image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), sigmaX=sigma, sigmaY=sigma)
     image = image + rng.normal(0.0, 0.006, image.shape).astype(np.float32)
     return np.clip(image * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------
-# Defects: (image, rng, scale) -> (image, opacity in [0, 1])
-# --------------------------------------------------------------------------------------
-def _scratch(image: Array, rng: np.random.Generator, category: str) -> tuple[Array, Array]:
-    size = image.shape[0]
-    scale = size / 256.0
-    supersample = 4
-    length = rng.uniform(0.12, 0.55) * size
-    start = rng.uniform(0.1, 0.9, 2) * size
-    direction = rng.uniform(0, 2 * np.pi)
-    end = start + length * np.array([np.cos(direction), np.sin(direction)])
-    bend = rng.uniform(-0.35, 0.35) * length
-    control = (start + end) / 2 + bend * np.array([-np.sin(direction), np.cos(direction)])
-    t = np.linspace(0.0, 1.0, 96)[:, None]
-    curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end
-    wiggle = rng.normal(0.0, 0.25 * scale, curve.shape).cumsum(axis=0) * 0.15
-    points = (curve + wiggle) * supersample  # cv2 clips strokes that leave the canvas
-    thickness = max(
-        1, round(rng.uniform(0.9, 2.6) * (1.3 if category == "woven_fabric" else 1.0) * scale * supersample)
-    )
-    # Depth profile: fades in and out, with some variation along the stroke.
-    profile = np.sin(np.pi * t[:, 0]) ** 0.35 * rng.uniform(0.75, 1.0, len(t))
-
-    canvas = np.zeros((size * supersample, size * supersample), dtype=np.uint8)
-    pts = np.round(points).astype(np.int32)
-    for i in range(len(pts) - 1):  # ~100 strokes, not a per-pixel loop
-        level = int(255 * 0.5 * (profile[i] + profile[i + 1]))
-        cv2.line(canvas, tuple(pts[i]), tuple(pts[i + 1]), level, thickness, lineType=cv2.LINE_AA)
-    alpha = cv2.resize(canvas.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
-
-    bright = rng.random() < (0.65 if category == "brushed_metal" else 0.45)
-    contrast = rng.uniform(*_SCRATCH_CONTRAST[category])
-    delta = (1.0 if bright else -1.0) * contrast * alpha[..., None]
-    return image + delta * (1.0 - image if bright else image), alpha
-
-
-def _pit(image: Array, rng: np.random.Generator, category: str) -> tuple[Array, Array]:
-    size = image.shape[0]
-    scale = size / 256.0
-    yy, xx = _coords(size)
-    cy, cx = rng.uniform(0.08, 0.92, 2) * size
-    radius = rng.uniform(2.5, 9.0) * scale
-    aspect = rng.uniform(0.7, 1.0)
-    rot = rng.uniform(0, np.pi)
-    dy, dx = yy - cy, xx - cx
-    a = dx * np.cos(rot) + dy * np.sin(rot)
-    b = (-dx * np.sin(rot) + dy * np.cos(rot)) / aspect
-    dist = np.sqrt(a**2 + b**2)
-    phi = np.arctan2(b, a)
-    wobble = 1.0 + sum(rng.uniform(0.0, 0.12) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
-    edge = radius * wobble
-    softness = max(0.8 * scale, 0.35 * radius)
-    alpha = _smoothstep(-softness, softness, edge - dist)
-    # Shading: the side away from the light is darker inside the pit.
-    light = rng.uniform(0, 2 * np.pi)
-    shade = 1.0 - 0.35 * np.cos(phi - light) * np.clip(dist / (edge + 1e-6), 0, 1)
-    darkness = rng.uniform(0.3, 0.65)
-    factor = 1.0 - darkness * alpha * np.clip(shade, 0.0, 1.4)
-    return image * factor[..., None], alpha
-
-
-_SCRATCH_CONTRAST = {"brushed_metal": (0.15, 0.5), "woven_fabric": (0.3, 0.65), "cast_stone": (0.2, 0.5)}
-
-_STAIN_STRENGTH = {"brushed_metal": (0.07, 0.25), "woven_fabric": (0.09, 0.28), "cast_stone": (0.12, 0.3)}
-
-_STAIN_COLOURS = {
-    # Multiplicative per-channel attenuation: brown rust/oil, grey grease, yellow residue.
-    "brown": np.array([0.55, 0.8, 1.0], dtype=np.float32),
-    "grey": np.array([1.0, 1.0, 1.0], dtype=np.float32),
-    "yellow": np.array([0.05, 0.25, 1.0], dtype=np.float32),
-}
-
-
-def _stain(image: Array, rng: np.random.Generator, category: str) -> tuple[Array, Array]:
-    size = image.shape[0]
-    scale = size / 256.0
-    yy, xx = _coords(size)
-    radius = rng.uniform(10.0, 38.0) * scale
-    cy, cx = rng.uniform(0.12, 0.88, 2) * size
-    aspect = rng.uniform(0.45, 1.0)
-    rot = rng.uniform(0, np.pi)
-    dy, dx = yy - cy, xx - cx
-    a = (dx * np.cos(rot) + dy * np.sin(rot)) / radius
-    b = (-dx * np.sin(rot) + dy * np.cos(rot)) / (radius * aspect)
-    envelope = 1.0 - (a**2 + b**2)
-    blotch = _gaussian_noise(rng, size, max(2.0, radius / 4.0), max(2.0, radius / 4.0), 0.0)
-    field = envelope + 0.35 * blotch
-    alpha = _smoothstep(0.0, 0.25, field)
-    # Coffee-ring effect: slightly stronger near the boundary.
-    ring = np.exp(-(((field - 0.08) / 0.08) ** 2))
-    opacity = np.clip(alpha * (0.75 + 0.35 * ring), 0.0, 1.0)
-
-    colour = ("brown", "grey", "yellow")[int(rng.integers(3))]
-    strength = rng.uniform(*_STAIN_STRENGTH[category])
-    attenuation = 1.0 - strength * opacity[..., None] * _STAIN_COLOURS[colour]
-    return image * attenuation, alpha
-
-
-_DEFECTS: dict[str, Callable[[Array, np.random.Generator, str], tuple[Array, Array]]] = {
-    "scratch": _scratch,
-    "pit": _pit,
-    "stain": _stain,
-}
-
-
-def _add_defect(kind: str, image: Array, rng: np.random.Generator, category: str) -> tuple[Array, Array]:
-    """Paint one defect; retry (a few times) if it ends up too small to be annotated."""
-    size = image.shape[0]
-    min_pixels = max(4, round(_MIN_DEFECT_PIXELS * (size / 256.0) ** 2))
-    for _ in range(20):
-        painted, alpha = _DEFECTS[kind](image, rng, category)
-        mask = alpha >= _MASK_THRESHOLD
-        if mask.sum() >= min_pixels:
-            return painted.astype(np.float32), mask
-    msg = f"Could not place a visible {kind} defect on a {size}px image."  # pragma: no cover - practically unreachable
-    raise RuntimeError(msg)  # pragma: no cover
-
-
-def add_defect(
-    kind: str, image: Array, rng: np.random.Generator, category: str = "brushed_metal"
-) -> tuple[Array, Array]:
-    """Paint one synthetic defect of ``kind`` into a square float image ``(S, S, 3)`` in ``[0, 1]``.
-
-    Used by the generator and by self-calibration (:mod:`anomalib_protorefine.calibration`) to paste
-    defects into real support images.
-
-    Args:
-        kind: One of :data:`DEFECT_TYPES` (``"scratch"``, ``"pit"``, ``"stain"``).
-        image: Square float image, values in ``[0, 1]``.
-        rng: Random generator (the defect's position, size and appearance).
-        category: Sets the defect contrast range (``"brushed_metal"``, ``"woven_fabric"``, ``"cast_stone"``).
-
-    Returns:
-        The painted image (float32) and the defect's boolean mask ``(S, S)``.
-
-    Example:
-        >>> import numpy as np
-        >>> painted, mask = add_defect("pit", np.full((64, 64, 3), 0.5, np.float32), np.random.default_rng(0))
-        >>> painted.shape, bool(mask.any())
-        ((64, 64, 3), True)
-    """
-    if kind not in _DEFECTS:
-        msg = f"kind must be one of {', '.join(DEFECT_TYPES)}, got {kind!r}."
-        raise ValueError(msg)
-    if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3:
-        msg = f"image must be a square (S, S, 3) array, got shape {image.shape}."
-        raise ValueError(msg)
-    return _add_defect(kind, image, rng, category)

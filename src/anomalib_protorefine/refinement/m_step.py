@@ -51,7 +51,7 @@ class QueryTerms:
     def from_features(cls, features: torch.Tensor, factors: BankFactors) -> QueryTerms:
         """Compute the products for float32 query features ``(B, m, c)`` (normalised if cosine)."""
         if features.stride(-1) == 1:
-            # One fused reduction (8x faster than pow + sum, which writes a (B, m, c) temporary)...
+            # One fused reduction (faster than pow + sum, which writes a (B, m, c) temporary)...
             sq_norms = torch.linalg.vector_norm(features, dim=-1).square()
         else:
             # ...but only along contiguous channels (backbone maps are often (B, c, m) in memory).

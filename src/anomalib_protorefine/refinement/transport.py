@@ -223,7 +223,7 @@ def _exp_kernel_(log_kernel: torch.Tensor) -> torch.Tensor:
     Without the floor, a nearly deterministic plan fills the kernel (and then the plan) with
     float32 subnormals (below ``1.2e-38 = e^-87.3``), and every CPU pass over them (the exponential,
     the Sinkhorn products, the M-step's product with the plan) runs through the processor's slow
-    subnormal path: 1.7x the whole refinement's time at the paper configuration. The floor is
+    subnormal path, which slows the whole refinement severalfold (docs/benchmarks.md). The floor is
     ``e^-60 = 9e-27`` of the row's largest entry: with scalings within ``e^{+-20}`` (the solver absorbs
     larger ones) the dropped entries change a row or column sum by at most ``m e^-20 = 2e-6``
     relative (m = 1024), far below ``sinkhorn_tol`` and, in practice, below float32 rounding.

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 #: Paper defaults of the PatchCore+ refiner (Euclidean distance, lambda = 0.3, N = 10).
 PATCHCORE_PAPER_REFINER: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10, "distance": "euclidean"}
-#: The default form (docs/method.md, "Score fusion"; chosen on BSData seeds 0-4, docs/benchmarks.md): the
+#: The default form (docs/method.md, "Score fusion"; how it was chosen: docs/benchmarks.md): the
 #: paper's EM, each patch scored with the geometric mean of its refined and its nearest-neighbour distance.
 PATCHCORE_FUSED_REFINER: dict[str, Any] = {**PATCHCORE_PAPER_REFINER, "score_fusion": "geometric"}
 #: Named refiner settings of PatchCorePlus (``refiner="paper"`` etc.).
@@ -346,8 +346,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
                 "PatchCorePlus(online=True): each test image's refined prototypes join the bank used for the "
                 "next images, so scores and metrics depend on the order of the test images. anomalib's Folder "
                 "and the public data sets list the defective test images first, an order that inflates image "
-                "metrics (DeepPCB, 5 support draws: +9.3 / +8.9 / +12.1 image AUROC over PatchCore at "
-                "k = 1 / 2 / 4 in that order, +1.8 / +3.1 / +2.6 in a random one; docs/benchmarks.md). "
+                "metrics (measured in docs/benchmarks.md, few-shot benchmark, Online PatchCore+). "
                 "Compare methods in a random order (the few-shot benchmark shuffles) and treat `anomalib test` "
                 "numbers of the online mode with care."
             )
