@@ -9,7 +9,7 @@ downsamples) at batch sizes 1 and 3. The refined export runs ``sinkhorn_method="
 * the same fixed-iteration path in torch: the same arithmetic, so ``RTOL_SAME_PATH`` (1e-4 relative
   to the largest value) holds (measured: 1e-6 scores, 2e-6 maps);
 * the default test-time solver (batched, tolerance-based): a different stopping rule. Measured here
-  6e-7 (scores) and 2e-6 (maps) relative (1e-5 and 2e-5 before the issue-9 changes); the bound
+  6e-7 (scores) and 2e-6 (maps) relative; the bound
   ``RTOL_DEFAULT_SOLVER`` (1e-3) leaves room for other random draws (BSData features: 6e-5 scores,
   2e-3 maps, README "Predict and export").
 

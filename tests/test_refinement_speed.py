@@ -1,4 +1,4 @@
-"""Tests of the cheaper refinement (issue 9): each shortcut gives the plain computation's result.
+"""Tests of the refinement's shortcuts: each gives the plain computation's result.
 
 * the EM iterates on the coupling ``G W^T`` with a cost that leaves out row and column constants
   (``coupling_cost``) and forms W once: same W as the textbook EM (full cost, POT's log-domain

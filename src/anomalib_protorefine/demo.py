@@ -336,6 +336,8 @@ def write_heatmaps(
     from anomalib.data.utils import read_image, read_mask
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
+    from anomalib_protorefine.heatmaps import draw_heatmap_row
+
     samples = _defect_samples(datamodule, count)
     if not samples:
         return []
@@ -349,19 +351,12 @@ def write_heatmaps(
         mask = resize(read_mask(mask_path, as_tensor=True)[None].float(), size, InterpolationMode.NEAREST)[0]
         mask = (mask > 0.5).numpy()
         fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-        axes[0].imshow(shown)
-        axes[0].set_title(f"{Path(image_path).name}\ninput")
-        axes[1].imshow(shown)
-        axes[1].contour(mask, levels=[0.5], colors="red", linewidths=1.2)
-        axes[1].set_title("ground truth\n(mask outline)")
-        for axis, (name, label) in zip(axes[2:], (("base", "PatchCore"), ("refined", "PatchCore+")), strict=True):
-            anomaly_map, score = maps[name][0][index], maps[name][1][index]
-            axis.imshow(shown)
-            heat = axis.imshow(anomaly_map.numpy(), cmap="jet", vmin=0.0, vmax=1.0, alpha=0.5)
-            axis.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
-            axis.set_title(f"{label} (k={k})\nimage score {float(score):.2f}")
-        for axis in axes:
-            axis.axis("off")
+        panels = [
+            (f"{label} (k={k})\nimage score {float(maps[name][1][index]):.2f}", maps[name][0][index], (0.0, 1.0))
+            for name, label in (("base", "PatchCore"), ("refined", "PatchCore+"))
+        ]
+        titles = (f"{Path(image_path).name}\ninput", "ground truth\n(mask outline)")
+        heat = draw_heatmap_row(axes, shown, mask, panels, titles=titles)
         fig.colorbar(heat, ax=axes[2:].tolist(), fraction=0.025, label="normalised (0.5 = threshold)")
         path = folder / f"k{k}_{Path(image_path).stem}.png"
         fig.savefig(path, dpi=90, bbox_inches="tight")

@@ -4,7 +4,8 @@ For each dataset, on its first cell (smallest k, first seed), the first refined 
 PatchCorePlus whose ``base`` is a method too) is compared with its base:
 
 * ``heatmaps_<dataset>.png``: rows = defective test images, columns = input, ground truth, base
-  map, refined map (each method's maps share one colour scale over the shown images);
+  map, refined map (:func:`~anomalib_protorefine.heatmaps.draw_heatmap_row`, the demo's drawing;
+  each method's maps share one colour scale over the shown images);
 * ``figure7_<dataset>.png``: for one query, the transform W (patches x bank entries) as a heat
   map, and for three of its patches the top-3 prototypes (bank entries with the largest weight)
   drawn as crops of the support images they come from.
@@ -25,6 +26,8 @@ import torch
 from anomalib.data.utils import read_image
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
+
+from anomalib_protorefine.heatmaps import draw_heatmap_row
 
 from .config import BenchmarkPlan, DataSpec, MethodSpec
 from .features import CachedTestSet, feature_model_args
@@ -103,23 +106,12 @@ def heatmap_grid(
         with torch.inference_mode():
             out = model.model.score_embedding(test.embeddings[shown].to(context.device), test.grid, test.image_size)
         maps[name] = out.anomaly_map.squeeze(1).cpu()
-    base, refined = models
-    figure, axes = plt.subplots(len(shown), 4, figsize=(9, 2.2 * len(shown)), squeeze=False)
-    titles = ("input", "ground truth", base, refined)
+    # Each method's maps share one colour range over the images shown.
+    ranges = {name: (float(values.min()), float(values.max())) for name, values in maps.items()}
+    figure, axes = plt.subplots(len(shown), 2 + len(models), figsize=(9, 2.2 * len(shown)), squeeze=False)
     for row, index in enumerate(shown):
-        panels = [_image(test.paths[index], test.image_size), test.masks[index].float()]
-        panels += [maps[base][row], maps[refined][row]]
-        for col, panel in enumerate(panels):
-            axis = axes[row][col]
-            if col >= 2:
-                values = maps[titles[col]]
-                axis.imshow(panel, cmap="jet", vmin=float(values.min()), vmax=float(values.max()))
-            else:
-                axis.imshow(panel, cmap="gray" if col == 1 else None)
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(titles[col], fontsize=8)
+        panels = [(name, maps[name][row], ranges[name]) for name in models]
+        draw_heatmap_row(axes[row], _image(test.paths[index], test.image_size), test.masks[index], panels, fontsize=8)
     figure.suptitle(f"{data.label}, {k}-shot, seed {seed}", fontsize=9)
     figure.tight_layout()
     _save(figure, path)
