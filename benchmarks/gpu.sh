@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU benchmark, one prepared script (not run in the development session: no GPU was lent).
+# GPU benchmark, one prepared script: run it once on a machine with a CUDA GPU; its summary table
+# goes to docs/benchmarks.md.
 #
 #   1. CPU/GPU agreement of the scores: PatchCorePlus (lambda 0.3 and 3, both M-steps) and the
 #      PatchCore baseline on the paper configuration, WinClipPlus / plain WinCLIP (tiny CLIP);

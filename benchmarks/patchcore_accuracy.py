@@ -1,6 +1,6 @@
 """Accuracy of few-shot PatchCore vs PatchCorePlus variants on real data (BSData, DeepPCB).
 
-Every variant is scored with the *same* code path as the model (``PatchcorePlusModel.patch_scores``,
+Every variant is scored with the *same* code path as the model (``PatchCorePlusModel.patch_scores``,
 image score = max, bilinear map + Gaussian sigma 4) on the *same* seeded support draws: test
 features are extracted once per dataset, support banks once per (k, seed), then each variant
 only re-scores. Prints a table of mean +- std over seeds per (dataset, k, variant).

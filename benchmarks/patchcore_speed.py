@@ -99,7 +99,7 @@ def _peak(device: torch.device) -> int:
 
 def _previous_scores(refiner: PrototypeRefiner, result: Any) -> torch.Tensor:
     """The scoring before this change: one (B, m, m) block of distances, then its row minima."""
-    weights, terms = result.weights, result.terms
+    weights, terms = result.transform, result.terms
     proto_sq = ((weights @ result.factors.gram) * weights).sum(-1)
     dots = terms.cross @ weights.transpose(1, 2)
     return refiner._distance(dots, terms.sq_norms[..., None], proto_sq[:, None, :], cosine=False).amin(-1)

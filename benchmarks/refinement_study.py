@@ -1,4 +1,4 @@
-r"""Study of refinement forms against plain few-shot PatchCore on real data (issue: refinement that pays).
+r"""Study of refinement forms against plain few-shot PatchCore on real data (does refinement pay?).
 
 For every (dataset, k, seed) the support bank is built once (seeded draw, seeded coreset: the exact
 bank ``PatchCorePlus`` builds), and every refiner configuration is run once per test batch; from

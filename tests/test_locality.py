@@ -58,10 +58,10 @@ def test_initial_weights_are_the_local_ridge_projection(affine: bool) -> None:
     queries, bank = _data()
     result = PrototypeRefiner(neighbors=5, affine=affine, transport=False).refine(queries, bank)
     expected = _local_minimiser64(queries, bank, torch.zeros_like(queries), 0.0, result.factors.ridge, 5, affine)
-    torch.testing.assert_close(result.weights.double(), expected, rtol=1e-4, atol=1e-5)
-    assert (result.weights != 0).sum(-1).max() <= 5
+    torch.testing.assert_close(result.transform.double(), expected, rtol=1e-4, atol=1e-5)
+    assert (result.transform != 0).sum(-1).max() <= 5
     if affine:
-        torch.testing.assert_close(result.weights.sum(-1), torch.ones(B, M), rtol=0, atol=1e-5)
+        torch.testing.assert_close(result.transform.sum(-1), torch.ones(B, M), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("affine", [False, True])
@@ -101,7 +101,7 @@ def test_neighbours_covering_the_bank_give_the_global_refinement() -> None:
     queries, bank = _data(3)
     whole = PrototypeRefiner(num_iterations=3).refine(queries, bank)
     local = PrototypeRefiner(num_iterations=3, neighbors=N).refine(queries, bank)  # K >= n: the paper's form
-    torch.testing.assert_close(local.weights, whole.weights)
+    torch.testing.assert_close(local.transform, whole.transform)
 
 
 def test_locality_keeps_an_outlier_far_from_its_prototype() -> None:
@@ -120,11 +120,11 @@ def test_locality_keeps_an_outlier_far_from_its_prototype() -> None:
 def test_gradient_m_step_keeps_weights_on_the_neighbours() -> None:
     queries, bank = _data(5)
     result = PrototypeRefiner(neighbors=4, m_step="gradient", num_iterations=2).refine(queries, bank)
-    assert (result.weights != 0).sum(-1).max() <= 4
+    assert (result.transform != 0).sum(-1).max() <= 4
     factors = result.factors
     terms = QueryTerms.from_features(queries, factors)
     mask = LocalClosedFormStep(terms, factors, 0.3, 4, affine=False).mask
-    moved = gradient_step(result.weights, terms, factors, result.plan, 0.3, "sgd", 1.0, 3, mask)
+    moved = gradient_step(result.transform, terms, factors, result.plan, 0.3, "sgd", 1.0, 3, mask)
     assert ((moved != 0) <= mask).all()
 
 

@@ -27,7 +27,7 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from lightning.pytorch import Trainer, seed_everything
 
 from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
-from anomalib_protorefine.models import PatchcorePlusModel
+from anomalib_protorefine.models import PatchCorePlusModel
 from anomalib_protorefine.models.patchcore_plus.torch_model import BilinearAnomalyMapGenerator
 
 LITE0 = "tf_efficientnet_lite0"
@@ -256,7 +256,7 @@ def parity(quick_synthetic_root: Path) -> dict[str, object]:
     data = quick_synthetic_root / "brushed_metal"
     support = preprocessed(sorted((data / "train" / "good").glob("*.png"))[:2])
     images = preprocessed([*sorted((data / "test" / "defect").glob("*.png"))[:2], data / "test" / "good" / "000.png"])
-    ours = PatchcorePlusModel(backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=None).eval()
+    ours = PatchCorePlusModel(backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=None).eval()
     embedding, _ = ours.embed(support)
     ours.build_bank(embedding.reshape(-1, embedding.shape[-1]), 0.1)
     upstream = PatchcoreModel(backbone=LITE0, layers=list(LAYERS), pre_trained=False, num_neighbors=1).eval()
@@ -304,7 +304,7 @@ def test_baseline_reproduces_upstream_patchcore(parity: dict[str, object]) -> No
 
 def test_refined_scores_differ_and_image_score_is_max_patch_score(parity: dict[str, object]) -> None:
     ours, images = parity["ours"], parity["images"]
-    refined = PatchcorePlusModel(backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=PrototypeRefiner()).eval()
+    refined = PatchCorePlusModel(backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=PrototypeRefiner()).eval()
     refined.memory_bank = ours.memory_bank.clone()
     embedding, _ = refined.embed(images)
     baseline_scores = ours.patch_scores(embedding)
@@ -674,7 +674,7 @@ def test_online_bank_grows_bounded_and_changes_later_scores() -> None:
             model.model(queries)
     assert grown > 0
     assert model.model.online_bank.shape[0] == 30  # bounded by online_capacity, oldest dropped
-    assert model.model.scoring_bank().shape[0] == model.model.memory_bank.shape[0] + 30
+    assert model.model.reference_bank().shape[0] == model.model.memory_bank.shape[0] + 30
     assert not torch.equal(first, second)  # later queries see the grown bank
 
 
@@ -713,7 +713,7 @@ def test_bf16_autocast_scores_match_float32(parity: dict[str, object], refined: 
     (about 1%); scoring the same features must not change at all.
     """
     ours, images = parity["ours"], parity["images"]
-    model = PatchcorePlusModel(
+    model = PatchCorePlusModel(
         backbone=LITE0, layers=LAYERS, pre_trained=True, refiner=PrototypeRefiner() if refined else None
     ).eval()
     model.memory_bank = ours.memory_bank.clone()

@@ -220,7 +220,7 @@ def test_without_ot_gives_ridge_projection(distance: str, config: dict) -> None:
     queries64, bank64 = _prepare(queries, bank, distance)
     weights64 = _ridge_weights64(queries64, bank64, _rho(bank64, 1e-3))
     assert _rel(result.prototypes, weights64 @ bank64) < 1e-4
-    assert _rel(result.weights, weights64) < 1e-3
+    assert _rel(result.transform, weights64) < 1e-3
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -331,7 +331,7 @@ def test_auto_solver_matches_pot_refinement(distance: str, lambda_: float) -> No
     pot = PrototypeRefiner(distance=distance, lambda_=lambda_, sinkhorn_tol=tol, sinkhorn_method="sinkhorn_log")
     reference = pot.refine(queries, bank)
     assert float((batched.plan - reference.plan).abs().sum((-1, -2)).max()) < 1e-3
-    assert _rel(batched.weights, reference.weights) < 1e-3
+    assert _rel(batched.transform, reference.transform) < 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -346,7 +346,7 @@ def test_batch_equals_single_runs(m_step: str, distance: str) -> None:
     batched_scores = refiner.score_result(batched)
     for index in range(B):
         single = PrototypeRefiner(m_step=m_step, distance=distance).refine(queries[index : index + 1], bank)
-        torch.testing.assert_close(batched.weights[index], single.weights[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched.transform[index], single.transform[0], rtol=1e-5, atol=1e-6)
         # The batched Sinkhorn runs the same iterations; only float32 rounding of the batched products differs.
         torch.testing.assert_close(batched.plan[index], single.plan[0], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(batched_scores[index], refiner.score_result(single)[0], rtol=1e-5, atol=1e-6)
@@ -361,7 +361,7 @@ def test_deterministic(m_step: str) -> None:
     runs.append(PrototypeRefiner(m_step=m_step, scoring_bank="union").refine(queries, bank))
     first = runs[0]
     for other in runs[1:]:
-        assert torch.equal(other.weights, first.weights)
+        assert torch.equal(other.transform, first.transform)
         assert torch.equal(other.plan, first.plan)
         assert torch.equal(other.prototypes, first.prototypes)
         assert torch.equal(refiner.score_result(other), refiner.score_result(first))
@@ -373,7 +373,7 @@ def test_deterministic(m_step: str) -> None:
 
 
 def _assert_finite(result: RefinementResult, scores: torch.Tensor) -> None:
-    for name, tensor in (("weights", result.weights), ("prototypes", result.prototypes), ("scores", scores)):
+    for name, tensor in (("weights", result.transform), ("prototypes", result.prototypes), ("scores", scores)):
         assert torch.isfinite(tensor).all(), name
     if result.plan is not None:
         assert torch.isfinite(result.plan).all()
@@ -565,13 +565,13 @@ def test_inference_mode(m_step: str, optimizer: str) -> None:
         assert queries_inf.is_inference()
         inside = refiner.refine(queries_inf, bank_inf)
         scores_inside = refiner.score_result(inside)
-    torch.testing.assert_close(inside.weights, outside.weights, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(inside.transform, outside.transform, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(inside.plan, outside.plan, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(scores_inside, refiner.score_result(outside), rtol=1e-6, atol=1e-7)
     # Factors cached under inference mode are reused outside it (same bank) without error.
     again = refiner.refine(queries, bank_inf)
     assert again.factors is inside.factors
-    torch.testing.assert_close(again.weights, outside.weights, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(again.transform, outside.transform, rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -667,7 +667,7 @@ def test_em_tol_stops_early() -> None:
     single = PrototypeRefiner(em_tol=1e-2, num_iterations=10).refine(queries[:1], bank)
     truncated = PrototypeRefiner(num_iterations=int(single.stats["em_iterations"])).refine(queries[:1], bank)
     assert single.stats["em_iterations"] < 10
-    assert torch.equal(single.weights, truncated.weights)
+    assert torch.equal(single.transform, truncated.transform)
     assert torch.equal(single.plan, truncated.plan)
 
 
@@ -713,7 +713,7 @@ def test_bank_factor_cache(inference: bool) -> None:
     bank64 = bank.double()
     torch.testing.assert_close(third.factors.gram.double(), bank64 @ bank64.T, rtol=1e-6, atol=1e-4)
     fresh = PrototypeRefiner().refine(queries, bank.clone())
-    torch.testing.assert_close(third.weights, fresh.weights)
+    torch.testing.assert_close(third.transform, fresh.transform)
     # The cache is keyed by the options that enter the factors, too.
     assert PrototypeRefiner(lambda_=1.0).bank_factors(bank) is not refiner.bank_factors(bank)
 
@@ -781,7 +781,7 @@ def test_callback_logs_statistics(hook: str) -> None:
     assert result.stats["sinkhorn_iterations"] > 0
     assert result.stats["ot_cost"] > 0
     queries64, bank64 = queries.double(), bank.double()
-    expected_objective = _objective64(result.weights, queries64, bank64, result.plan, 0.3, _rho(bank64, 1e-3))
+    expected_objective = _objective64(result.transform, queries64, bank64, result.plan, 0.3, _rho(bank64, 1e-3))
     assert result.stats["objective"] == pytest.approx(float(expected_objective.mean()), rel=1e-5)
 
 
@@ -857,8 +857,8 @@ def test_chunked_scoring_is_exact(monkeypatch: pytest.MonkeyPatch, distance: str
     result = refiner.refine(queries, bank)
     whole = refiner.score_result(result)
     # Reference: the previous scoring, one (B, m, m) block of distances and its row minima.
-    proto_sq = (result.weights @ result.factors.gram * result.weights).sum(-1)
-    dots = result.terms.cross @ result.weights.transpose(1, 2)
+    proto_sq = (result.transform @ result.factors.gram * result.transform).sum(-1)
+    dots = result.terms.cross @ result.transform.transpose(1, 2)
     sq = result.terms.sq_norms
     one_block = refiner._distance(dots, sq[..., None], proto_sq[:, None, :], cosine=distance == "cosine").amin(-1)
     if scoring_bank == "union":

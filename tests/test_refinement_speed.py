@@ -77,7 +77,7 @@ def test_coupling_em_equals_textbook_em(n: int, lambda_: float) -> None:
         plan = torch.stack([solve_plan(c.double(), epsilon, "sinkhorn_log", 20000, 1e-7)[0] for c in cost]).float()
         weights = step(plan)[0]
     assert float((result.plan - plan).abs().sum((-1, -2)).max()) < 1e-3
-    torch.testing.assert_close(result.weights, weights, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(result.transform, weights, rtol=1e-3, atol=1e-4)
 
 
 def test_coupling_is_the_weighted_gram_and_cost_differs_by_constants() -> None:
@@ -132,7 +132,7 @@ def test_refined_plans_and_weights_have_no_subnormals() -> None:
     queries, bank = _data()
     result = PrototypeRefiner(lambda_=3.0, epsilon=0.01).refine(queries, bank)
     assert _subnormals(result.plan) == 0
-    assert _subnormals(result.weights) == 0
+    assert _subnormals(result.transform) == 0
 
 
 @pytest.mark.parametrize("lambda_", [0.0, 0.3, 3.0])

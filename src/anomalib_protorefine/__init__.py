@@ -21,7 +21,7 @@ _EXPORTS = {
     "AnomalyDINOPlus": "anomalib_protorefine.models",
     "AnomalyDINOPlusModel": "anomalib_protorefine.models",
     "PatchCorePlus": "anomalib_protorefine.models",
-    "PatchcorePlusModel": "anomalib_protorefine.models",
+    "PatchCorePlusModel": "anomalib_protorefine.models",
     "WinClipPlus": "anomalib_protorefine.models",
     "WinClipPlusModel": "anomalib_protorefine.models",
     "PrototypeRefiner": "anomalib_protorefine.refinement",
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
         AnomalyDINOPlus,
         AnomalyDINOPlusModel,
         PatchCorePlus,
-        PatchcorePlusModel,
+        PatchCorePlusModel,
         WinClipPlus,
         WinClipPlusModel,
     )
@@ -76,9 +76,18 @@ def config_path(name: str | None = None) -> Path:
     return path
 
 
+#: Old public names (old -> new), still served with a ``FutureWarning``.
+_RENAMED = {"PatchcorePlusModel": "PatchCorePlusModel"}
+
+
 def __getattr__(name: str) -> Any:
-    """Import public names lazily (PEP 562)."""
+    """Import public names lazily (PEP 562); old names of renamed ones warn."""
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _RENAMED:
+        from ._deprecation import warn_renamed
+
+        warn_renamed(f"anomalib_protorefine.{name}", _RENAMED[name])
+        return __getattr__(_RENAMED[name])
     msg = f"module 'anomalib_protorefine' has no attribute {name!r}"
     raise AttributeError(msg)

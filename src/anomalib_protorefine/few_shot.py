@@ -197,7 +197,7 @@ def load_images(paths: Sequence[str | Path], transform: Callable[[torch.Tensor],
     return torch.stack(images)
 
 
-def _normal_paths(dataset: object) -> list[str]:
+def normal_paths(dataset: object) -> list[str]:
     """Sorted paths of the normal images of an anomalib dataset."""
     samples = getattr(dataset, "samples", None)
     if samples is None:
@@ -210,7 +210,7 @@ def _normal_paths(dataset: object) -> list[str]:
 
 def drawn_support_paths(dataset: object, k_shot: int, seed: int) -> tuple[str, ...]:
     """The files of the k normal images that ``seed`` draws from an anomalib dataset (sorted pool, seeded pick)."""
-    pool = _normal_paths(dataset)
+    pool = normal_paths(dataset)
     return tuple(pool[i] for i in select_indices(len(pool), k_shot, seed))
 
 

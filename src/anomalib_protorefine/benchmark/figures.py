@@ -133,7 +133,7 @@ def figure7(
     with torch.inference_mode():
         result = model.model.refiner.refine(test.embeddings[query : query + 1].to(context.device), bank)
         scores = model.model.refiner.score_result(result)[0].cpu()
-        weights = result.weights[0].cpu()
+        weights = result.transform[0].cpu()
         paths = list(model.support_paths)
         support = torch.stack([model.pre_processor.transform(read_image(p, as_tensor=True)) for p in paths])
         embedding, _ = model.model.embed(support.to(context.device))

@@ -30,7 +30,7 @@ from anomalib.pipelines import Benchmark
 from anomalib.pipelines.components.base import Runner
 from jsonargparse import ArgumentParser, Namespace
 
-from anomalib_protorefine.few_shot import _normal_paths
+from anomalib_protorefine.few_shot import normal_paths
 
 from .config import BenchmarkConfigError, BenchmarkPlan, describe, plan_from_config
 from .features import make_datamodule
@@ -86,7 +86,7 @@ def preflight(plan: BenchmarkPlan, echo: Any = print) -> BenchmarkPlan:
         except Exception as error:
             msg = f"dataset {data.label!r} cannot be built from {data.config}: {type(error).__name__}: {error}"
             raise BenchmarkConfigError(msg) from error
-        pool = len(_normal_paths(datamodule.train_data))
+        pool = len(normal_paths(datamodule.train_data))
         if max(plan.k_shots) > pool:
             msg = (
                 f"dataset {data.label!r} has {pool} normal training image(s) but k_shot goes up to "

@@ -5,15 +5,21 @@ Importing this module registers the models with anomalib: they are direct subcla
 ``"AnomalyDINOPlus"``) and the ``anomalib`` CLI find them.
 """
 
+from anomalib_protorefine._deprecation import renamed_names
+
 from .anomaly_dino_plus import AnomalyDINOPlus, AnomalyDINOPlusModel
-from .patchcore_plus import PatchCorePlus, PatchcorePlusModel
+from .patchcore_plus import PatchCorePlus, PatchCorePlusModel
 from .winclip_plus import WinClipPlus, WinClipPlusModel
 
 __all__ = [
     "AnomalyDINOPlus",
     "AnomalyDINOPlusModel",
     "PatchCorePlus",
-    "PatchcorePlusModel",
+    "PatchCorePlusModel",
     "WinClipPlus",
     "WinClipPlusModel",
 ]
+
+
+#: Old public names, still served with a ``FutureWarning``.
+__getattr__ = renamed_names(__name__, {"PatchcorePlusModel": "PatchCorePlusModel"}, globals())

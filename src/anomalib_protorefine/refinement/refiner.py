@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_protorefine._deprecation import warn_renamed
+
 from .bank import BankFactors, bank_key
 from .m_step import (
     ClosedFormStep,
@@ -72,14 +74,14 @@ class RefinementResult:
     """Output of :meth:`PrototypeRefiner.refine`.
 
     Attributes:
-        weights: Transform matrices ``W``, ``(B, m, n)``.
+        transform: Transform matrices ``W``, ``(B, m, n)`` (the refined prototypes are ``W M``).
         plan: Transport plans ``T``, ``(B, n, m)``, or ``None`` when ``transport=False``.
         terms: Query products ``F M^T`` and ``||F||^2`` used for scoring.
         factors: The bank factors.
         stats: Refinement statistics (iterations, OT cost, objective, seconds).
     """
 
-    weights: torch.Tensor
+    transform: torch.Tensor
     plan: torch.Tensor | None
     terms: QueryTerms
     factors: BankFactors
@@ -88,7 +90,13 @@ class RefinementResult:
     @property
     def prototypes(self) -> torch.Tensor:
         """Refined prototypes ``P = W M``, ``(B, m, c)`` (in the normalised space for cosine)."""
-        return self.weights @ self.factors.bank
+        return self.transform @ self.factors.bank
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Deprecated name of :attr:`transform` (``weights=`` names a backbone's weights file elsewhere)."""
+        warn_renamed("RefinementResult.weights", "RefinementResult.transform")
+        return self.transform
 
 
 class PrototypeRefiner(nn.Module):
@@ -122,7 +130,7 @@ class PrototypeRefiner(nn.Module):
         >>> import torch
         >>> refiner = PrototypeRefiner(distance="cosine", lambda_=0.1)
         >>> result = refiner.refine(torch.randn(1, 9, 4), torch.randn(6, 4))
-        >>> result.plan.shape, result.weights.shape
+        >>> result.plan.shape, result.transform.shape
         (torch.Size([1, 6, 9]), torch.Size([1, 9, 6]))
     """
 
@@ -414,7 +422,7 @@ class PrototypeRefiner(nn.Module):
             else:
                 sinkhorn_iterations = int(warm_start.iterations.sum())
         if exporting:  # statistics are Python floats of the data: not part of a static graph
-            return RefinementResult(weights=weights, plan=plan, terms=terms, factors=factors)
+            return RefinementResult(transform=weights, plan=plan, terms=terms, factors=factors)
         transport = None
         if plan is not None and weighted_gram is not None:
             # <C, T> from the marginals: sum_i |M_i|^2 T_i. + sum_j |p_j|^2 T_.j - 2 <W G, T^T>.
@@ -432,7 +440,7 @@ class PrototypeRefiner(nn.Module):
             "seconds": time.perf_counter() - start,
         }
         self.last_stats = stats
-        return RefinementResult(weights=weights, plan=plan, terms=terms, factors=factors, stats=stats)
+        return RefinementResult(transform=weights, plan=plan, terms=terms, factors=factors, stats=stats)
 
     def _e_step(
         self,
@@ -545,7 +553,7 @@ class PrototypeRefiner(nn.Module):
         prototypes chosen by ``scoring_bank``. With ``score_fusion="geometric"`` the result is the
         geometric mean of that distance and the distance to the nearest prototype of the original bank.
         """
-        terms, factors, weights = result.terms, result.factors, result.weights
+        terms, factors, weights = result.terms, result.factors, result.transform
         proto_sq = prototype_sq_norms(weights, factors.gram)  # (B, m)
         cosine = self.options.distance == "cosine"
         mode = self.options.scoring_bank

@@ -65,7 +65,8 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
         sampling_ratio: Coreset ratio when ``coreset_subsampling`` (anomalib: 0.1).
         precision: ``"float32"`` or ``"float16"`` (as anomalib's AnomalyDINO).
         pre_trained: Load pretrained encoder weights: ``weights`` first, then the hub (with an error
-            naming the offline fixes); ``False`` keeps a random initialisation (tests).
+            naming the offline fixes); ``False`` keeps a random initialisation (tests). Spelled as
+            anomalib's ``Patchcore(pre_trained=...)`` (and PatchCorePlus) for the same meaning.
         weights: Local state-dict file of timm's full ``encoder_name`` model (air-gapped machines).
         k_shot: Number of normal support images, or ``None`` for anomalib's behaviour (the bank
             from every training image, built by ``Engine.fit``).

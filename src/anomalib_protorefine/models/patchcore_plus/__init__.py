@@ -1,6 +1,12 @@
 """PatchCore+: few-shot PatchCore with test-time prototype refinement (see README.md beside this file)."""
 
-from .lightning_model import PatchCorePlus
-from .torch_model import PatchcorePlusModel
+from anomalib_protorefine._deprecation import renamed_names
 
-__all__ = ["PatchCorePlus", "PatchcorePlusModel"]
+from .lightning_model import PatchCorePlus
+from .torch_model import PatchCorePlusModel
+
+__all__ = ["PatchCorePlus", "PatchCorePlusModel"]
+
+
+#: Old public names, still served with a ``FutureWarning``.
+__getattr__ = renamed_names(__name__, {"PatchcorePlusModel": "PatchCorePlusModel"}, globals())

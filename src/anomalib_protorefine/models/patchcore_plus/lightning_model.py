@@ -46,7 +46,7 @@ from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
-from .torch_model import PatchcorePlusModel
+from .torch_model import PatchCorePlusModel
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
             with the ``offline`` extra.
         layers: Backbone layers. Paper: ``("layer2", "layer3")``.
         pre_trained: Use pretrained backbone weights (explicit file, then installed package, then hub).
+            Spelled as anomalib's ``Patchcore(pre_trained=...)``, which it wraps.
         weights: Local backbone state-dict file (for air-gapped machines).
         coreset_sampling_ratio: Coreset ratio alpha of the support features (paper: 0.05).
         k_shot: Number of normal support images, or ``None`` for classic full-shot PatchCore
@@ -235,7 +236,7 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         )
         if pre_processor is True:
             self.pre_processor = self.configure_pre_processor(backbone=backbone)
-        self.model: PatchcorePlusModel = PatchcorePlusModel(
+        self.model: PatchCorePlusModel = PatchCorePlusModel(
             layers=layers,
             backbone=backbone,
             pre_trained=pre_trained,

@@ -11,8 +11,8 @@ Pure torch (plus POT inside the refiner), no Lightning logic. Compared with the 
 
 Example:
     >>> import torch
-    >>> from anomalib_protorefine.models.patchcore_plus.torch_model import PatchcorePlusModel
-    >>> model = PatchcorePlusModel(backbone="resnet18", layers=("layer2",), pre_trained=False).eval()
+    >>> from anomalib_protorefine.models.patchcore_plus.torch_model import PatchCorePlusModel
+    >>> model = PatchCorePlusModel(backbone="resnet18", layers=("layer2",), pre_trained=False).eval()
     >>> model.memory_bank = torch.randn(20, 128)
     >>> out = model(torch.rand(1, 3, 64, 64))
     >>> out.anomaly_map.shape
@@ -31,6 +31,7 @@ from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_protorefine._deprecation import renamed_names, warn_renamed
 from anomalib_protorefine.backbones import build_feature_extractor
 from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.refinement import PrototypeRefiner
@@ -57,7 +58,7 @@ class BilinearAnomalyMapGenerator(AnomalyMapGenerator):
         return self.blur(patch_scores)
 
 
-class PatchcorePlusModel(PatchcoreModel):
+class PatchCorePlusModel(PatchcoreModel):
     """PatchCore with per-query prototype refinement.
 
     Args:
@@ -113,11 +114,16 @@ class PatchcorePlusModel(PatchcoreModel):
         batch_size, channels, height, width = embedding.shape
         return embedding.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels), (height, width)
 
-    def scoring_bank(self) -> torch.Tensor:
-        """The bank queries are refined against: support coreset plus the online bank."""
+    def reference_bank(self) -> torch.Tensor:
+        """The bank queries are refined against and scored on: support coreset plus the online bank."""
         if self.online and self.online_bank.numel():
             return torch.cat((self.memory_bank, self.online_bank.to(self.memory_bank.dtype)))
         return self.memory_bank
+
+    def scoring_bank(self) -> torch.Tensor:
+        """Deprecated name of :meth:`reference_bank` (``scoring_bank`` is also a refiner option)."""
+        warn_renamed("PatchCorePlusModel.scoring_bank()", "PatchCorePlusModel.reference_bank()")
+        return self.reference_bank()
 
     @contextlib.contextmanager
     def exporting(self, sinkhorn_iterations: int | None = None) -> Iterator[None]:
@@ -147,7 +153,7 @@ class PatchcorePlusModel(PatchcoreModel):
                 "a model with online=False, or use --export_type torch."
             )
             raise ValueError(msg)
-        with self.refiner.exporting(self.scoring_bank(), sinkhorn_iterations):
+        with self.refiner.exporting(self.reference_bank(), sinkhorn_iterations):
             yield
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -164,7 +170,7 @@ class PatchcorePlusModel(PatchcoreModel):
                 flat = embedding.reshape(-1, channels).to(self.memory_bank.dtype)
                 scores, _ = self.nearest_neighbors(flat, n_neighbors=1)
                 return scores.reshape(batch_size, num_patches).to(dtype)
-            bank = self.scoring_bank()
+            bank = self.reference_bank()
             result = self.refiner.refine(embedding, bank)
             if self.online:
                 self._grow_online_bank(result.prototypes.to(bank.dtype))
@@ -226,7 +232,7 @@ class PatchcorePlusModel(PatchcoreModel):
         """Image scores (max patch score) and anomaly maps (bilinear, blurred) of patch scores ``(B, h*w)``.
 
         Example:
-            >>> model = PatchcorePlusModel(backbone="resnet18", layers=("layer2",), pre_trained=False)
+            >>> model = PatchCorePlusModel(backbone="resnet18", layers=("layer2",), pre_trained=False)
             >>> model.outputs_from_patch_scores(torch.rand(2, 16), (4, 4), (32, 32)).anomaly_map.shape
             torch.Size([2, 1, 32, 32])
         """
@@ -252,3 +258,7 @@ class PatchcorePlusModel(PatchcoreModel):
         """
         self.memory_bank = seeded_coreset(embeddings, sampling_ratio, seed)
         self.online_bank = torch.empty(0, device=self.memory_bank.device)
+
+
+#: Old public names, still served with a ``FutureWarning``.
+__getattr__ = renamed_names(__name__, {"PatchcorePlusModel": "PatchCorePlusModel"}, globals())

@@ -72,7 +72,9 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         backbone: open_clip model name (WinCLIP: ``"ViT-B-16-plus-240"``) or the path of an
             open_clip model-config JSON.
         pretrained: open_clip tag (``"laion400m_e31"``), the path of a local checkpoint file (for
-            offline machines), or ``None`` for random weights.
+            offline machines), or ``None`` for random weights. Spelled as open_clip's
+            ``create_model(pretrained=...)``, which it is passed to (a tag, not the boolean
+            ``pre_trained`` of PatchCorePlus and AnomalyDINOPlus).
         coreset_sampling_ratio: Coreset ratio alpha of each reference set before refinement
             (paper: 0.5 MVTec, 0.3 VisA, 0.2 MPDD).
         refiner: ``True`` or ``"paper"`` (paper defaults: cosine, lambda 0.1, N 10), ``False`` or
