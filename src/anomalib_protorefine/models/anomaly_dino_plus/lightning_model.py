@@ -21,20 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType, PrecisionType
-from anomalib.data import Batch
+from anomalib import PrecisionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.models.image.anomaly_dino.lightning_model import AnomalyDINO
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_protorefine.backbones import IMAGENET_MEAN, IMAGENET_STD
 from anomalib_protorefine.few_shot import check_support_images, validate_few_shot_source, validate_support_options
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.models.memory_bank import FewShotMemoryBankMixin
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -54,7 +53,7 @@ DINO_DEFAULT_PRESET = "fused"
 DINO_DEFAULT_REFINER: bool | str = "off"
 
 
-class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
+class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
     """AnomalyDINO (anomalib 2.7) with seeded k-shot support, offline weights and optional prototype refinement.
 
     Args:
@@ -218,59 +217,6 @@ class AnomalyDINOPlus(RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
         self.model.embedding_store.clear()
         self.model.build_bank(embeddings, seed=self.few_shot_seed)
         self._is_fitted = torch.tensor([True], device=self.device)
-
-    def _reset_support(self) -> None:
-        """Empty the memory bank and the support list: a support-defining option changed."""
-        device = self.model.memory_bank.device
-        self.model.memory_bank = torch.empty(0, device=device, dtype=self.model.memory_bank.dtype)
-        self.model.embedding_store.clear()
-        self.support_paths = ()
-        self._is_fitted = torch.tensor([False], device=device)
-
-    # ------------------------------------------------------------------ steps
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:  # noqa: ANN002, ANN003
-        """Full-shot: collect embeddings (as anomalib). Few-shot: nothing (the bank comes from k images)."""
-        del args, kwargs
-        if self.k_shot:
-            return None
-        self.model(batch.image)
-        return torch.tensor(0.0, requires_grad=True, device=self.device)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Anomalib's AnomalyDINO arguments; few-shot runs a single (skipped) training batch."""
-        arguments = dict(super().trainer_arguments)
-        if self.k_shot:
-            arguments["limit_train_batches"] = 1
-        return arguments
-
-    @property
-    def learning_type(self) -> LearningType:
-        """``FEW_SHOT`` with ``k_shot`` (anomalib then validates before testing), else ``ONE_CLASS``."""
-        return LearningType.FEW_SHOT if self.k_shot else LearningType.ONE_CLASS
-
-    # ------------------------------------------------------------------ export
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        sinkhorn_iterations: int | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Export to ONNX (also the first step of ``to_openvino``) with the bank and any refinement in the graph.
-
-        As :meth:`PatchCorePlus.to_onnx <anomalib_protorefine.PatchCorePlus.to_onnx>`: the bank is built from
-        ``few_shot_source`` first when there is none; opset 18 by default.
-
-        Raises:
-            ValueError: ``masking=True`` (scikit-learn's PCA cannot be exported) or an empty bank.
-        """
-        kwargs.setdefault("opset_version", 18)
-        if not self.model.memory_bank.numel() and self.few_shot_source is not None:
-            self._ensure_ready()
-        with self.model.exporting(sinkhorn_iterations):
-            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     refiner_presets = DINO_REFINER_PRESETS

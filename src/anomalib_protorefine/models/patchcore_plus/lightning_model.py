@@ -24,13 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
-from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
@@ -43,6 +40,7 @@ from anomalib_protorefine.few_shot import (
     validate_support_options,
 )
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.models.memory_bank import FewShotMemoryBankMixin
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -151,7 +149,7 @@ def validate_online_options(online: bool, online_capacity: int | None) -> None:
         raise ValueError(msg)
 
 
-class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
+class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
     """PatchCore+ (paper Sec. 5.1): few-shot PatchCore whose prototypes are refined per query.
 
     Args:
@@ -415,82 +413,13 @@ class PatchCorePlus(RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
         return grid
 
     def _reset_support(self) -> None:
-        """Empty the memory bank (and the online bank) and the support list: a support-defining option changed."""
-        device = self.model.memory_bank.device
-        self.model.memory_bank = torch.empty(0, device=device)
-        self.model.online_bank = torch.empty(0, device=device)
-        self.model.embedding_store.clear()
-        self.support_paths = ()
-        self._is_fitted = torch.tensor([False], device=device)
+        """Empty the memory bank, the online bank and the support list: a support-defining option changed."""
+        super()._reset_support()
+        self.model.online_bank = torch.empty(0, device=self.model.memory_bank.device)
 
     def fit(self) -> None:
         """Build the memory bank (called by anomalib at the end of the training epoch)."""
         self._ensure_ready()
-
-    # ------------------------------------------------------------------ export
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        sinkhorn_iterations: int | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Export to ONNX (also the first step of ``to_openvino``), with the refinement in the graph.
-
-        The graph holds pre-processing (with the antialiased resize), backbone, refinement, scoring and
-        post-processing, for any batch size (and any image size when ``input_size`` is ``None``). Without
-        a memory bank (no checkpoint) the bank is built from ``few_shot_source`` first. The
-        refiner runs in its static form (:meth:`PrototypeRefiner.exporting`): all EM iterations, a fixed
-        number of log-domain Sinkhorn iterations per E-step, closed-form M-step. The default opset is 18
-        (the first with an antialiased ``Resize``).
-
-        Args:
-            export_root: Folder of the export (the file goes to ``weights/onnx/<model_file_name>.onnx``).
-            model_file_name: File name without suffix.
-            input_size: Static ``(H, W)`` of the input, or ``None`` for dynamic height and width.
-            sinkhorn_iterations: Sinkhorn iterations per E-step in the graph (``None``: the refiner's
-                ``sinkhorn_max_iter`` if it uses ``sinkhorn_method="fixed"``, else
-                :data:`~anomalib_protorefine.refinement.refiner.EXPORT_SINKHORN_ITERATIONS`). CLI:
-                ``--onnx_kwargs '{"sinkhorn_iterations": 200}'``.
-            **kwargs: Passed to anomalib's ``ExportMixin.to_onnx`` (and ``torch.onnx.export``).
-
-        Returns:
-            The path of the ``.onnx`` file.
-
-        Example:
-            >>> import torch
-            >>> model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, k_shot=1)
-            >>> model.fit_support(torch.rand(1, 3, 64, 64))
-            >>> path = model.to_onnx("exports", input_size=(64, 64))  # doctest: +SKIP
-        """
-        kwargs.setdefault("opset_version", 18)
-        if not self.model.memory_bank.numel() and self.few_shot_source is not None:
-            self._ensure_ready()  # no checkpoint: the bank from k support images of few_shot_source
-        with self.model.exporting(sinkhorn_iterations):
-            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
-
-    # ------------------------------------------------------------------ steps
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:  # noqa: ANN002, ANN003
-        """Full-shot mode: collect embeddings. Few-shot mode: nothing (the bank comes from k images)."""
-        del args, kwargs
-        if self.k_shot:
-            return None
-        self.model(batch.image)
-        return torch.tensor(0.0, requires_grad=True, device=self.device)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """One epoch, no sanity check, one device; few-shot runs a single (skipped) training batch."""
-        arguments: dict[str, Any] = {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
-        if self.k_shot:
-            arguments["limit_train_batches"] = 1
-        return arguments
-
-    @property
-    def learning_type(self) -> LearningType:
-        """``FEW_SHOT`` with ``k_shot`` (anomalib then validates before testing), else ``ONE_CLASS``."""
-        return LearningType.FEW_SHOT if self.k_shot else LearningType.ONE_CLASS
 
     # ------------------------------------------------------------------ checkpoints
     refiner_presets = PATCHCORE_REFINER_PRESETS

@@ -1,0 +1,114 @@
+"""What the memory-bank models (PatchCorePlus, AnomalyDINOPlus) share: few-shot training, export, reset.
+
+Both keep a bank of support patch features in ``self.model.memory_bank``: with ``k_shot`` the bank
+comes from k support images and the training epoch does nothing; without it (anomalib's full-shot
+behaviour) the training batches' embeddings are collected. Export puts the bank and any refinement
+in the graph (``self.model.exporting``).
+
+Example:
+    >>> from anomalib_protorefine.models import AnomalyDINOPlus, PatchCorePlus
+    >>> issubclass(PatchCorePlus, FewShotMemoryBankMixin), issubclass(AnomalyDINOPlus, FewShotMemoryBankMixin)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+__all__ = ["FewShotMemoryBankMixin"]
+
+
+class FewShotMemoryBankMixin:
+    """Training, learning type, trainer arguments, ONNX export and support reset of a memory-bank model.
+
+    The class using it holds ``k_shot``, ``few_shot_source``, ``support_paths``, ``_is_fitted``,
+    ``_ensure_ready()`` and a torch model with ``memory_bank``, ``embedding_store`` and ``exporting()``.
+    """
+
+    model: Any
+    k_shot: int | None
+    few_shot_source: Path | None
+
+    def _reset_support(self) -> None:
+        """Empty the memory bank and the support list: a support-defining option changed."""
+        bank = self.model.memory_bank
+        self.model.memory_bank = torch.empty(0, device=bank.device, dtype=bank.dtype)
+        self.model.embedding_store.clear()
+        self.support_paths = ()
+        self._is_fitted = torch.tensor([False], device=bank.device)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:  # noqa: ANN002, ANN003
+        """Full-shot: collect the batch's embeddings (as anomalib). Few-shot: nothing (the bank comes from k images)."""
+        del args, kwargs
+        if self.k_shot:
+            return None
+        self.model(batch.image)
+        return torch.tensor(0.0, requires_grad=True, device=self.device)  # type: ignore[attr-defined]
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Anomalib's Patchcore and AnomalyDINO arguments (one epoch, no sanity check, one device); few-shot
+        runs a single (skipped) training batch.
+        """  # noqa: D205
+        arguments: dict[str, Any] = {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
+        if self.k_shot:
+            arguments["limit_train_batches"] = 1
+        return arguments
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``FEW_SHOT`` with ``k_shot`` (anomalib then validates before testing), else ``ONE_CLASS``."""
+        return LearningType.FEW_SHOT if self.k_shot else LearningType.ONE_CLASS
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        sinkhorn_iterations: int | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX (also the first step of ``to_openvino``), with the bank and any refinement in the graph.
+
+        The graph holds pre-processing (with the antialiased resize), backbone, refinement, scoring and
+        post-processing, for any batch size (and any image size when ``input_size`` is ``None``). Without
+        a memory bank (no checkpoint) the bank is built from ``few_shot_source`` first. The
+        refiner runs in its static form (:meth:`PrototypeRefiner.exporting`): all EM iterations, a fixed
+        number of log-domain Sinkhorn iterations per E-step, closed-form M-step. The default opset is 18
+        (the first with an antialiased ``Resize``).
+
+        Args:
+            export_root: Folder of the export (the file goes to ``weights/onnx/<model_file_name>.onnx``).
+            model_file_name: File name without suffix.
+            input_size: Static ``(H, W)`` of the input, or ``None`` for dynamic height and width.
+            sinkhorn_iterations: Sinkhorn iterations per E-step in the graph (``None``: the refiner's
+                ``sinkhorn_max_iter`` if it uses ``sinkhorn_method="fixed"``, else
+                :data:`~anomalib_protorefine.refinement.refiner.EXPORT_SINKHORN_ITERATIONS`). CLI:
+                ``--onnx_kwargs '{"sinkhorn_iterations": 200}'``.
+            **kwargs: Passed to anomalib's ``ExportMixin.to_onnx`` (and ``torch.onnx.export``).
+
+        Returns:
+            The path of the ``.onnx`` file.
+
+        Raises:
+            ValueError: A model that cannot be exported (e.g. AnomalyDINOPlus with ``masking=True``:
+                scikit-learn's PCA), or an empty bank; the message names the fix.
+
+        Example:
+            >>> import torch
+            >>> from anomalib_protorefine.models import PatchCorePlus
+            >>> model = PatchCorePlus(backbone="resnet18", layers=("layer2",), pre_trained=False, k_shot=1)
+            >>> model.fit_support(torch.rand(1, 3, 64, 64))
+            >>> path = model.to_onnx("exports", input_size=(64, 64))  # doctest: +SKIP
+        """
+        kwargs.setdefault("opset_version", 18)
+        if not self.model.memory_bank.numel() and self.few_shot_source is not None:
+            self._ensure_ready()  # type: ignore[attr-defined]  # no checkpoint: the bank from few_shot_source
+        with self.model.exporting(sinkhorn_iterations):
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
