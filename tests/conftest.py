@@ -153,3 +153,13 @@ def deeppcb_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 train/good, 6 test/good and 6 test/defect DeepPCB images (+ masks) copied into a temporary folder."""
     source = shared_dataset_path("deeppcb")
     return make_folder_subset(source, tmp_path_factory.mktemp("deeppcb_subset"), num_train=8, num_good=6, num_defect=6)
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of the tiny open_clip config (``tests/tiny_clip.py``), also registered in this process."""
+    import tiny_clip
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    tiny_clip.register(folder)
+    return str(tiny_clip.write_config(folder))

@@ -7,9 +7,6 @@ the weights are then copied from ours, so the two models compare score for score
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from lightning.pytorch import Trainer
 from anomalib_protorefine import AnomalyDINOPlus, AnomalyDINOPlusModel
 from anomalib_protorefine.data import folder_kwargs, generate_dataset
 from anomalib_protorefine.refinement import PrototypeRefiner
+from cli_helpers import run_anomalib_test
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = "vit_small_patch14_dinov2"
@@ -385,46 +383,21 @@ def test_torch_export_and_inferencer_give_engine_predict_scores(
 
 @pytest.mark.slow
 def test_anomalib_cli_short_name(dataset_root: Path, tmp_path: Path) -> None:
-    folder = folder_kwargs()
-    script = Path(sys.executable).parent / "anomalib"
-    command = [
-        *([str(script)] if script.exists() else [sys.executable, "-c", "from anomalib.cli.cli import main; main()"]),
-        "test",
-        "--model",
-        "AnomalyDINOPlus",
-        "--model.pre_trained",
-        "false",
-        "--model.k_shot",
-        "2",
-        "--model.refiner",
-        "fused",
-        "--data",
-        "anomalib.data.Folder",
-        "--data.name",
-        folder["name"],
-        "--data.root",
-        str(dataset_root),
-        "--data.normal_dir",
-        folder["normal_dir"],
-        "--data.abnormal_dir",
-        folder["abnormal_dir"],
-        "--data.normal_test_dir",
-        folder["normal_test_dir"],
-        "--data.num_workers",
-        "0",
-        "--default_root_dir",
-        str(tmp_path / "results"),
-        "--trainer.accelerator",
-        "cpu",
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    output = run_anomalib_test(
+        [
+            "--model",
+            "AnomalyDINOPlus",
+            "--model.pre_trained",
+            "false",
+            "--model.k_shot",
+            "2",
+            "--model.refiner",
+            "fused",
+        ],
+        folder_kwargs(),
+        dataset_root,
+        tmp_path / "results",
+    )
     assert "image_AUROC" in output
     assert "AnomalyDINOPlus decides with thresholds from" in output
     assert "refinement/em_iterations" in output

@@ -24,7 +24,6 @@ from anomalib_protorefine.support_augmentation import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tiny_clip
 
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 
@@ -209,13 +208,6 @@ def test_anomaly_dino_bank_equals_the_bank_of_the_transformed_images() -> None:
     by_hand.fit_support(torch.from_numpy(np.concatenate(views).copy()))
     assert augmented.model.memory_bank.shape == (3 * 2 * 16, 384)
     torch.testing.assert_close(augmented.model.memory_bank, by_hand.model.memory_bank, rtol=0, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    tiny_clip.register(folder)
-    return str(tiny_clip.write_config(folder))
 
 
 def test_winclip_references_include_the_views(tiny_json: str) -> None:

@@ -7,8 +7,6 @@ can be compared score for score with the same weights and references.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import urllib.error
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from anomalib_protorefine import WinClipPlus, WinClipPlusModel
 from anomalib_protorefine.data import folder_kwargs, generate_dataset
 from anomalib_protorefine.models.winclip_plus.torch_model import fuse_image_scores, resolve_pretrained
 from anomalib_protorefine.refinement import PrototypeRefiner
+from cli_helpers import run_anomalib_test
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_clip
@@ -47,14 +46,6 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Path of the tiny open_clip config (also registered in this process)."""
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    tiny_clip.register(folder)
-    return str(tiny_clip.write_config(folder))
 
 
 @pytest.fixture(scope="module")
@@ -466,50 +457,25 @@ def test_registry_and_yaml_config(tiny_json: str) -> None:
 
 @pytest.mark.slow
 def test_anomalib_cli_without_checkpoint(tiny_json: str, dataset_root: Path, tmp_path: Path) -> None:
-    folder = folder_kwargs()
-    script = Path(sys.executable).parent / "anomalib"  # the stock `anomalib` command of this environment
-    command = [
-        *([str(script)] if script.exists() else [sys.executable, "-c", "from anomalib.cli.cli import main; main()"]),
-        "test",
-        "--model",
-        "WinClipPlus",
-        "--model.k_shot",
-        "2",
-        "--model.backbone",
-        tiny_json,
-        "--model.pretrained",
-        "null",
-        "--model.class_name",
-        "widget",
-        "--model.refiner.lambda_",  # a partial override keeps WinClipPlus's cosine defaults
-        "0.2",
-        "--data",
-        "anomalib.data.Folder",
-        "--data.name",
-        folder["name"],
-        "--data.root",
-        str(dataset_root),
-        "--data.normal_dir",
-        folder["normal_dir"],
-        "--data.abnormal_dir",
-        folder["abnormal_dir"],
-        "--data.normal_test_dir",
-        folder["normal_test_dir"],
-        "--data.num_workers",
-        "0",
-        "--default_root_dir",
-        str(tmp_path / "results"),
-        "--trainer.accelerator",
-        "cpu",
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    output = run_anomalib_test(
+        [
+            "--model",
+            "WinClipPlus",
+            "--model.k_shot",
+            "2",
+            "--model.backbone",
+            tiny_json,
+            "--model.pretrained",
+            "null",
+            "--model.class_name",
+            "widget",
+            "--model.refiner.lambda_",  # a partial override keeps WinClipPlus's cosine defaults
+            "0.2",
+        ],
+        folder_kwargs(),
+        dataset_root,
+        tmp_path / "results",
+    )
     assert "image_AUROC" in output
     assert "refinement/em_iterations" in output  # the refiner ran (and logged through its callback)
 
