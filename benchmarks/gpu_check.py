@@ -3,7 +3,7 @@
 For PatchCorePlus (paper configuration, random WRN-50 weights, lambda 0.3 and 3, both M-steps)
 the query embeddings and the memory bank are computed once on the CPU and copied to the device,
 so only the refinement and the scoring are compared. For WinClipPlus (the tiny test CLIP of
-``tests/tiny_clip.py``, or ``ViT-B-16-plus-240`` with ``--winclip-arch real``; random weights)
+``models/winclip_plus/tiny_clip.py``, or ``ViT-B-16-plus-240`` with ``--winclip-arch real``; random weights)
 the whole model runs on each device from the same weights and references. Prints one table with
 the largest relative difference of the patch/pixel scores and of the image scores, and exits
 with status 1 when a difference exceeds ``--tolerance``.
@@ -81,8 +81,7 @@ def patchcore_rows(device: torch.device, small: bool, batch: int) -> list[tuple[
 
 def winclip_rows(device: torch.device, arch: str, batch: int) -> list[tuple[str, float, float]]:
     """WinClipPlus (refined) and plain WinCLIP on CPU vs ``device``."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny_clip
+    from anomalib_protorefine.models.winclip_plus import tiny_clip
     from anomalib_protorefine.models.winclip_plus.lightning_model import WINCLIP_REFINER_DEFAULTS
     from anomalib_protorefine.models.winclip_plus.torch_model import WinClipPlusModel
 

@@ -8,7 +8,7 @@ order per image so that load drift on a shared machine hits all of them alike:
 * ``plain``: ``WinClipPlusModel(refiner=None)`` (must cost the same as upstream);
 * ``refined``: ``WinClipPlusModel`` with the paper's refiner (cosine, lambda 0.1, N 10, alpha 0.5).
 
-Architectures: ``tiny`` (the 2-layer test config of ``tests/tiny_clip.py``) and ``real``
+Architectures: ``tiny`` (the 2-layer test config of ``anomalib_protorefine.models.winclip_plus.tiny_clip``) and ``real``
 (``ViT-B-16-plus-240``, WinCLIP's architecture, with random weights: the cost does not depend on
 the weights; no download). The breakdown times each stage separately on the refined model:
 full-image encoding, window encoding, zero-shot (text) scoring, plain few-shot scoring and
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,13 +36,10 @@ from anomalib.models.image.winclip import torch_model as upstream_torch_model
 from anomalib.models.image.winclip.utils import class_scores
 
 from anomalib_protorefine.data import generate_dataset
+from anomalib_protorefine.models.winclip_plus import tiny_clip
 from anomalib_protorefine.models.winclip_plus.lightning_model import WINCLIP_REFINER_DEFAULTS, WinClipPlus
 from anomalib_protorefine.models.winclip_plus.torch_model import WinClipPlusModel
 from anomalib_protorefine.refinement import PrototypeRefiner
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import tiny_clip  # noqa: E402
 
 REAL = "ViT-B-16-plus-240"
 

@@ -157,8 +157,8 @@ def deeppcb_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Path of the tiny open_clip config (``tests/tiny_clip.py``), also registered in this process."""
-    import tiny_clip
+    """Path of the tiny open_clip config (``models/winclip_plus/tiny_clip.py``), also registered in this process."""
+    from anomalib_protorefine.models.winclip_plus import tiny_clip
 
     folder = tmp_path_factory.mktemp("tiny_clip")
     tiny_clip.register(folder)

@@ -873,15 +873,24 @@ def test_chunked_scoring_is_exact(monkeypatch: pytest.MonkeyPatch, distance: str
 
 
 @pytest.mark.slow
-def test_gpu_check_script_runs_on_cpu() -> None:
-    """``benchmarks/gpu_check.py --device cpu`` (the CPU path of ``benchmarks/gpu.sh``) runs and agrees."""
+def test_gpu_check_script_runs_on_cpu_and_fails_on_disagreement() -> None:
+    """``benchmarks/gpu_check.py --device cpu`` (the CPU path of ``benchmarks/gpu.sh``): every row runs, CPU
+    against itself differs by float rounding at most, and a difference above ``--tolerance`` fails the
+    script (here a negative tolerance, so that every row disagrees: exit 1, every row "NO")."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600, cwd=root)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "| PatchCorePlus lambda 3 closed_form |" in done.stdout
-    assert "| WinClipPlus refined (tiny) |" in done.stdout
+    done = subprocess.run(
+        [*command, "--tolerance", "-1"], capture_output=True, text=True, check=False, timeout=600, cwd=root
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "agree" not in line]
+    names = {name.strip() for name, *_ in rows}
+    assert {"PatchCorePlus lambda 3 closed_form", "PatchCore baseline", "WinClipPlus refined (tiny)"} <= names
+    for name, patch, image, agree in rows:
+        assert agree.strip() == "NO", name
+        assert float(patch) <= 1e-6, name  # the same device: no difference
+        assert float(image) <= 1e-6, name

@@ -6,7 +6,6 @@ model without augmentation given the transformed images by hand for the banks an
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,6 @@ from anomalib_protorefine.support_augmentation import (
     support_views,
     view_names,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 

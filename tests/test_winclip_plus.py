@@ -1,13 +1,12 @@
 """Tests of WinClipPlus (WinCLIP+, paper Sec. 5.2), offline with a tiny random-weight CLIP.
 
-The tiny open_clip architecture of ``tests/tiny_clip.py`` keeps WinCLIP's 240 px / 16 px grid, so
+The tiny open_clip architecture of ``models/winclip_plus/tiny_clip.py`` keeps WinCLIP's 240 px / 16 px grid, so
 upstream ``WinClipModel`` runs on it too (its module globals are monkeypatched to it) and the two
 can be compared score for score with the same weights and references.
 """
 
 from __future__ import annotations
 
-import sys
 import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +26,10 @@ from lightning.pytorch import Trainer
 
 from anomalib_protorefine import WinClipPlus, WinClipPlusModel
 from anomalib_protorefine.data import folder_kwargs, generate_dataset
+from anomalib_protorefine.models.winclip_plus import tiny_clip
 from anomalib_protorefine.models.winclip_plus.torch_model import fuse_image_scores, resolve_pretrained
 from anomalib_protorefine.refinement import PrototypeRefiner
 from cli_helpers import run_anomalib_test
-
-sys.path.insert(0, str(Path(__file__).parent))
-import tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 K_SHOT = 2

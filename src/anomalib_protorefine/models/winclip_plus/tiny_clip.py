@@ -1,15 +1,24 @@
-"""A tiny open_clip architecture for offline tests (random weights, a few MB, milliseconds per image).
+"""A tiny open_clip architecture for offline tests and timing (random weights, a few MB, ms per image).
 
 It keeps what WinCLIP relies on: 240 x 240 input, 16 px patches (a 15 x 15 grid), a class token and
 a projection, and a full 49408-token text vocabulary for open_clip's tokenizer; every width and
 depth is tiny. Register it with :func:`register` (in-process) or pass :func:`write_config`'s JSON
-path as ``backbone`` (works in subprocesses, e.g. the ``anomalib`` CLI).
+path as ``backbone`` (works in subprocesses, e.g. the ``anomalib`` CLI). No CLIP weights are
+needed: it is the instrument of the WinClipPlus tests, the GPU check and the WinCLIP timing script.
+
+Example:
+    >>> import tempfile
+    >>> from anomalib_protorefine.models.winclip_plus import tiny_clip
+    >>> tiny_clip.write_config(tempfile.mkdtemp()).name
+    'protorefine-tiny-vit-16-240.json'
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+__all__ = ["TINY_CONFIG", "TINY_NAME", "register", "write_config"]
 
 TINY_NAME = "protorefine-tiny-vit-16-240"
 TINY_CONFIG = {
