@@ -2,7 +2,8 @@
 
 anomalib's sampler draws its random start from the global torch RNG and its sparse random
 projection from numpy (through scikit-learn), so two runs give different banks. Here both are
-seeded, and the global RNG state is left untouched.
+seeded, and the global RNG state is left untouched. Its tqdm progress bar is off: a few-shot
+coreset takes seconds, and the bar would interleave with Lightning's and rich's progress output.
 
 Example:
     >>> import torch
@@ -14,9 +15,25 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+
 import torch
 from anomalib.models.components import KCenterGreedy
+from anomalib.models.components.sampling import k_center_greedy
 from torch.nn import functional as F  # noqa: N812
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """Inside the block, anomalib's coreset sampler draws no tqdm bar (its loop is unchanged)."""
+    original = k_center_greedy.tqdm
+    k_center_greedy.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        k_center_greedy.tqdm = original
 
 
 def seeded_coreset(embeddings: torch.Tensor, sampling_ratio: float, seed: int, normalize: bool = False) -> torch.Tensor:
@@ -39,7 +56,7 @@ def seeded_coreset(embeddings: torch.Tensor, sampling_ratio: float, seed: int, n
     size = max(int(embeddings.shape[0] * sampling_ratio), 1)
     candidates = F.normalize(embeddings.float(), dim=-1) if normalize else embeddings
     devices = [embeddings.device] if embeddings.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), _no_progress_bar():
         torch.manual_seed(seed)
         sampler = KCenterGreedy(embedding=candidates, sampling_ratio=size / embeddings.shape[0])
         sampler.model.random_state = seed  # the sparse random projection draws with numpy
