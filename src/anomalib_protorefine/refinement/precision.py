@@ -31,7 +31,7 @@ def _device_type(value: Any) -> str | None:
     """Device type of a tensor, or of the first tensor attribute of a result object."""
     if isinstance(value, torch.Tensor):
         return value.device.type
-    for name in ("weights", "features", "bank"):
+    for name in ("transform", "features", "bank"):
         tensor = getattr(value, name, None)
         if isinstance(tensor, torch.Tensor):
             return tensor.device.type
