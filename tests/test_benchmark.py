@@ -375,3 +375,21 @@ def test_em_budget_confirmation_differs_only_in_seeds_and_output(repo_root: Path
     assert confirm["benchmark"].pop("few_shot_seed") == {"grid": [5, 6, 7, 8, 9]}
     assert choice["benchmark"].pop("output") != confirm["benchmark"].pop("output")
     assert choice == confirm
+
+
+def test_ctrl_c_ends_the_benchmark_with_one_line_and_exit_130(
+    tiny_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FewShotBenchmark, "run", interrupted)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", str(config)])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "interrupted: the finished jobs are kept in the output folder's results.csv" in err
+    assert "Traceback" not in err

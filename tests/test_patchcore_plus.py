@@ -802,3 +802,19 @@ def test_online_mode_warns_that_test_metrics_depend_on_the_order(online: bool) -
         model.on_test_start()
     about_order = [w for w in caught if "depend on the order of the test images" in str(w.message)]
     assert len(about_order) == (1 if online else 0)
+
+
+def test_ctrl_c_ends_the_demo_with_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from anomalib_protorefine import demo
+
+    def interrupted(**kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    monkeypatch.setattr(demo, "_quiet", lambda: None)  # leave this process's warning filters alone
+    assert demo.main(["--quick", "--threads", "1"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted")
+    assert "Traceback" not in err

@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -548,7 +549,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads or default_threads())
-    run_demo(category=args.category, ks=args.k, seed=args.seed, output=args.output, root=args.root, quick=args.quick)
+    try:
+        run_demo(
+            category=args.category, ks=args.k, seed=args.seed, output=args.output, root=args.root, quick=args.quick
+        )
+    except KeyboardInterrupt:
+        print("interrupted (the generated data set stays cached; run the demo again to start over).", file=sys.stderr)
+        return 130
     return 0
 
 

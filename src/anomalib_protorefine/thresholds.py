@@ -233,7 +233,6 @@ def _float32(value: float | torch.Tensor) -> float:
 
 def _warn(msg: str) -> None:
     warnings.warn(msg, UserWarning, stacklevel=3)
-    logger.warning(msg)
 
 
 def collect_support_scores(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", type=list[str] | None, default=None, help="run only these datasets (labels)")
     args = parser.parse_args(argv)
     if not args.report_only:
-        FewShotBenchmark().run(Namespace(config=args.config), only=args.only)
+        try:
+            FewShotBenchmark().run(Namespace(config=args.config), only=args.only)
+        except KeyboardInterrupt:
+            # One line instead of a traceback: every finished job is already in results.csv.
+            print(
+                "interrupted: the finished jobs are kept in the output folder's results.csv; run the same command "
+                "again to resume.",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
         return
     config = json.loads(json.dumps(FewShotBenchmark()._get_args(Namespace(config=args.config))))
     plan = plan_from_config(config, check_data=False)

@@ -355,7 +355,6 @@ class RefinedFewShotMixin:
                 raise
             msg = f"{type(self).__name__}: no support thresholds: {error}"
             warnings.warn(msg, UserWarning, stacklevel=3)
-            logger.warning(msg)
             return None
 
     def calibrate_thresholds_from_images(self, images: torch.Tensor) -> SupportThresholds | None:
@@ -449,7 +448,6 @@ class RefinedFewShotMixin:
             "(`ckpt_path=...`, CLI `--ckpt_path`)."
         )
         warnings.warn(msg, UserWarning, stacklevel=2)
-        logger.warning(msg)
 
     def val_dataloader(self) -> list:
         """No validation data of the model's own: used only when neither a datamodule nor dataloaders are given.
@@ -551,7 +549,6 @@ class RefinedFewShotMixin:
                 f"{'; '.join(changed)}. Build the model with these values to silence this warning."
             )
             warnings.warn(msg, UserWarning, stacklevel=2)
-            logger.warning(msg)
         self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
         stored_thresholds = checkpoint.get("protorefine_support_thresholds")
         self.support_thresholds = SupportThresholds(**stored_thresholds) if stored_thresholds else None
@@ -621,7 +618,6 @@ def warn_about_flat_images(batch: Batch) -> list[str]:
         "them to 8-bit (e.g. with OpenCV, dividing by 257), or check the files."
     )
     warnings.warn(msg, UserWarning, stacklevel=2)
-    logger.warning(msg)
     return named
 
 

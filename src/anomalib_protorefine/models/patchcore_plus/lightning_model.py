@@ -350,7 +350,6 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
                 "numbers of the online mode with care."
             )
             warnings.warn(msg, UserWarning, stacklevel=2)
-            logger.warning(msg)
 
     def calibrate_refiner(self, paths: Sequence[str]) -> CalibrationResult:
         """Choose the refiner among :data:`PATCHCORE_AUTO_CANDIDATES` from the support images alone.
