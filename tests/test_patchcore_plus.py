@@ -97,6 +97,28 @@ def finite_metrics(results: list[dict[str, float]], *names: str) -> dict[str, fl
     return metrics
 
 
+def reference_aurocs(model: PatchCorePlus, datamodule: Folder) -> dict[str, float]:
+    """Image and pixel AUROC by scikit-learn from the model's own forward pass over the test set, outside
+    any pipeline (the reference that the Trainer/Engine metrics must reproduce)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, labels, pixels, masks = [], [], [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            out = model.model(model.pre_processor.transform(batch.image))
+            scores.append(out.pred_score.flatten())
+            labels.append(batch.gt_label.flatten())
+            size = out.anomaly_map.shape[-2:]
+            mask = torch.nn.functional.interpolate(batch.gt_mask[:, None].float(), size=size, mode="nearest")
+            pixels.append(out.anomaly_map.flatten())
+            masks.append(mask.flatten())
+    return {
+        "image_AUROC": float(roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())),
+        "pixel_AUROC": float(roc_auc_score(torch.cat(masks).numpy() > 0.5, torch.cat(pixels).numpy())),
+    }
+
+
 def preprocessed(paths: list[Path]) -> torch.Tensor:
     """Images as the model sees them (``SIZE`` px, backbone normalisation)."""
     transform = small_pre_processor().transform
@@ -152,8 +174,13 @@ def test_registry_autoload_in_fresh_subprocess(tmp_path: Path) -> None:
 def test_plain_lightning_trainer_test(quick_datamodule, tmp_path: Path) -> None:
     """``Trainer(**model.trainer_arguments).test`` works without anomalib's Engine (bank built on test start)."""
     model = make_model()
-    results = trainer_for(model, tmp_path).test(model, datamodule=quick_datamodule(), verbose=False)
-    finite_metrics(results, "image_AUROC", "pixel_AUROC", "refinement/em_iterations")
+    datamodule = quick_datamodule()
+    results = trainer_for(model, tmp_path).test(model, datamodule=datamodule, verbose=False)
+    metrics = finite_metrics(results, "image_AUROC", "pixel_AUROC", "refinement/em_iterations")
+    reference = reference_aurocs(model, datamodule)
+    assert metrics["image_AUROC"] == pytest.approx(reference["image_AUROC"], abs=1e-6)
+    assert metrics["pixel_AUROC"] == pytest.approx(reference["pixel_AUROC"], abs=1e-4)
+    assert metrics["refinement/em_iterations"] == 10  # the default N, em_tol 0
     assert model.model.memory_bank.shape[0] > 0
     assert len(model.support_paths) == 2
 
@@ -217,8 +244,11 @@ def test_engine_fit_then_test(quick_datamodule, tmp_path: Path, k_shot: int | No
     num_train = len(datamodule.train_data)
     assert bank.shape[0] == int(0.05 * (k_shot or num_train) * (SIZE // 8) ** 2)
     results = engine.test(model, datamodule=datamodule, verbose=False)
-    finite_metrics(results, "image_AUROC", "pixel_AUROC")
+    metrics = finite_metrics(results, "image_AUROC", "pixel_AUROC")
     assert torch.equal(model.model.memory_bank, bank), "testing must reuse the bank built by fit"
+    reference = reference_aurocs(model, datamodule)
+    assert metrics["image_AUROC"] == pytest.approx(reference["image_AUROC"], abs=1e-6)
+    assert metrics["pixel_AUROC"] == pytest.approx(reference["pixel_AUROC"], abs=1e-4)
     assert (len(model.support_paths) == 2) if k_shot else (model.support_paths == ())
 
 
