@@ -48,7 +48,11 @@ def test_presets_and_lists_resolve() -> None:
     assert resolve_support_augmentation("none") == ()
     assert resolve_support_augmentation([]) == ()
     assert resolve_support_augmentation("hflip") == ("hflip",)
-    assert resolve_support_augmentation("dihedral") == ("rot90", "rot180", "rot270", "hflip", "vflip")
+    assert resolve_support_augmentation("rotations_flips") == ("rot90", "rot180", "rot270", "hflip", "vflip")
+    assert resolve_support_augmentation("dihedral") == (
+        *("rot90", "rot180", "rot270", "hflip", "vflip"),
+        *("transpose", "antitranspose"),
+    )
     assert resolve_support_augmentation(["vflip", "rot90"]) == ("vflip", "rot90")  # order kept
     for name, transforms in SUPPORT_AUGMENTATION_PRESETS.items():
         assert set(transforms) <= set(SUPPORT_TRANSFORMS), name
@@ -80,11 +84,23 @@ def test_transforms_match_numpy() -> None:
         "rot270": np.rot90(array, 3, axes=(2, 3)),
         "hflip": array[..., ::-1],
         "vflip": array[..., ::-1, :],
+        "transpose": np.swapaxes(array, 2, 3),
+        "antitranspose": np.swapaxes(array[..., ::-1, ::-1], 2, 3),
     }
     views = support_views(images, tuple(expected))
     assert torch.equal(views[0], images)
     for view, (name, reference) in zip(views[1:], expected.items(), strict=True):
         np.testing.assert_array_equal(view.numpy(), reference, err_msg=name)
+
+
+def test_dihedral_preset_is_the_symmetry_group_of_the_square() -> None:
+    """The 8 views are the 4 rotations of the image and the 4 rotations of its mirror image (numpy), each once."""
+    square = np.arange(25.0).reshape(1, 1, 5, 5)
+    views = [view.numpy() for view in support_views(torch.from_numpy(square), resolve_support_augmentation("dihedral"))]
+    group = [np.rot90(image, turn, axes=(2, 3)) for image in (square, square[..., ::-1]) for turn in range(4)]
+    assert len(views) == 8
+    for element in group:
+        assert sum(np.array_equal(view, element) for view in views) == 1
 
 
 def test_view_names_follow_bank_order() -> None:
@@ -224,5 +240,6 @@ def test_winclip_references_include_the_views(tiny_json: str) -> None:
         ours, reference = augmented.model(query), by_hand.model(query)
     torch.testing.assert_close(ours.pred_score, reference.pred_score, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours.anomaly_map, reference.anomaly_map, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match=r"quarter turn of \(240, 200\) images.*'rot180', 'hflip', 'vflip'"):
-        WinClipPlus(**common, support_augmentation="rot90").fit_support(torch.randn(2, 3, 240, 200))
+    for turn in ("rot90", "transpose"):
+        with pytest.raises(ValueError, match=r"diagonal reflection of \(240, 200\) images.*'rot180', 'hflip', 'vflip'"):
+            WinClipPlus(**common, support_augmentation=turn).fit_support(torch.randn(2, 3, 240, 200))

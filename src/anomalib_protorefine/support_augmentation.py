@@ -2,8 +2,10 @@
 
 The few-shot models (``support_augmentation=`` of PatchCorePlus, AnomalyDINOPlus and WinClipPlus)
 build their bank or reference embeddings from every *view* of the support images: the images
-themselves, then each transform of them, in the order given. The transforms are exact (``torch.rot90``
-and ``torch.flip``: no interpolation, no randomness), so the views are the same on every run; what is
+themselves, then each transform of them, in the order given. The transforms are the seven symmetries
+of a square besides the identity (the dihedral group: three rotations, four reflections); they are
+exact (``torch.rot90``, ``torch.flip``, transposes: no interpolation, no randomness), so the views are
+the same on every run; what is
 random in the bank (the coreset) is seeded by the model's ``few_shot_seed`` as without augmentation.
 Only the support images are transformed, never the test images.
 
@@ -32,13 +34,17 @@ __all__ = [
     "view_names",
 ]
 
-#: The exact transforms of a support image batch ``(k, C, H, W)``, by name (rotations counter-clockwise).
+#: The exact transforms of a support image batch ``(k, C, H, W)``, by name: rotations (counter-clockwise),
+#: the mirror images left-right (``hflip``) and top-bottom (``vflip``), and the reflections across the
+#: main diagonal (``transpose``) and the other diagonal (``antitranspose``).
 SUPPORT_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "rot90": lambda images: torch.rot90(images, 1, dims=(-2, -1)),
     "rot180": lambda images: torch.rot90(images, 2, dims=(-2, -1)),
     "rot270": lambda images: torch.rot90(images, 3, dims=(-2, -1)),
     "hflip": lambda images: torch.flip(images, dims=(-1,)),
     "vflip": lambda images: torch.flip(images, dims=(-2,)),
+    "transpose": lambda images: images.transpose(-2, -1).contiguous(),
+    "antitranspose": lambda images: torch.rot90(images, 2, dims=(-2, -1)).transpose(-2, -1).contiguous(),
 }
 
 #: Named lists of transforms (``support_augmentation="rotations"`` etc.).
@@ -46,7 +52,8 @@ SUPPORT_AUGMENTATION_PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),
     "flips": ("hflip", "vflip"),
     "rotations": ("rot90", "rot180", "rot270"),
-    "dihedral": ("rot90", "rot180", "rot270", "hflip", "vflip"),
+    "rotations_flips": ("rot90", "rot180", "rot270", "hflip", "vflip"),
+    "dihedral": ("rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"),
 }
 
 
@@ -111,8 +118,8 @@ def resolve_support_augmentation(value: str | Sequence[str] | bool | None) -> tu
 def support_views(images: torch.Tensor, transforms: Sequence[str]) -> list[torch.Tensor]:
     """The views of support images ``(k, C, H, W)``: the images, then each transform of them.
 
-    A rotation by 90 or 270 degrees of non-square images swaps their height and width, so the views
-    are returned as separate batches (each is embedded on its own).
+    A quarter turn or a diagonal reflection of non-square images swaps their height and width, so the
+    views are returned as separate batches (each is embedded on its own).
 
     Example:
         >>> import torch

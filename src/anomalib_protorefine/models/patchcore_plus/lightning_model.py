@@ -166,8 +166,9 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         few_shot_source: Folder of normal images to draw the support images from instead of the
             datamodule's training set (needed to predict on a folder without a checkpoint).
         support_augmentation: Rotated / flipped copies of the support images added to the bank:
-            ``None`` (default), a preset (``"flips"``, ``"rotations"``, ``"dihedral"``) or a list of
-            ``"rot90"``, ``"rot180"``, ``"rot270"``, ``"hflip"``, ``"vflip"``
+            ``None`` (default), a preset (``"flips"``, ``"rotations"``, ``"rotations_flips"``,
+            ``"dihedral"``: all seven) or a list of ``"rot90"``, ``"rot180"``, ``"rot270"``, ``"hflip"``,
+            ``"vflip"``, ``"transpose"``, ``"antitranspose"``
             (:mod:`anomalib_protorefine.support_augmentation`). The bank grows by one copy per transform
             before the coreset. Only with ``k_shot``.
         refiner: ``True`` or ``"fused"`` (the default form: the paper's EM, lambda 0.3, N 10, with

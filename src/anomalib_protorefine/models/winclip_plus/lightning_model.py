@@ -209,7 +209,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         views = self.augmented_support(images)
         if len({tuple(view.shape) for view in views}) > 1:
             msg = (
-                f"support_augmentation={list(self.support_augmentation)!r}: a quarter turn of "
+                f"support_augmentation={list(self.support_augmentation)!r}: a quarter turn or diagonal reflection of "
                 f"{tuple(images.shape[-2:])} images changes their shape, and WinCLIP's references must share "
                 "the CLIP input size. Use square images (the default pre-processor resizes to the CLIP size) "
                 "or only 'rot180', 'hflip', 'vflip'."
