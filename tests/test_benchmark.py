@@ -393,3 +393,40 @@ def test_ctrl_c_ends_the_benchmark_with_one_line_and_exit_130(
     assert err.count("\n") == 1
     assert "interrupted: the finished jobs are kept in the output folder's results.csv" in err
     assert "Traceback" not in err
+
+
+def test_several_cuda_devices_get_anomalibs_parallel_runner(tiny_config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker per GPU (as anomalib's benchmark), the serial runner on one device or on CPU."""
+    import dataclasses
+
+    from anomalib_protorefine.benchmark.job import FewShotRunner, ParallelFewShotRunner
+
+    bench = FewShotBenchmark()
+    bench.plan = plan_from_config(tiny_config)
+    assert isinstance(bench._setup_runners(tiny_config)[0], FewShotRunner)  # cpu
+    bench.plan = dataclasses.replace(bench.plan, accelerator="cuda")
+    for count, expected in ((1, FewShotRunner), (3, ParallelFewShotRunner)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        (runner,) = bench._setup_runners(tiny_config)
+        assert type(runner) is expected
+    assert runner.n_jobs == 3
+
+
+@pytest.mark.slow
+def test_parallel_runner_gives_the_serial_results(tiny_config: dict, tmp_path: Path) -> None:
+    """anomalib's ParallelRunner (spawned worker processes, here on CPU) scores every job as the serial run."""
+    from anomalib_protorefine.benchmark.job import FewShotJobGenerator, ParallelFewShotRunner
+
+    main(["--config", str(_write(tiny_config, tmp_path))])
+    serial = {(r["seed"], r["method"], r["metric"]): float(r["value"]) for r in _rows(tmp_path / "out")}
+
+    tiny_config["benchmark"]["output"] = str(tmp_path / "parallel")
+    plan = preflight(plan_from_config(tiny_config))
+    ParallelFewShotRunner(FewShotJobGenerator(plan), n_jobs=2).run({})
+    rows = _rows(tmp_path / "parallel")
+    parallel = {(r["seed"], r["method"], r["metric"]): float(r["value"]) for r in rows}
+    assert len(parallel) == len(rows)  # every job once
+    assert set(parallel) == set(serial)
+    for key, value in serial.items():
+        if key[2] in METRICS:
+            assert parallel[key] == pytest.approx(value, abs=1e-6), key

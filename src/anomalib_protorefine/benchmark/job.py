@@ -2,9 +2,11 @@
 
 A job is one (dataset, k, seed, method) cell. Its rows are appended to ``results.csv`` (long form:
 one row per dataset, category, k, seed, method and metric) as soon as it finishes, so a crash or
-Ctrl-C loses at most the running job; the generator skips the jobs already in the file. The runner
-is anomalib's :class:`~anomalib.pipelines.components.runners.SerialRunner` with a progress bar
-that knows the number of jobs (so it shows an ETA).
+Ctrl-C loses at most the running job; the generator skips the jobs already in the file. On one
+device the runner is anomalib's :class:`~anomalib.pipelines.components.runners.SerialRunner` with a
+progress bar that knows the number of jobs (so it shows an ETA); with several CUDA devices it is
+anomalib's :class:`~anomalib.pipelines.components.runners.ParallelRunner`, one worker process per
+device (the job's ``task_id`` is its device index), as in anomalib's own benchmark.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pandas as pd
 import torch
 from anomalib.data import AnomalibDataModule
 from anomalib.pipelines.components import Job, JobGenerator
-from anomalib.pipelines.components.runners import SerialRunner
+from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
 from anomalib.pipelines.types import GATHERED_RESULTS, PREV_STAGE_RESULT
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -60,16 +62,29 @@ def read_results(plan: BenchmarkPlan) -> pd.DataFrame:
 
 @dataclass
 class RunContext:
-    """What the jobs of one process share: set-up datamodules and loaded test features."""
+    """What the jobs of one process share: set-up datamodules and loaded test features.
+
+    A job sent to a worker process (:class:`ParallelFewShotRunner`) carries only the plan: in the worker
+    it joins that process's own context (:func:`process_context`), so the datamodules and features are
+    built once per process, never pickled.
+    """
 
     plan: BenchmarkPlan
     datamodules: dict[str, AnomalibDataModule] = field(default_factory=dict)
     features: dict[tuple[str, str], CachedTestSet] = field(default_factory=dict)
+    #: The CUDA device of this process's jobs (a parallel worker's ``task_id``); ``None``: the default one.
+    device_index: int | None = None
+
+    def __reduce__(self) -> tuple[Any, tuple[BenchmarkPlan]]:
+        """Pickle the plan only: unpickled, the context is the receiving process's own."""
+        return process_context, (self.plan,)
 
     @property
     def device(self) -> torch.device:
         """The device the feature-based methods run on."""
-        return torch.device("cuda" if self.plan.accelerator == "cuda" else "cpu")
+        if self.plan.accelerator != "cuda":
+            return torch.device("cpu")
+        return torch.device("cuda", self.device_index) if self.device_index is not None else torch.device("cuda")
 
     def datamodule(self, data: DataSpec) -> AnomalibDataModule:
         """The set-up datamodule of ``data`` (built once)."""
@@ -93,6 +108,18 @@ class RunContext:
                 self.plan.max_test_images,
             )
         return self.features[key]
+
+
+#: The contexts of this process, by results folder (a worker process builds its own once).
+_PROCESS_CONTEXTS: dict[str, RunContext] = {}
+
+
+def process_context(plan: BenchmarkPlan) -> RunContext:
+    """This process's context of ``plan`` (created on first use)."""
+    key = str(plan.output)
+    if key not in _PROCESS_CONTEXTS:
+        _PROCESS_CONTEXTS[key] = RunContext(plan)
+    return _PROCESS_CONTEXTS[key]
 
 
 class FewShotBenchmarkJob(Job):
@@ -122,8 +149,13 @@ class FewShotBenchmarkJob(Job):
         return f"{self.data.label} k={self.k} seed={self.seed} {self.method.name}"
 
     def run(self, task_id: int | None = None) -> list[dict[str, Any]]:
-        """Score the cell, append its rows to the results file and return them."""
-        del task_id
+        """Score the cell, append its rows to the results file and return them.
+
+        Args:
+            task_id: The worker's index under :class:`ParallelFewShotRunner`: its CUDA device.
+        """
+        if task_id is not None:
+            self.context.device_index = task_id
         plan = self.context.plan
         if self.method.uses_cached_features:
             test = self.context.test_features(self.data, self.method)
@@ -198,6 +230,16 @@ class FewShotJobGenerator(JobGenerator):
             if (data.label, k, seed, method.name) not in done
         ]
 
+    def prepare_features(self) -> None:
+        """Compute (and cache on disk) the test features of every pending job in this process, once each.
+
+        Parallel workers then load them from the cache instead of computing the same features side by side.
+        """
+        for job in self.pending():
+            if job.method.uses_cached_features:
+                self.context.test_features(job.data, job.method)
+        self.context.features.clear()
+
     def generate_jobs(
         self, args: dict | None = None, prev_stage_result: PREV_STAGE_RESULT = None
     ) -> Generator[Job, None, None]:
@@ -244,3 +286,19 @@ class FewShotRunner(SerialRunner):
             msg = f"{len(failed)} job(s) failed (re-run to retry them; see the log): {failed}"
             raise RuntimeError(msg)
         return gathered
+
+
+class ParallelFewShotRunner(ParallelRunner):
+    """anomalib's parallel runner, one worker process per CUDA device; the test features are cached first.
+
+    Each worker scores whole jobs on its device (``cuda:<task_id>``) and appends their rows to the
+    results file itself (one write per job), so a stop loses at most the running jobs and a re-run
+    resumes as with the serial runner.
+    """
+
+    generator: FewShotJobGenerator
+
+    def run(self, args: dict, prev_stage_results: PREV_STAGE_RESULT = None) -> GATHERED_RESULTS:
+        """Cache the features in this process, then run the pending jobs on ``n_jobs`` workers."""
+        self.generator.prepare_features()
+        return super().run(args, prev_stage_results)

@@ -35,7 +35,7 @@ from anomalib_protorefine.few_shot import normal_paths
 
 from .config import BenchmarkConfigError, BenchmarkPlan, describe, plan_from_config
 from .features import make_datamodule
-from .job import FewShotJobGenerator, FewShotRunner, results_file
+from .job import FewShotJobGenerator, FewShotRunner, ParallelFewShotRunner, results_file
 from .methods import build_engine_model, build_feature_model
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,9 @@ class FewShotBenchmark(Benchmark):
             return super()._setup_runners(args)
         if self.plan is None:
             self.plan = preflight(plan_from_config(args))
+        devices = torch.cuda.device_count() if self.plan.accelerator == "cuda" else 0
+        if devices > 1:  # as anomalib's benchmark: one worker process per GPU
+            return [ParallelFewShotRunner(FewShotJobGenerator(self.plan), n_jobs=devices)]
         return [FewShotRunner(FewShotJobGenerator(self.plan))]
 
     def run(self, args: Namespace | None = None, only: list[str] | None = None) -> None:
