@@ -823,6 +823,37 @@ def test_refinement_statistics_are_synced_across_ranks() -> None:
     assert logged["refinement/seconds_per_image"] == pytest.approx(refiner.last_stats["seconds"] / 2)
 
 
+@pytest.mark.slow
+def test_two_process_ddp_test_gives_the_one_process_metrics_and_statistics(tmp_path: Path) -> None:
+    """A real two-process run (Lightning's ddp_spawn over gloo, CPU): each rank refines half of the test
+    images, and anomalib's metrics and the refinement statistics (``sync_dist``) reduced over the ranks
+    equal those of one process over all images."""
+    from anomalib_protorefine.data import generate_dataset, synthetic_datamodule
+
+    sizes = {"num_train": 6, "num_test_good": 4, "num_test_defect": 4, "image_size": SIZE}  # 8: no padding
+    generate_dataset(tmp_path / "data", category="brushed_metal", **sizes)
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        datamodule = synthetic_datamodule(
+            tmp_path / "data",
+            category="brushed_metal",
+            seed=0,
+            datamodule_kwargs={"val_split_mode": "same_as_test", "eval_batch_size": 2, "num_workers": 0},
+            **sizes,
+        )
+        model = make_model()
+        arguments = {**model.trainer_arguments, "devices": devices, "strategy": strategy, "accelerator": "cpu"}
+        trainer = Trainer(**arguments, **QUIET, enable_checkpointing=False, default_root_dir=tmp_path / str(devices))
+        results[devices] = finite_metrics(trainer.test(model, datamodule=datamodule, verbose=False), "image_AUROC")
+    one, two = results[1], results[2]
+    for name in ("image_AUROC", "pixel_AUROC", "image_F1Score", "pixel_F1Score"):
+        assert two[name] == pytest.approx(one[name], abs=1e-6), name
+    # Epoch means weighted by batch size, reduced over both ranks: the one-process means.
+    for name in ("refinement/em_iterations", "refinement/sinkhorn_iterations", "refinement/ot_cost"):
+        assert two[name] == pytest.approx(one[name], rel=1e-5), name
+    assert two["refinement/objective"] == pytest.approx(one["refinement/objective"], rel=1e-5)
+
+
 @pytest.mark.parametrize("online", [True, False])
 def test_online_mode_warns_that_test_metrics_depend_on_the_order(online: bool) -> None:
     model = make_model(online=online)
