@@ -46,3 +46,14 @@ def test_scoring_bank_method_is_reference_bank_with_a_warning() -> None:
     with pytest.warns(FutureWarning, match=r"scoring_bank\(\) is deprecated: use PatchCorePlusModel.reference_bank"):
         old = model.scoring_bank()
     torch.testing.assert_close(old, torch.cat((model.memory_bank, model.online_bank)))
+
+
+def test_open_clip_weight_resolution_moved_with_a_warning() -> None:
+    from anomalib_protorefine import clip_weights
+    from anomalib_protorefine.models.winclip_plus import torch_model
+
+    with pytest.warns(FutureWarning, match=r"torch_model.resolve_pretrained is deprecated: use .*clip_weights"):
+        old = torch_model.resolve_pretrained
+    assert old is clip_weights.resolve_pretrained
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = torch_model.no_such_name

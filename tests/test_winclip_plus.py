@@ -25,9 +25,10 @@ from anomalib.models.image.winclip.utils import class_scores
 from lightning.pytorch import Trainer
 
 from anomalib_protorefine import WinClipPlus, WinClipPlusModel
+from anomalib_protorefine.clip_weights import resolve_pretrained
 from anomalib_protorefine.data import folder_kwargs, generate_dataset
 from anomalib_protorefine.models.winclip_plus import tiny_clip
-from anomalib_protorefine.models.winclip_plus.torch_model import fuse_image_scores, resolve_pretrained
+from anomalib_protorefine.models.winclip_plus.torch_model import fuse_image_scores
 from anomalib_protorefine.refinement import PrototypeRefiner
 from cli_helpers import run_anomalib_test
 

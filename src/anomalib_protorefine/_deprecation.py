@@ -1,4 +1,4 @@
-"""Deprecation shims for renamed public names: the old name still works, with a ``FutureWarning``.
+"""Deprecation shims for renamed or moved public names: the old name still works, with a ``FutureWarning``.
 
 Example:
     >>> import warnings
@@ -14,11 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["renamed_names", "warn_renamed"]
+__all__ = ["moved_names", "renamed_names", "warn_renamed"]
 
 
 def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
@@ -40,6 +41,32 @@ def renamed_names(module: str, renamed: Mapping[str, str], namespace: Mapping[st
         if name in renamed:
             warn_renamed(f"{module}.{name}", renamed[name])
             return namespace[renamed[name]]
+        msg = f"module {module!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+
+    return module_getattr
+
+
+def moved_names(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that serves names moved to another module, with a warning.
+
+    Args:
+        module: The module's name (``__name__``), for the messages.
+        moved: Name -> the module it lives in now.
+
+    Example:
+        >>> import warnings
+        >>> getattr_ = moved_names("old.place", {"sqrt": "math"})
+        >>> with warnings.catch_warnings(record=True):
+        ...     warnings.simplefilter("always")
+        ...     getattr_("sqrt")(9.0)
+        3.0
+    """
+
+    def module_getattr(name: str) -> Any:
+        if name in moved:
+            warn_renamed(f"{module}.{name}", f"{moved[name]}.{name}")
+            return getattr(importlib.import_module(moved[name]), name)
         msg = f"module {module!r} has no attribute {name!r}"
         raise AttributeError(msg)
 

@@ -4,7 +4,8 @@ Pure torch (plus POT inside the refiner), no Lightning logic. Compared with the 
 
 * ``backbone`` and ``pretrained`` are constructor arguments (upstream reads module globals). A
   path to a local checkpoint file is accepted as ``pretrained``, a path to an open_clip model
-  configuration (``.json``) as ``backbone``, and a missing download says which file to fetch;
+  configuration (``.json``) as ``backbone``, and a missing download says which file to fetch
+  (:mod:`anomalib_protorefine.clip_weights`);
 * the few-shot visual memory (patch embeddings and the window embeddings of every scale of the
   k reference images) is refined for each query with the cosine form of the objective (paper
   Eq. 8) when a :class:`~anomalib_protorefine.refinement.PrototypeRefiner` is given, each
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,155 +38,13 @@ from anomalib.models.image.winclip.torch_model import TEMPERATURE, WinClipModel
 from anomalib.models.image.winclip.utils import class_scores, harmonic_aggregation, visual_association_score
 from torch import nn
 
+from anomalib_protorefine._deprecation import moved_names
+from anomalib_protorefine.clip_weights import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, create_clip
 from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.refinement import PrototypeRefiner
 from anomalib_protorefine.refinement.precision import autocast_disabled, float32_compute
 
 logger = logging.getLogger(__name__)
-
-#: The CLIP architecture of WinCLIP (paper Sec. 6: ViT-B/16+ at 240 x 240 pixels).
-DEFAULT_BACKBONE = "ViT-B-16-plus-240"
-#: The open_clip pretrained tag of the WinCLIP weights.
-DEFAULT_PRETRAINED = "laion400m_e31"
-#: File suffixes taken as local checkpoint files when given as ``pretrained``.
-CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz", ".ckpt")
-
-
-def _import_open_clip() -> Any:
-    """Import open_clip or explain how to install it."""
-    try:
-        import open_clip
-    except ImportError as error:  # pragma: no cover - open_clip is a dependency of the clip extra
-        msg = "WinClipPlus needs open_clip: install it with `pip install 'anomalib-protorefine[clip]'`."
-        raise ImportError(msg) from error
-    return open_clip
-
-
-def resolve_backbone(backbone: str | Path) -> str:
-    """Return the open_clip model name of ``backbone``, registering a configuration file if given one.
-
-    Args:
-        backbone: An open_clip model name (e.g. ``"ViT-B-16-plus-240"``) or the path of an open_clip
-            model configuration JSON (registered with ``open_clip.add_model_config``; its file stem is
-            the model name).
-
-    Returns:
-        The model name.
-
-    Raises:
-        FileNotFoundError: A ``.json`` path that does not exist.
-        ValueError: An unknown model name.
-
-    Example:
-        >>> resolve_backbone("ViT-B-16-plus-240")
-        'ViT-B-16-plus-240'
-
-    """
-    open_clip = _import_open_clip()
-    text = str(backbone)
-    if text.lower().endswith(".json"):
-        path = Path(text).expanduser()
-        if not path.is_file():
-            msg = f"backbone={text!r} is not a file: pass an open_clip model name or an existing model-config JSON."
-            raise FileNotFoundError(msg)
-        open_clip.add_model_config(path)
-        return path.stem
-    if text not in open_clip.list_models():
-        msg = (
-            f"backbone={text!r} is not an open_clip model. WinCLIP uses backbone={DEFAULT_BACKBONE!r}; "
-            "for a custom architecture pass the path of an open_clip model-config JSON."
-        )
-        raise ValueError(msg)
-    return text
-
-
-def pretrained_source(backbone: str, tag: str) -> tuple[str, str]:
-    """Where open_clip downloads the weights ``tag`` of ``backbone`` from: ``(url, file name)``.
-
-    Example:
-        >>> url, name = pretrained_source("ViT-B-16-plus-240", "laion400m_e31")
-        >>> name.endswith((".pt", ".bin"))
-        True
-
-    """
-    open_clip = _import_open_clip()
-    cfg = open_clip.pretrained.get_pretrained_cfg(backbone, tag)
-    if cfg.get("url"):
-        return cfg["url"], os.path.basename(cfg["url"])
-    hub = cfg.get("hf_hub", "")
-    repo, filename = os.path.split(hub)
-    filename = filename or "open_clip_pytorch_model.bin"
-    return f"https://huggingface.co/{repo}/resolve/main/{filename}", filename
-
-
-def resolve_pretrained(backbone: str, pretrained: str | Path | None, cache_dir: str | None = None) -> str | None:
-    """Turn ``pretrained`` into a local checkpoint file, downloading a tag if needed (and possible).
-
-    Args:
-        backbone: open_clip model name (see :func:`resolve_backbone`).
-        pretrained: ``None`` (random weights), an open_clip pretrained tag of ``backbone`` (e.g.
-            ``"laion400m_e31"``) or the path of a local checkpoint file.
-        cache_dir: open_clip download cache (default: open_clip's).
-
-    Returns:
-        The checkpoint path, or ``None`` for random weights.
-
-    Raises:
-        FileNotFoundError: A checkpoint path that does not exist.
-        ValueError: A tag that open_clip does not know for ``backbone``.
-        RuntimeError: The tag could not be downloaded (offline); the message names the file to
-            download and how to pass it.
-
-    """
-    if pretrained is None or str(pretrained).strip().lower() in {"", "none", "null", "random"}:
-        return None
-    open_clip = _import_open_clip()
-    text = str(pretrained)
-    path = Path(text).expanduser()
-    if path.is_file():
-        return str(path)
-    looks_like_path = os.sep in text or text.startswith(("~", ".")) or text.lower().endswith(CHECKPOINT_SUFFIXES)
-    cfg = open_clip.pretrained.get_pretrained_cfg(backbone, text)
-    if not cfg:
-        if looks_like_path:
-            msg = f"pretrained={text!r} does not exist: pass the path of an existing open_clip checkpoint file."
-            raise FileNotFoundError(msg)
-        tags = open_clip.pretrained.list_pretrained_tags_by_model(backbone)
-        msg = (
-            f"pretrained={text!r} is neither a file nor an open_clip tag of {backbone}: use one of {tags}, "
-            "a local checkpoint path, or None for random weights."
-        )
-        raise ValueError(msg)
-    try:
-        return open_clip.pretrained.download_pretrained(cfg, cache_dir=cache_dir)
-    except Exception as error:
-        url, filename = pretrained_source(backbone, text)
-        msg = (
-            f"Could not get the CLIP weights {backbone!r} / pretrained={text!r} ({type(error).__name__}: {error}). "
-            f"Offline? Download {url} (file {filename!r}) on a machine with internet access, copy it here and pass "
-            f'its path: pretrained="/path/to/{filename}" (CLI: --model.pretrained /path/to/{filename}).'
-        )
-        raise RuntimeError(msg) from error
-
-
-def create_clip(
-    backbone: str | Path = DEFAULT_BACKBONE,
-    pretrained: str | Path | None = DEFAULT_PRETRAINED,
-    cache_dir: str | None = None,
-) -> tuple[nn.Module, Any, str]:
-    """Build an open_clip model offline-first: ``(clip, eval transform, model name)``.
-
-    Example:
-        >>> clip, _, name = create_clip("ViT-B-16-plus-240", pretrained=None)  # doctest: +SKIP
-
-    """
-    open_clip = _import_open_clip()
-    name = resolve_backbone(backbone)
-    checkpoint = resolve_pretrained(name, pretrained, cache_dir)
-    if checkpoint is None:
-        logger.warning("WinClipPlus: %s with RANDOM weights (pretrained=None): scores are meaningless.", name)
-    clip, _, transform = open_clip.create_model_and_transforms(name, pretrained=checkpoint)
-    return clip, transform, name
 
 
 def fuse_image_scores(zero_shot: torch.Tensor, few_shot_map: torch.Tensor) -> torch.Tensor:
@@ -491,3 +349,13 @@ class WinClipPlusModel(WinClipModel):
                 multi_scale_scores.unsqueeze(1), size=batch.shape[-2:], mode="bilinear"
             )
         return InferenceBatch(pred_score=image_scores, anomaly_map=pixel_scores.squeeze(1))
+
+
+#: The open_clip weight resolution moved to :mod:`anomalib_protorefine.clip_weights` (old imports warn).
+__getattr__ = moved_names(
+    __name__,
+    dict.fromkeys(
+        ("CHECKPOINT_SUFFIXES", "pretrained_source", "resolve_backbone", "resolve_pretrained"),
+        "anomalib_protorefine.clip_weights",
+    ),
+)
