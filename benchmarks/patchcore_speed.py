@@ -10,12 +10,10 @@ form only) and
 for ``--repeats`` rounds and the median per-image time is reported, with the refinement
 statistics and a breakdown of one refined batch (backbone, refinement, scoring).
 
-Then (unless ``--no-memory``) it measures the peak memory of refinement + scoring of one image at
-m = 1024, 4096, 16384 patches (n = 204, c = 1536), each size in a fresh subprocess: on CPU the
-growth of the peak resident set (``VmHWM``, reset once the inputs exist; Linux), on GPU
-``torch.cuda.max_memory_allocated``; after the refinement and after the scoring. ``one block`` is
-the previous scoring (one (B, m, m) block of distances), ``chunked`` the current scoring in
-blocks of query patches.
+Then (unless ``--no-memory``) it measures the peak memory of the refinement and of the scoring of
+one image at m = 1024, 4096, 16384 patches (n = 204, c = 1536), each size in a fresh subprocess,
+with the benchmark's :func:`~anomalib_protorefine.benchmark.resources.peak_memory` (on CPU the growth
+of the resident set's high-water mark, on GPU ``torch.cuda.max_memory_allocated``).
 
 Usage:
     python benchmarks/patchcore_speed.py --threads 2 --repeats 3
@@ -29,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +37,7 @@ from typing import Any
 import torch
 
 from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
-from anomalib_protorefine.benchmark.resources import status_kb
+from anomalib_protorefine.benchmark.resources import peak_memory
 from anomalib_protorefine.few_shot import folder_images, load_images
 
 BASELINE = "PatchCore (baseline)"
@@ -74,39 +71,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_cpu_peak() -> int:
-    """Reset the peak resident set (``VmHWM``, Linux >= 4.0) and return the current one, bytes.
-
-    Without the reset, ``ru_maxrss`` would still hold the high-water mark of the imports.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-    except OSError:
-        pass
-    current = status_kb("VmRSS")
-    return 1024 * current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak(device: torch.device) -> int:
-    """Bytes: CUDA peak allocation, or the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    peak = status_kb("VmHWM")
-    return 1024 * peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _previous_scores(refiner: PrototypeRefiner, result: Any) -> torch.Tensor:
-    """The scoring before this change: one (B, m, m) block of distances, then its row minima."""
-    weights, terms = result.transform, result.terms
-    proto_sq = ((weights @ result.factors.gram) * weights).sum(-1)
-    dots = terms.cross @ weights.transpose(1, 2)
-    return refiner._distance(dots, terms.sq_norms[..., None], proto_sq[:, None, :], cosine=False).amin(-1)
-
-
-def memory_child(patches: int, mode: str, device: str, bank_size: int, channels: int) -> None:
-    """Peak memory (MB) of refining and scoring one query of ``patches`` patches; prints JSON."""
+def memory_child(patches: int, device: str, bank_size: int, channels: int) -> None:
+    """Peak memory (MB) of refining, then of scoring, one query of ``patches`` patches; prints JSON."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -114,23 +80,19 @@ def memory_child(patches: int, mode: str, device: str, bank_size: int, channels:
     bank = torch.randn(bank_size, channels, device=dev)
     refiner = PrototypeRefiner()
     refiner.bank_factors(bank)  # per-bank factors are not per-image memory
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-    else:
-        before = _reset_cpu_peak()
+    refined: dict[str, float] = {}
+    scored: dict[str, float] = {}
     start = time.perf_counter()
-    result = refiner.refine(queries, bank)
-    refined = _peak(dev) - before
-    scores = _previous_scores(refiner, result) if mode == "one block" else refiner.score_result(result)
-    total = _peak(dev) - before
+    with peak_memory(dev, refined):
+        result = refiner.refine(queries, bank)
+    with peak_memory(dev, scored):  # with the refinement's result still held
+        scores = refiner.score_result(result)
     seconds = time.perf_counter() - start
     print(
         json.dumps(
             {
-                "refine_mb": max(refined, 0) / 2**20,
-                "peak_mb": max(total, 0) / 2**20,
+                "refine_mb": refined["peak_mb"],
+                "score_mb": scored["peak_mb"],
                 "seconds": seconds,
                 "finite": bool(torch.isfinite(scores).all()),
             }
@@ -139,22 +101,20 @@ def memory_child(patches: int, mode: str, device: str, bank_size: int, channels:
 
 
 def memory_table(args: argparse.Namespace) -> None:
-    """Run :func:`memory_child` in a fresh subprocess per size and mode and print the table."""
-    print("\nPeak memory of refinement + scoring, one image (closed form, lambda 0.3), n=204, c=1536:")
-    print("| m (patches) | scoring | peak after refinement (MB) | peak after scoring (MB) | seconds |")
-    print("|---|---|---|---|---|")
+    """Run :func:`memory_child` in a fresh subprocess per size and print the table."""
+    print("\nPeak memory of refinement and of scoring, one image (closed form, lambda 0.3), n=204, c=1536:")
+    print("| m (patches) | peak of refinement (MB) | peak of scoring (MB) | seconds |")
+    print("|---|---|---|---|")
     for patches in args.memory_sizes:
-        for mode in ("one block", "chunked"):
-            command = [sys.executable, __file__, "--memory-child", str(patches), mode, "--device", args.device]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            if done.returncode != 0 or not lines:
-                reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                print(f"| {patches} | {mode} | failed: {reason[:80]} | | |")
-                continue
-            result = json.loads(lines[-1])
-            refine_mb, peak_mb, seconds = result["refine_mb"], result["peak_mb"], result["seconds"]
-            print(f"| {patches} | {mode} | {refine_mb:.0f} | {peak_mb:.0f} | {seconds:.2f} |")
+        command = [sys.executable, __file__, "--memory-child", str(patches), "--device", args.device]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"| {patches} | failed: {reason[:80]} | | |")
+            continue
+        result = json.loads(lines[-1])
+        print(f"| {patches} | {result['refine_mb']:.0f} | {result['score_mb']:.0f} | {result['seconds']:.2f} |")
 
 
 def main() -> None:
@@ -185,10 +145,10 @@ def main() -> None:
         help="wall-clock time, or CPU time of this process (all threads; robust on a shared machine)",
     )
     parser.add_argument("--json", type=Path, default=None, help="append the timing medians to this JSON-lines file")
-    parser.add_argument("--memory-child", nargs=2, metavar=("M", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", type=int, metavar="M", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(int(args.memory_child[0]), args.memory_child[1], args.device, 204, 1536)
+        memory_child(args.memory_child, args.device, 204, 1536)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
