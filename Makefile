@@ -31,17 +31,17 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
 
 format: $(VENV)/.deps
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests scripts
+	$(VENV)/bin/ruff check --fix src tests scripts
 
 bench: install
 	$(PY) -m anomalib_protorefine.benchmark --config configs/benchmark/offline.yaml
-	$(PY) benchmarks/patchcore_speed.py
-	$(PY) benchmarks/winclip_speed.py
+	$(PY) scripts/patchcore_speed.py
+	$(PY) scripts/winclip_speed.py
 
 clean:
 	rm -rf $(VENV) build dist results .pytest_cache

@@ -874,7 +874,7 @@ def test_chunked_scoring_is_exact(monkeypatch: pytest.MonkeyPatch, distance: str
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu_and_fails_on_disagreement() -> None:
-    """``benchmarks/gpu_check.py --device cpu`` (the CPU path of ``benchmarks/gpu.sh``): every row runs, CPU
+    """``scripts/gpu_check.py --device cpu`` (the CPU path of ``scripts/gpu.sh``): every row runs, CPU
     against itself differs by float rounding at most, and a difference above ``--tolerance`` fails the
     script (here a negative tolerance, so that every row disagrees: exit 1, every row "NO")."""
     import subprocess
@@ -882,7 +882,7 @@ def test_gpu_check_script_runs_on_cpu_and_fails_on_disagreement() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small"]
+    command = [sys.executable, str(root / "scripts" / "gpu_check.py"), "--device", "cpu", "--small"]
     done = subprocess.run(
         [*command, "--tolerance", "-1"], capture_output=True, text=True, check=False, timeout=600, cwd=root
     )

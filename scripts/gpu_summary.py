@@ -1,7 +1,7 @@
 """One table from the JSON-lines files written by ``gpu.sh`` (speed benchmarks at several batch sizes).
 
 Usage:
-    python benchmarks/gpu_summary.py benchmarks/gpu_results
+    python scripts/gpu_summary.py results/gpu
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 def main() -> None:
     """Print per-image times and ratios to the matching baseline, one row per model and batch size."""
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/gpu_results")
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/gpu")
     print("| model | variant | batch | device | ms / image | ratio to baseline |")
     print("|---|---|---|---|---|---|")
     for line in (folder / "patchcore.jsonl").read_text().splitlines():

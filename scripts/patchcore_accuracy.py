@@ -9,8 +9,8 @@ Pixel metrics use 1000 bins on maps min-max normalised over the whole test set (
 ~1e-3); image metrics are exact (torchmetrics).
 
 Usage:
-    python benchmarks/patchcore_accuracy.py                       # core variants, k=1,2,4, seeds 0-2
-    python benchmarks/patchcore_accuracy.py --variants closed eps0.01 eps0.2 matched union --k 2
+    python scripts/patchcore_accuracy.py                       # core variants, k=1,2,4, seeds 0-2
+    python scripts/patchcore_accuracy.py --variants closed eps0.01 eps0.2 matched union --k 2
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ files of ``refinement_study.py`` for the same draws (image AUROC + pixel AUROC o
 ``--scoring``/``--agg`` columns).
 
 Usage:
-    python benchmarks/calibration_study.py --datasets bsdata --k 1 2 4 --seeds 0 1 2 3 4 \\
+    python scripts/calibration_study.py --datasets bsdata --k 1 2 4 --seeds 0 1 2 3 4 \\
         --candidates baseline paper:geo_refined --results results/study/sel_bsdata_k12.jsonl
 """
 

@@ -16,10 +16,10 @@ with the benchmark's :func:`~anomalib_protorefine.benchmark.resources.peak_memor
 of the resident set's high-water mark, on GPU ``torch.cuda.max_memory_allocated``).
 
 Usage:
-    python benchmarks/patchcore_speed.py --threads 2 --repeats 3
-    python benchmarks/patchcore_speed.py --threads 1 --clock process --solvers auto pot --em-tol 1e-3
-    python benchmarks/patchcore_speed.py --device cuda --batch-size 32 --solvers auto
-    python benchmarks/patchcore_speed.py --threads 1 --clock process --repeats 3 --no-memory \
+    python scripts/patchcore_speed.py --threads 2 --repeats 3
+    python scripts/patchcore_speed.py --threads 1 --clock process --solvers auto pot --em-tol 1e-3
+    python scripts/patchcore_speed.py --device cuda --batch-size 32 --solvers auto
+    python scripts/patchcore_speed.py --threads 1 --clock process --repeats 3 --no-memory \
         --iterations 1 2 3 5 --images ../shared/data/bsdata/test/good
 """
 

@@ -11,9 +11,9 @@ at the rule's threshold as a fraction of the oracle's (the best threshold on the
 over k and seeds, its lowest k, the pixel F1 as a fraction of the pixel F1-max, and the false-alarm
 rate per k. Run it on support seeds that the reported benchmark does not use:
 
-    python benchmarks/threshold_study.py --only bsdata --dump results/threshold_study/dump_bsdata.jsonl
-    python benchmarks/threshold_study.py --only deeppcb --dump results/threshold_study/dump_deeppcb.jsonl
-    python benchmarks/threshold_study.py --analyse results/threshold_study/dump_*.jsonl
+    python scripts/threshold_study.py --only bsdata --dump results/threshold_study/dump_bsdata.jsonl
+    python scripts/threshold_study.py --only deeppcb --dump results/threshold_study/dump_deeppcb.jsonl
+    python scripts/threshold_study.py --analyse results/threshold_study/dump_*.jsonl
 
 (``--seeds`` defaults to 5-9; the reported benchmark, configs/benchmark/decision.yaml, uses 0-4.)
 """

@@ -13,8 +13,8 @@ products differ between devices, so the plans (hence the scores) agree to about 
 not bitwise.
 
 Usage:
-    python benchmarks/gpu_check.py --device cuda
-    python benchmarks/gpu_check.py --device cpu --small      # smoke test of this script, no GPU
+    python scripts/gpu_check.py --device cuda
+    python scripts/gpu_check.py --device cpu --small      # smoke test of this script, no GPU
 """
 
 from __future__ import annotations

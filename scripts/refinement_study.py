@@ -12,9 +12,9 @@ Results are appended as JSON lines (one per dataset, k, seed, config, scoring, a
 crashed run resumes where it stopped; ``--table`` prints mean ± std over seeds from that file.
 
 Usage:
-    python benchmarks/refinement_study.py --datasets bsdata --k 1 2 4 --seeds 0 1 2 3 4 \\
+    python scripts/refinement_study.py --datasets bsdata --k 1 2 4 --seeds 0 1 2 3 4 \\
         --configs paper local16 --out results/study/bsdata.jsonl
-    python benchmarks/refinement_study.py --table results/study/bsdata.jsonl
+    python scripts/refinement_study.py --table results/study/bsdata.jsonl
 """
 
 from __future__ import annotations

@@ -7,15 +7,15 @@
 #   2. speed at batch 1, 8 and 32: PatchCore vs PatchCorePlus (lambda 0.3 and 3, both M-steps,
 #      batched Sinkhorn), WinCLIP vs WinClipPlus (ViT-B-16-plus-240, random weights);
 #   3. peak GPU memory of refinement + scoring at m = 1024, 4096, 16384;
-#   4. one summary table (benchmarks/gpu_summary.py).
+#   4. one summary table (scripts/gpu_summary.py).
 #
-# Usage: bash benchmarks/gpu.sh            (PYTHON=..., DEVICE=cuda, OUT=benchmarks/gpu_results)
-#        DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh   # smoke test of the script on a CPU machine
+# Usage: bash scripts/gpu.sh            (PYTHON=..., DEVICE=cuda, OUT=results/gpu)
+#        DEVICE=cpu QUICK=1 bash scripts/gpu.sh   # smoke test of the script on a CPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}
-OUT=${OUT:-benchmarks/gpu_results}
+OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 rm -f "$OUT/patchcore.jsonl" "$OUT/winclip.jsonl"
 
@@ -27,20 +27,20 @@ else
 fi
 
 echo "== 1. scores on $DEVICE vs CPU"
-"$PY" benchmarks/gpu_check.py --device "$DEVICE" "${CHECK[@]}" | tee "$OUT/agreement.txt"
+"$PY" scripts/gpu_check.py --device "$DEVICE" "${CHECK[@]}" | tee "$OUT/agreement.txt"
 
 for batch in $BATCHES; do
     echo "== 2. speed, batch $batch"
-    "$PY" benchmarks/patchcore_speed.py --device "$DEVICE" --batch-size "$batch" "${PATCHCORE[@]}" \
+    "$PY" scripts/patchcore_speed.py --device "$DEVICE" --batch-size "$batch" "${PATCHCORE[@]}" \
         --no-memory --json "$OUT/patchcore.jsonl" | tee "$OUT/patchcore_b$batch.txt"
-    "$PY" benchmarks/winclip_speed.py --device "$DEVICE" --batch-size "$batch" "${WINCLIP[@]}" \
+    "$PY" scripts/winclip_speed.py --device "$DEVICE" --batch-size "$batch" "${WINCLIP[@]}" \
         --json "$OUT/winclip.jsonl" | tee "$OUT/winclip_b$batch.txt"
 done
 
 echo "== 3. peak memory"
 # shellcheck disable=SC2086
-"$PY" benchmarks/patchcore_speed.py --device "$DEVICE" --skip-timing --memory-sizes $SIZES | tee "$OUT/memory.txt"
+"$PY" scripts/patchcore_speed.py --device "$DEVICE" --skip-timing --memory-sizes $SIZES | tee "$OUT/memory.txt"
 
 echo "== 4. summary"
-"$PY" benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
+"$PY" scripts/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
 cat "$OUT/agreement.txt" | tail -n +2
