@@ -2,8 +2,15 @@
 
 anomalib's sampler draws its random start from the global torch RNG and its sparse random
 projection from numpy (through scikit-learn), so two runs give different banks. Here both are
-seeded, and the global RNG state is left untouched. Its tqdm progress bar is off: a few-shot
-coreset takes seconds, and the bar would interleave with Lightning's and rich's progress output.
+seeded, and the global RNG state is left untouched.
+
+The selection is anomalib's: its ``SparseRandomProjection`` of the rows, its random start, then
+the farthest-point loop of ``KCenterGreedy.select_coreset_idxs``, with the same arithmetic and the
+same indices (tested). Only the loop's memory differs: anomalib forms a new ``(N, d)`` difference
+array at every step; on CPU, in a long-lived process, glibc's allocator can keep such freed
+arrays on a fragmented heap, and the resident set then grows by about one array per step (an
+augmented few-shot bank of 24576 patches grew past 14 GB before finishing). Here the loop reuses
+two buffers. It draws no progress bar (a few-shot coreset takes seconds).
 
 Example:
     >>> import torch
@@ -15,25 +22,49 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Iterator
-
 import torch
 from anomalib.models.components import KCenterGreedy
-from anomalib.models.components.sampling import k_center_greedy
 from torch.nn import functional as F  # noqa: N812
 
+__all__ = ["greedy_indices", "seeded_coreset"]
 
-@contextlib.contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    """Inside the block, anomalib's coreset sampler draws no tqdm bar (its loop is unchanged)."""
-    original = k_center_greedy.tqdm
-    k_center_greedy.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        k_center_greedy.tqdm = original
+
+def greedy_indices(features: torch.Tensor, size: int, start: torch.Tensor) -> list[int]:
+    """Farthest-point (k-center greedy) selection of ``size`` rows of ``features`` ``(N, d)``, from ``start``.
+
+    anomalib's loop (``KCenterGreedy.select_coreset_idxs``): each step adds the row farthest from the
+    rows chosen so far (ties: the first), whose distance is then set to 0; the start counts as chosen.
+    The distances go through two preallocated buffers instead of a new ``(N, d)`` array per step.
+
+    Args:
+        features: The (projected) rows.
+        size: Number of rows to select (>= 1).
+        start: Index of the first row (a 0-d tensor or an int).
+
+    Returns:
+        The selected indices, the start first.
+
+    Example:
+        >>> points = torch.tensor([[0.0], [1.0], [10.0], [4.0]])
+        >>> greedy_indices(points, 3, torch.tensor(0))
+        [0, 2, 3]
+    """
+    index = torch.as_tensor(start, device=features.device).reshape(())
+    selected = [index]
+    difference = torch.empty_like(features)
+    distances = torch.empty((features.shape[0], 1), dtype=features.dtype, device=features.device)
+    nearest: torch.Tensor | None = None
+    for _ in range(size - 1):
+        torch.sub(features, features[index], out=difference)
+        torch.linalg.vector_norm(difference, ord=2, dim=1, keepdim=True, out=distances)
+        if nearest is None:
+            nearest = distances.clone()
+        else:
+            torch.minimum(nearest, distances, out=nearest)
+        _, index = torch.max(nearest.squeeze(1), dim=0)
+        nearest[index] = 0.0
+        selected.append(index)
+    return torch.stack(selected).cpu().tolist()
 
 
 def seeded_coreset(embeddings: torch.Tensor, sampling_ratio: float, seed: int, normalize: bool = False) -> torch.Tensor:
@@ -56,9 +87,12 @@ def seeded_coreset(embeddings: torch.Tensor, sampling_ratio: float, seed: int, n
     size = max(int(embeddings.shape[0] * sampling_ratio), 1)
     candidates = F.normalize(embeddings.float(), dim=-1) if normalize else embeddings
     devices = [embeddings.device] if embeddings.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _no_progress_bar():
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         sampler = KCenterGreedy(embedding=candidates, sampling_ratio=size / embeddings.shape[0])
         sampler.model.random_state = seed  # the sparse random projection draws with numpy
-        indices = sampler.select_coreset_idxs()
+        sampler.model.fit(candidates)
+        features = sampler.model.transform(candidates)
+        start = torch.randint(high=candidates.shape[0], size=(1,), device=features.device).squeeze()
+        indices = greedy_indices(features, sampler.coreset_size, start)
     return embeddings[indices]
