@@ -229,3 +229,25 @@ def test_online_model_refuses_export(tmp_path) -> None:
     with pytest.raises(ValueError, match="online=True"):
         model.to_onnx(tmp_path)
     assert not model.model.refiner.is_exporting
+
+
+def test_openvino_export_warns_about_bfloat16_and_runs_in_float32_with_the_hint(refined, tmp_path: Path) -> None:
+    """``to_openvino`` names the float32 option (the IR cannot carry it: OpenVINO ignores ``rt_info`` runtime
+    options); compiled with it the IR reproduces torch, without it on a bfloat16-capable CPU it is far off."""
+    ov = pytest.importorskip("openvino", reason="OpenVINO is part of the export extra: pip install '.[export]'")
+    model, _ = refined
+    with pytest.warns(UserWarning, match=r"INFERENCE_PRECISION_HINT': 'f32'"):
+        path = model.to_openvino(tmp_path)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    reference = torch_outputs(model, images, sinkhorn_method="fixed", sinkhorn_max_iter=EXPORT_SINKHORN_ITERATIONS)
+    core = ov.Core()
+    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    exported = {out.get_any_name(): value for out, value in compiled(images.numpy()).items()}
+    assert relative_error(exported["pred_score"], reference.pred_score) <= RTOL_SAME_PATH
+    assert relative_error(exported["anomaly_map"], reference.anomaly_map) <= RTOL_SAME_PATH
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        # Without the option: bfloat16 on this CPU, and visibly off (what the warning is about).
+        plain = {
+            out.get_any_name(): value for out, value in core.compile_model(str(path), "CPU")(images.numpy()).items()
+        }
+        assert relative_error(plain["anomaly_map"], reference.anomaly_map) > 10 * RTOL_SAME_PATH

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ __all__ = ["FewShotMemoryBankMixin"]
 
 
 class FewShotMemoryBankMixin:
-    """Training, learning type, trainer arguments, ONNX export and support reset of a memory-bank model.
+    """Training, learning type, trainer arguments, ONNX/OpenVINO export and support reset of a memory-bank model.
 
     The class using it holds ``k_shot``, ``few_shot_source``, ``support_paths``, ``_is_fitted``,
     ``_ensure_ready()`` and a torch model with ``memory_bank``, ``embedding_store`` and ``exporting()``.
@@ -112,3 +113,30 @@ class FewShotMemoryBankMixin:
             self._ensure_ready()  # type: ignore[attr-defined]  # no checkpoint: the bank from few_shot_source
         with self.model.exporting(sinkhorn_iterations):
             return super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
+
+    def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        """Anomalib's OpenVINO export (through :meth:`to_onnx`), with a warning about OpenVINO's CPU precision.
+
+        OpenVINO's CPU plugin infers in bfloat16 by default on processors that support it, which puts the
+        refined scores far off; the IR cannot carry the fix (OpenVINO ignores runtime options stored in the
+        model's ``rt_info``), so the export warns once with the option to pass:
+        ``OpenVINOInferencer(path, config={"INFERENCE_PRECISION_HINT": "f32"})``.
+
+        Args:
+            export_root: Folder of the export.
+            *args: anomalib's ``to_openvino`` arguments (``model_file_name``, ``input_size``, ...).
+            **kwargs: Its keyword arguments (``onnx_kwargs={"sinkhorn_iterations": 200}`` reaches
+                :meth:`to_onnx`).
+
+        Returns:
+            The path of the ``.xml`` file.
+        """
+        path = super().to_openvino(export_root, *args, **kwargs)  # type: ignore[misc]
+        msg = (
+            f"OpenVINO export {path}: compile it in float32, e.g. OpenVINOInferencer(path, "
+            "config={'INFERENCE_PRECISION_HINT': 'f32'}) or core.compile_model(path, 'CPU', "
+            "{'INFERENCE_PRECISION_HINT': 'f32'}). OpenVINO's CPU default on bfloat16-capable processors is "
+            "bfloat16, which puts the scores and the decisions far off, and the IR cannot carry the option."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        return path
