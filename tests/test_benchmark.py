@@ -227,8 +227,9 @@ def test_tiny_run_resumes_after_a_stop_and_writes_the_report(
         return original(job, task_id)
 
     monkeypatch.setattr(FewShotBenchmarkJob, "run", stop_at_third)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line, exit code 130
         main(["--config", str(config_path)])
+    assert stopped.value.code == 130
     assert {(r["seed"], r["method"]) for r in _rows(output)} == {("0", "PatchCore"), ("0", "PatchCore+")}
 
     calls.clear()
