@@ -70,13 +70,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import timm
 import torch
-from anomalib.models.components import TimmFeatureExtractor
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models import load_state_dict as timm_load_state_dict
+
+if TYPE_CHECKING:
+    from anomalib.models.components import TimmFeatureExtractor
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +403,7 @@ def load_backbone_weights(
         ValueError: If keys are missing, shapes differ or foreign keys are present.
 
     Example:
+        >>> from anomalib.models.components import TimmFeatureExtractor
         >>> extractor = TimmFeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], pre_trained=False)
         >>> load_backbone_weights(extractor, resolve_weights("tf_efficientnet_lite0").path)
 
@@ -502,6 +505,18 @@ def _hub_error(backbone: str, reason: str, vit: bool = False) -> RuntimeError:
     return RuntimeError(msg)
 
 
+def _timm_feature_extractor() -> type[TimmFeatureExtractor]:
+    """Anomalib's ``TimmFeatureExtractor``, imported when a backbone is built.
+
+    Not at module level: importing ``anomalib.models`` runs the package's registration hook
+    (``_autoload``), which imports the models, which import this module. A script whose first import
+    is this module would otherwise meet it half initialised.
+    """
+    from anomalib.models.components import TimmFeatureExtractor
+
+    return TimmFeatureExtractor
+
+
 def build_feature_extractor(
     backbone: str,
     layers: Sequence[str],
@@ -532,6 +547,7 @@ def build_feature_extractor(
         ([40, 112], [8, 16])
 
     """
+    extractor_class = _timm_feature_extractor()
     _check_backbone(backbone)
     if isinstance(layers, str) or not layers:
         msg = f"`layers` must be a non-empty sequence of layer names, got {layers!r}; e.g. ['blocks.2', 'blocks.4']."
@@ -549,12 +565,12 @@ def build_feature_extractor(
         raise ValueError(msg)
 
     if not pre_trained:
-        return TimmFeatureExtractor(backbone=backbone, layers=layers, pre_trained=False).eval()
+        return extractor_class(backbone=backbone, layers=layers, pre_trained=False).eval()
 
     source = resolve_weights(backbone, weights)
     if source.kind != "hub":
         assert source.path is not None
-        extractor = TimmFeatureExtractor(backbone=backbone, layers=layers, pre_trained=False)
+        extractor = extractor_class(backbone=backbone, layers=layers, pre_trained=False)
         load_backbone_weights(extractor, source.path)
         logger.info("Backbone %s: pretrained weights from %s.", backbone, source.description)
         return extractor.eval()
@@ -563,7 +579,7 @@ def build_feature_extractor(
     if cfg is not None and not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
         raise _hub_error(backbone, "timm has no pretrained weights for it")
     try:
-        extractor = TimmFeatureExtractor(backbone=backbone, layers=layers, pre_trained=True)
+        extractor = extractor_class(backbone=backbone, layers=layers, pre_trained=True)
     except Exception as exc:
         raise _hub_error(backbone, f"{type(exc).__name__}: {exc}") from exc
     logger.info("Backbone %s: pretrained weights from %s.", backbone, source.description)
@@ -603,6 +619,7 @@ def build_vit_extractor(
         >>> extractor(torch.rand(1, 3, 56, 56))["blocks.11"].shape
         torch.Size([1, 16, 384])
     """
+    extractor_class = _timm_feature_extractor()
     _check_backbone(encoder_name)
     if not pre_trained and weights is not None:
         msg = (
@@ -611,7 +628,7 @@ def build_vit_extractor(
         raise ValueError(msg)
     options = {"layers": [layer], "output_fmt": "NLC", "return_class_token": False, "norm": True}
     if not pre_trained or weights is not None:
-        extractor = TimmFeatureExtractor(backbone=encoder_name, pre_trained=False, **options)
+        extractor = extractor_class(backbone=encoder_name, pre_trained=False, **options)
         if weights is not None:
             source = resolve_weights(encoder_name, weights)
             assert source.path is not None
@@ -634,7 +651,7 @@ def build_vit_extractor(
     if cfg is not None and not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
         raise _hub_error(encoder_name, "timm has no pretrained weights for it", vit=True)
     try:
-        extractor = TimmFeatureExtractor(backbone=encoder_name, pre_trained=True, **options)
+        extractor = extractor_class(backbone=encoder_name, pre_trained=True, **options)
     except Exception as exc:
         raise _hub_error(encoder_name, f"{type(exc).__name__}: {exc}", vit=True) from exc
     logger.info("Encoder %s: pretrained weights from the hub.", encoder_name)
