@@ -879,3 +879,18 @@ def test_ctrl_c_ends_the_demo_with_one_line_and_exit_130(
     err = capsys.readouterr().err
     assert err.startswith("interrupted")
     assert "Traceback" not in err
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_one_line(tmp_path: Path) -> None:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello, this is not a checkpoint\n")
+    with pytest.raises(
+        ValueError, match=r"notes.ckpt' is not a checkpoint \(not a torch.save file; it starts with b'hell'\)"
+    ):
+        PatchCorePlus.load_from_checkpoint(text)
+    with pytest.raises(FileNotFoundError, match=r"missing.ckpt' does not exist"):
+        PatchCorePlus.load_from_checkpoint(tmp_path / "missing.ckpt")
+    from anomalib_protorefine.models.common import check_checkpoint_file
+
+    torch.save({"state_dict": {}}, tmp_path / "real.ckpt")
+    check_checkpoint_file(tmp_path / "real.ckpt")  # a torch.save file passes

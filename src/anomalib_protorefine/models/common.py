@@ -143,6 +143,36 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: The first bytes of a ``torch.save`` file: a zip archive (torch >= 1.6) or a pickle (protocol 2+).
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Raise a one-line error unless ``path`` is an existing ``torch.save`` file (local paths only).
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = tempfile.mkstemp(suffix=".ckpt")[1]
+        >>> torch.save({"state_dict": {}}, path)
+        >>> check_checkpoint_file(path)
+    """
+    text = str(path)
+    if "://" in text:  # a URL or a registry name: Lightning resolves it
+        return
+    file = Path(text).expanduser()
+    if not file.is_file():
+        msg = f"checkpoint {text!r} does not exist: pass the .ckpt file that Engine.fit or anomalib fit wrote."
+        raise FileNotFoundError(msg)
+    with file.open("rb") as handle:
+        head = handle.read(4)
+    if not head.startswith(_CHECKPOINT_MAGIC):
+        msg = (
+            f"{text!r} is not a checkpoint (not a torch.save file; it starts with {head!r}): pass the .ckpt file "
+            "that Engine.fit or anomalib fit wrote (weights/lightning/model.ckpt)."
+        )
+        raise ValueError(msg)
+
+
 class RefinedFewShotMixin:
     """Hooks shared by models whose torch model has a ``refiner`` and that build support data on demand.
 
@@ -489,6 +519,20 @@ class RefinedFewShotMixin:
     def configure_post_processor() -> PostProcessor:
         """The post-processor: :class:`FewShotPostProcessor` (thresholds may come from the support images)."""
         return FewShotPostProcessor()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, after a check that the file is a checkpoint at all.
+
+        A missing file or one that is not a ``torch.save`` file (a text file, a truncated download) gets
+        one line naming the file and the fix instead of an unpickling traceback.
+
+        Raises:
+            FileNotFoundError: No such file.
+            ValueError: The file is not a torch checkpoint.
+        """
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the refiner as plain options (loadable with ``weights_only``) and the support files."""
