@@ -57,3 +57,9 @@ def test_open_clip_weight_resolution_moved_with_a_warning() -> None:
     assert old is clip_weights.resolve_pretrained
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = torch_model.no_such_name
+
+
+def test_the_lazy_package_lists_the_same_renames_as_the_model_module() -> None:
+    from anomalib_protorefine.models.patchcore_plus import torch_model
+
+    assert anomalib_protorefine._RENAMED == torch_model.RENAMED

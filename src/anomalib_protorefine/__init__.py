@@ -76,7 +76,8 @@ def config_path(name: str | None = None) -> Path:
     return path
 
 
-#: Old public names (old -> new), still served with a ``FutureWarning``.
+#: Old public names (old -> new), still served with a ``FutureWarning``: a copy of
+#: ``models.patchcore_plus.torch_model.RENAMED``, kept here so that this package imports nothing heavy.
 _RENAMED = {"PatchcorePlusModel": "PatchCorePlusModel"}
 
 

@@ -9,6 +9,7 @@ from anomalib_protorefine._deprecation import renamed_names
 
 from .anomaly_dino_plus import AnomalyDINOPlus, AnomalyDINOPlusModel
 from .patchcore_plus import PatchCorePlus, PatchCorePlusModel
+from .patchcore_plus.torch_model import RENAMED
 from .winclip_plus import WinClipPlus, WinClipPlusModel
 
 __all__ = [
@@ -22,4 +23,4 @@ __all__ = [
 
 
 #: Old public names, still served with a ``FutureWarning``.
-__getattr__ = renamed_names(__name__, {"PatchcorePlusModel": "PatchCorePlusModel"}, globals())
+__getattr__ = renamed_names(__name__, RENAMED, globals())

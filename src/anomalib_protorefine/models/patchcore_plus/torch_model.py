@@ -260,5 +260,8 @@ class PatchCorePlusModel(PatchcoreModel):
         self.online_bank = torch.empty(0, device=self.memory_bank.device)
 
 
-#: Old public names, still served with a ``FutureWarning``.
-__getattr__ = renamed_names(__name__, {"PatchcorePlusModel": "PatchCorePlusModel"}, globals())
+#: Old public names of this module's classes (old -> new), still served with a ``FutureWarning`` here and
+#: wherever the classes are re-exported.
+RENAMED = {"PatchcorePlusModel": "PatchCorePlusModel"}
+
+__getattr__ = renamed_names(__name__, RENAMED, globals())
