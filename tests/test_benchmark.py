@@ -62,6 +62,8 @@ def _rows(output: Path) -> list[dict[str, str]]:
         (lambda b: b["shared"].update(colour="red"), "benchmark.shared: unknown options"),
         (lambda b: b.update(max_test_images=1), "max_test_images"),
         (lambda b: b.update(k_shots=1), r"unknown key\(s\) 'k_shots' \(did you mean 'k_shot'\?\)"),
+        (lambda b: b.update(decision_rules={"held_out": ["bank"], "positions": [0.5]}), "unknown construction"),
+        (lambda b: b.update(decision_rules={"positions": [1.5]}), "positions must be a list of numbers in"),
     ],
 )
 def test_bad_configs_are_reported_before_anything_runs(tiny_config: dict, change: Any, message: str) -> None:
@@ -330,6 +332,76 @@ def test_a_data_set_without_masks_reports_no_pixel_metrics(tiny_config: dict, tm
     report = (output / "report.md").read_text()
     assert "Pixel metrics n/a: the test set of this data set has no masks" in report
     assert "| n/a |" in report
+
+
+def test_decision_rules_judge_every_rule_on_the_cells_own_scores(tiny_config: dict, tmp_path: Path) -> None:
+    """The rule at the package's own construction and position reproduces the model's decisions; positions order them.
+
+    A higher position is a higher threshold: never more false alarms nor more detections. The
+    report's ratios are recomputed from results.csv.
+    """
+    from anomalib_protorefine.thresholds import POSITION
+
+    bench = tiny_config["benchmark"]
+    bench.pop("sweeps")
+    bench.update(k_shot={"grid": [2]}, figure7=False, heatmaps={"images": 0})
+    bench["decision_rules"] = {"held_out": ["copies", "leave_one_out"], "positions": [0.0, POSITION, 1.0]}
+    main(["--config", str(_write(tiny_config, tmp_path))])
+    output = Path(bench["output"])
+    values = {(r["method"], int(r["seed"]), r["metric"]): float(r["value"]) for r in _rows(output)}
+    for method in ("PatchCore", "PatchCore+"):
+        ratios = []
+        for seed in (0, 1):
+            for metric in ("image_BAcc", "image_FAR", "image_Recall", "pixel_F1"):
+                own = values[(method, seed, f"support_{metric}")]
+                assert values[(method, seed, f"rule_copies_{POSITION:g}_support_{metric}")] == pytest.approx(own)
+            for held_out in ("copies", "leave_one_out"):
+                rates = [
+                    [values[(method, seed, f"rule_{held_out}_{p:g}_support_image_{m}")] for p in (0.0, POSITION, 1.0)]
+                    for m in ("FAR", "Recall")
+                ]
+                for rate in rates:
+                    assert rate == sorted(rate, reverse=True)
+            ratios.append(
+                values[(method, seed, "rule_leave_one_out_1_support_image_BAcc")]
+                / values[(method, seed, "oracle_image_BAcc")]
+            )
+        report = (output / "report.md").read_text()
+        assert f"| leave_one_out | 1 | {method} | {sum(ratios) / 2:.3f} |" in report
+    separated = {values[(m, s, f"rule_{h}_separated")] for m in ("PatchCore",) for s in (0, 1) for h in ("copies",)}
+    assert separated <= {0.0, 1.0}
+
+
+def test_self_calibration_records_its_pick_and_the_report_counts_it(tiny_config: dict, tmp_path: Path) -> None:
+    """refiner="auto" scores exactly like the candidate it recorded; the report's counts follow from results.csv."""
+    bench = tiny_config["benchmark"]
+    bench.pop("sweeps")
+    bench.update(k_shot={"grid": [1, 2]}, few_shot_seed={"grid": [0, 1, 2]}, figure7=False, heatmaps={"images": 0})
+    bench["model"]["grid"].append(
+        {"name": "auto", "class_path": "PatchCorePlus", "base": "PatchCore", "init_args": {"refiner": "auto"}}
+    )
+    main(["--config", str(_write(tiny_config, tmp_path))])
+    output = Path(bench["output"])
+    values = {(r["method"], int(r["k_shot"]), int(r["seed"]), r["metric"]): float(r["value"]) for r in _rows(output)}
+    picks = {key[1:3]: value for key, value in values.items() if key[3] == "auto_refined"}
+    assert len(picks) == 6
+    assert not any(key[3] == "auto_refined" and key[0] != "auto" for key in values)
+    expected_lines = []
+    for k in (1, 2):
+        better = 0
+        for seed in (0, 1, 2):
+            chosen, other = ("PatchCore+", "PatchCore") if picks[(k, seed)] else ("PatchCore", "PatchCore+")
+            for metric in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
+                assert values[("auto", k, seed, metric)] == pytest.approx(values[(chosen, k, seed, metric)], abs=1e-6)
+            total = {
+                m: values[(m, k, seed, "image_AUROC")] + values[(m, k, seed, "pixel_AUROC")] for m in (chosen, other)
+            }
+            better += total[chosen] >= total[other]
+        refined = int(sum(picks[(k, seed)] for seed in (0, 1, 2)))
+        expected_lines.append(f"| auto (vs PatchCore+) | {k} | {refined}/3 | {better}/3 |")
+    report = (output / "report.md").read_text()
+    for line in expected_lines:
+        assert line in report
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ entries are ``class_path``/``init_args`` dicts, lists under ``grid`` expanded by
 * ``shared`` holds PatchCorePlus arguments common to the feature-based methods (``backbone``,
   ``layers``, ``coreset_sampling_ratio``, ``image_size``), so their test features are computed once;
 * ``sweeps`` adds one method per value of a parameter of a method (the paper's Fig. 5/8 curves);
+* ``decision_rules`` judges other support-threshold rules on every cell
+  (:mod:`anomalib_protorefine.benchmark.rules`);
 * ``output``, ``max_test_images``, ``heatmaps``, ``figure7`` control the results folder.
 
 Example:
@@ -33,11 +35,13 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
+
+from .rules import DecisionRules, parse_rules
 
 #: The PatchCorePlus family: scored on cached test features, with ``shared`` merged into their arguments.
 PATCHCORE_METHODS = ("PatchCorePlus", "anomalib_protorefine.PatchCorePlus", "FastRecon")
@@ -61,6 +65,7 @@ SECTION_KEYS: tuple[str, ...] = (
     "model",
     "data",
     "sweeps",
+    "decision_rules",
     "seed",
 )
 
@@ -126,6 +131,7 @@ class BenchmarkPlan:
     heatmap_images: int = 4
     figure7: bool = True
     shared: dict[str, Any] = field(default_factory=dict)
+    decision_rules: DecisionRules | None = None
     data_configs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -341,6 +347,10 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
     if max_test is not None and (isinstance(max_test, bool) or not isinstance(max_test, int) or max_test < 2):
         msg = f"benchmark.max_test_images must be an integer >= 2 or null (all), got {max_test!r}."
         raise BenchmarkConfigError(msg)
+    try:
+        rules = parse_rules(section.get("decision_rules"))
+    except ValueError as error:
+        raise BenchmarkConfigError(str(error)) from None
     plan = BenchmarkPlan(
         accelerator="cuda" if accelerator == "gpu" else accelerator,
         methods=_methods(section, shared),
@@ -353,6 +363,7 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
         heatmap_images=int(section.get("heatmaps", {}).get("images", 4)),
         figure7=bool(section.get("figure7", True)),
         shared=shared,
+        decision_rules=rules,
     )
     plan.data_configs = [data.config for data in plan.datasets]  # all of them, whatever --only runs
     if check_data:
@@ -367,16 +378,15 @@ def describe(plan: BenchmarkPlan) -> str:
     Everything that changes a row: the methods, every data set's config (all of them, also when a
     process runs ``--only`` some), k, the seeds, the shared settings and the test subset.
     """
-    return json.dumps(
-        {
-            "methods": [[m.name, m.class_path, m.init_args] for m in plan.methods],
-            "max_test_images": plan.max_test_images,
-            "data": plan.data_configs,
-            "k_shot": plan.k_shots,
-            "few_shot_seed": plan.seeds,
-            "shared": plan.shared,
-            "seed": plan.seed,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    described: dict[str, Any] = {
+        "methods": [[m.name, m.class_path, m.init_args] for m in plan.methods],
+        "max_test_images": plan.max_test_images,
+        "data": plan.data_configs,
+        "k_shot": plan.k_shots,
+        "few_shot_seed": plan.seeds,
+        "shared": plan.shared,
+        "seed": plan.seed,
+    }
+    if plan.decision_rules is not None:  # absent otherwise, so that folders of runs without rules still match
+        described["decision_rules"] = asdict(plan.decision_rules)
+    return json.dumps(described, sort_keys=True, default=str)

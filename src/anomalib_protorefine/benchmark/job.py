@@ -161,7 +161,9 @@ class FewShotBenchmarkJob(Job):
             test = self.context.test_features(self.data, self.method)
             datamodule = self.context.datamodule(self.data)
             batch_size = getattr(datamodule, "eval_batch_size", 32)
-            values = run_cached(self.method, datamodule, test, self.k, self.seed, self.context.device, batch_size)
+            values = run_cached(
+                self.method, datamodule, test, self.k, self.seed, self.context.device, batch_size, plan.decision_rules
+            )
         else:
             values = run_engine(self.method, make_datamodule(self.data.config), plan, self.k, self.seed)
         name, _, category = self.data.label.partition("/")

@@ -42,6 +42,7 @@ from .decision import best_balanced_accuracy, decision_values
 from .features import CachedTestSet, scored_indices
 from .metrics import benchmark_metrics
 from .resources import peak_memory
+from .rules import DecisionRules, rule_values
 
 #: FastRecon-style options (everything else is a PatchCorePlus argument).
 FASTRECON_OPTIONS = ("lambda_", "ridge")
@@ -205,8 +206,12 @@ def run_cached(
     seed: int,
     device: torch.device,
     batch_size: int,
+    rules: DecisionRules | None = None,
 ) -> dict[str, float]:
-    """Metrics, decisions, time and memory of a feature-based method on one cell, from the cached test features."""
+    """Metrics, decisions, time and memory of a feature-based method on one cell, from the cached test features.
+
+    With ``rules``, the decisions of other support-threshold rules too (:mod:`.rules`).
+    """
     model = build_feature_model(method, k, seed, device)
     start = time.perf_counter()
     model.prepare_support(datamodule)
@@ -220,6 +225,11 @@ def run_cached(
     values = {metric.name: float(metric.compute()) for metric in metrics}
     if method.class_path != "FastRecon":  # the support thresholds are in the model's own score units
         values |= decisions(model, scored, test)
+        if rules is not None:
+            values |= rule_values(model, scored, test, rules)
+    calibration = getattr(model, "calibration", None)
+    if calibration is not None:  # refiner="auto": which candidate the support images chose
+        values["auto_refined"] = float(calibration.choice != "off")
     head_ms = 1000 * scored.seconds / len(test.paths)
     values |= {
         "head_ms": head_ms,

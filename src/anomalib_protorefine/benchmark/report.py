@@ -18,6 +18,7 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
 
@@ -25,8 +26,11 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from anomalib_protorefine.models.patchcore_plus.lightning_model import PATCHCORE_DEFAULT_PRESET
+
 from .config import BenchmarkPlan, MethodSpec, parameter_value
 from .job import read_results
+from .rules import DecisionRules, rule_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +243,183 @@ def _decision_tables(frame: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
+def _on_candidate(plan: BenchmarkPlan, method: MethodSpec) -> MethodSpec | None:
+    """The run's method with the default refiner on the same base as the self-calibrating ``method``."""
+    for other in plan.methods:
+        refiner = other.init_args.get("refiner", True)
+        if other.base == method.base and other.name != method.name and refiner in (True, PATCHCORE_DEFAULT_PRESET):
+            return other
+    return None
+
+
+def calibration_summary(plan: BenchmarkPlan, frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per self-calibrating method (``refiner="auto"``) and k: its picks against both candidates on the test set.
+
+    The candidates are the method's ``base`` (refinement off) and the run's method with the default
+    refiner on the same base. A pick is *better* when the chosen candidate's image + pixel AUROC on
+    the test set is at least the other's (pixel AUROC left out where the data set has no masks).
+
+    Returns:
+        One dict per (method, k): ``method``, ``on``, ``k``, ``draws``, ``refined`` (draws that kept
+        refinement), ``better`` (draws whose pick was the better candidate), ``pick_gain`` and
+        ``on_gain`` (mean gain of the pick / of always-on refinement over the base, AUROC points).
+
+    Example:
+        >>> methods = [MethodSpec("off", "PatchCorePlus", {"refiner": False}),
+        ...     MethodSpec("on", "PatchCorePlus", {"refiner": "fused"}, base="off"),
+        ...     MethodSpec("auto", "PatchCorePlus", {"refiner": "auto"}, base="off")]
+        >>> plan = BenchmarkPlan("cpu", methods, [], [1], [0], Path("out"))
+        >>> rows = [("off", 0.80, 0), ("on", 0.85, 1), ("auto", 0.85, 1)]
+        >>> frame = pd.DataFrame([("d", 1, 0, m, metric, v) for m, auc, refined in rows
+        ...     for metric, v in (("image_AUROC", auc), ("auto_refined", refined))],
+        ...     columns=["dataset", "k_shot", "seed", "method", "metric", "value"])
+        >>> frame = frame[~((frame.metric == "auto_refined") & (frame.method != "auto"))]
+        >>> summary = calibration_summary(plan, frame)[0]
+        >>> summary["refined"], summary["better"], round(summary["pick_gain"], 1)
+        (1, 1, 5.0)
+    """
+    data = _per_seed(frame)
+    metrics = ["image_AUROC"] + (["pixel_AUROC"] if frame.metric.eq("pixel_AUROC").any() else [])
+    summary: list[dict[str, Any]] = []
+    for method in plan.methods:
+        on = _on_candidate(plan, method)
+        ks = sorted({k for (name, k, metric) in data if name == method.name and metric == "auto_refined"})
+        if on is None or method.base is None or not ks:
+            continue
+        for k in ks:
+
+            def total(name: str, seed: int, k: int = k) -> float:
+                return sum(data[(name, k, metric)][seed] for metric in metrics)
+
+            refined = data[(method.name, k, "auto_refined")]
+            seeds = [
+                s
+                for s in sorted(refined)
+                if all(s in data.get((n, k, metric), {}) for n in (method.base, on.name) for metric in metrics)
+            ]
+            if not seeds:
+                continue
+            picks = [on.name if refined[s] else method.base for s in seeds]
+            better = sum(
+                total(pick, s) >= total(other, s)
+                for pick, s in zip(picks, seeds, strict=True)
+                for other in [on.name if pick == method.base else method.base]
+            )
+            summary.append(
+                {
+                    "method": method.name,
+                    "on": on.name,
+                    "k": k,
+                    "draws": len(seeds),
+                    "refined": int(sum(refined[s] for s in seeds)),
+                    "better": int(better),
+                    "pick_gain": 100 * sum(total(method.name, s) - total(method.base, s) for s in seeds) / len(seeds),
+                    "on_gain": 100 * sum(total(on.name, s) - total(method.base, s) for s in seeds) / len(seeds),
+                }
+            )
+    return summary
+
+
+def _calibration_table(plan: BenchmarkPlan, frame: pd.DataFrame) -> list[str]:
+    """Markdown of :func:`calibration_summary` for one dataset (nothing when no method self-calibrates)."""
+    summary = calibration_summary(plan, frame)
+    if not summary:
+        return []
+    what = "image + pixel AUROC" if frame.metric.eq("pixel_AUROC").any() else "image AUROC"
+    lines = [
+        f'Self-calibration (`refiner="auto"`) against its two candidates on the same draws; gains in points of {what} '
+        "over the base, mean over the draws:",
+        "",
+        "| method | k | kept refinement | picked the better candidate | gain of the pick | gain of always on |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        lines.append(
+            f"| {row['method']} (vs {row['on']}) | {row['k']} | {row['refined']}/{row['draws']} | "
+            f"{row['better']}/{row['draws']} | {row['pick_gain']:+.2f} | {row['on_gain']:+.2f} |"
+        )
+    return [*lines, ""]
+
+
+def rules_summary(frame: pd.DataFrame, rules: DecisionRules) -> list[dict[str, Any]]:
+    """Per rule and method: the goal's ratios (BAcc / oracle, pixel F1 / F1-max; mean and lowest k) and rates per k.
+
+    Args:
+        frame: Long-form results of one dataset.
+        rules: The rules of the run.
+
+    Returns:
+        One dict per (construction, position, method) with ``bacc_ratio``, ``worst_k_bacc_ratio``,
+        ``pixel_f1_ratio`` (absent without masks), ``far`` and ``detection`` (``{k: mean rate}``)
+        and ``separated`` (cells whose pseudo-defects scored above the pseudo-normals, of ``cells``).
+    """
+    rows: list[dict[str, Any]] = []
+    plain = frame[~frame.metric.str.startswith("rule_")]
+    for held_out in rules.held_out:
+        separated = frame[frame.metric == f"rule_{held_out}_separated"]
+        for position in rules.positions:
+            prefix = rule_prefix(held_out, position)
+            part = frame[frame.metric.str.startswith(prefix)].assign(
+                metric=lambda f, p=prefix: f.metric.str.removeprefix(p)
+            )
+            if part.empty:
+                continue
+            references = plain[plain.metric.isin(["oracle_image_BAcc", "pixel_F1Max"])]
+            summary = decision_summary(pd.concat([part, references]))
+            for (_, method), ratios in summary.items():
+                mine = part[part.method == method]
+                rates = {
+                    name: mine[mine.metric == metric].groupby("k_shot").value.mean().to_dict()
+                    for name, metric in (("far", "support_image_FAR"), ("detection", "support_image_Recall"))
+                }
+                flags = separated[separated.method == method].value
+                rows.append(
+                    {
+                        "held_out": held_out,
+                        "position": position,
+                        "method": method,
+                        **ratios,
+                        **rates,
+                        "separated": int(flags.sum()),
+                        "cells": len(flags),
+                    }
+                )
+    return rows
+
+
+def _rules_table(plan: BenchmarkPlan, frame: pd.DataFrame) -> list[str]:
+    """Markdown of :func:`rules_summary` for one dataset (nothing when the run judges no rules)."""
+    if plan.decision_rules is None:
+        return []
+    summary = rules_summary(frame, plan.decision_rules)
+    if not summary:
+        return []
+    ks = sorted(int(k) for k in frame.k_shot.unique())
+    per_k = "/".join(str(k) for k in ks)
+    lines = [
+        "Support-threshold rules (`decision_rules`): construction of the pseudo-normal images and position of the "
+        "image threshold between the highest pseudo-normal (0) and the median pseudo-defect score (1); the pixel "
+        "threshold is the image threshold. Ratios per seed, averaged over k and seeds (lowest k beside); separated: "
+        "cells whose median pseudo-defect scored above the highest pseudo-normal:",
+        "",
+        f"| construction | position | method | BAcc / oracle | worst k | pixel F1 / F1-max | false alarms k={per_k} "
+        f"| detection k={per_k} | separated |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+
+        def rates(name: str, row: dict[str, Any] = row) -> str:
+            return "/".join(f"{row[name].get(k, math.nan):.2f}" for k in ks)
+
+        pixel = f"{row['pixel_f1_ratio']:.2f}" if "pixel_f1_ratio" in row else "n/a"
+        lines.append(
+            f"| {row['held_out']} | {row['position']:g} | {row['method']} | {row.get('bacc_ratio', math.nan):.3f} | "
+            f"{row.get('worst_k_bacc_ratio', math.nan):.2f} | {pixel} | {rates('far')} | {rates('detection')} | "
+            f"{row['separated']}/{row['cells']} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(plan: BenchmarkPlan, frame: pd.DataFrame) -> str:
     """The whole ``report.md``."""
     seeds = sorted(int(s) for s in frame.seed.unique())
@@ -262,6 +443,8 @@ def markdown(plan: BenchmarkPlan, frame: pd.DataFrame) -> str:
         lines += ["Cost (mean ± std over seeds; time = cached backbone time + scoring time):", ""]
         lines += [*_table(plan, part, COST, percent=False, paired=False), ""]
         lines += _decision_tables(part)
+        lines += _calibration_table(plan, part)
+        lines += _rules_table(plan, part)
         sweeps = [m for m in plan.methods if m.sweep is not None and m.name in set(part.method)]
         if sweeps:
             lines += ["Sweeps (see the sweep plots):", ""]
