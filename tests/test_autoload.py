@@ -61,3 +61,39 @@ def test_a_first_import_of_backbones_leaves_the_registration_whole() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "PatchCorePlus"
+
+
+NOTICES = (
+    "Importing from timm.models.layers is deprecated",
+    "The anomalib.models.components.dinov2 package is deprecated",
+)
+
+
+def _stderr_of(code: str, **env_extra: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALIB_PROTOREFINE_NO_AUTOLOAD"}
+    env |= {"PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1", **env_extra}
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, check=False, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def test_anomalibs_import_notices_about_its_own_code_stay_quiet_and_nothing_else() -> None:
+    """Stock anomalib prints two FutureWarnings on import; through the hook or our models' import they are gone,
+    while the same messages raised anywhere else, and other warnings, still show."""
+    stock = _stderr_of("import anomalib.models", ANOMALIB_PROTOREFINE_NO_AUTOLOAD="1")
+    assert all(notice in stock for notice in NOTICES)  # upstream prints them (else this test proves nothing)
+    later = "import warnings; warnings.warn('Importing from timm.models.layers is deprecated (later)', FutureWarning)"
+    through_hook = _stderr_of(f"import anomalib_protorefine._autoload\nimport anomalib.models\n{later}")
+    ours = _stderr_of(f"import anomalib_protorefine.models\n{later}", ANOMALIB_PROTOREFINE_NO_AUTOLOAD="1")
+    for stderr in (through_hook, ours):
+        assert not any(notice in stderr.replace("(later)", "") for notice in NOTICES[1:])
+        assert stderr.count("Importing from timm.models.layers is deprecated") == 1  # only the later one
+        assert "(later)" in stderr

@@ -881,6 +881,19 @@ def test_ctrl_c_ends_the_demo_with_one_line_and_exit_130(
     assert "Traceback" not in err
 
 
+def test_a_ckpt_path_that_is_not_a_checkpoint_fails_before_lightning_unpickles_it(
+    quick_datamodule, tmp_path: Path
+) -> None:
+    """``Engine.test(ckpt_path=<text file>)`` (the CLI's ``--ckpt_path``) names the file, not a pickle error."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello, this is not a checkpoint\n")
+    model = make_model(refiner=False)
+    with pytest.raises(ValueError, match=r"notes.ckpt' is not a checkpoint \(not a torch.save file"):
+        Engine(default_root_dir=tmp_path, **QUIET).test(model, datamodule=quick_datamodule(), ckpt_path=text)
+    with pytest.raises(FileNotFoundError, match=r"missing.ckpt' does not exist"):
+        trainer_for(model, tmp_path).test(model, datamodule=quick_datamodule(), ckpt_path=tmp_path / "missing.ckpt")
+
+
 def test_a_file_that_is_not_a_checkpoint_gets_one_line(tmp_path: Path) -> None:
     text = tmp_path / "notes.ckpt"
     text.write_text("hello, this is not a checkpoint\n")

@@ -19,6 +19,8 @@ import sys
 import warnings
 from types import ModuleType
 
+from anomalib_protorefine._upstream import quiet_upstream_imports
+
 _TRIGGER = "anomalib.models"
 _TARGET = "anomalib_protorefine.models"
 #: anomalib module -> our module imported right after it.
@@ -46,7 +48,11 @@ class _RegisteringLoader(importlib.abc.Loader):
         A failure to import our models (a broken or partial install) must never break anomalib
         itself: it becomes a warning that says how to see the full error.
         """
-        self._loader.exec_module(module)
+        if module.__name__ == _TRIGGER:
+            with quiet_upstream_imports():  # anomalib's notices about its own imports (see _upstream)
+                self._loader.exec_module(module)
+        else:
+            self._loader.exec_module(module)
         try:
             importlib.import_module(self._target)
         except Exception as error:

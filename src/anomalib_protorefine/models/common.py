@@ -21,6 +21,7 @@ import torch
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
@@ -173,6 +174,46 @@ def check_checkpoint_file(path: str | Path) -> None:
         raise ValueError(msg)
 
 
+class CheckedCheckpointIO(CheckpointIO):
+    """The trainer's checkpoint IO, with :func:`check_checkpoint_file` before every load.
+
+    ``anomalib test --ckpt_path notes.txt`` (or ``Engine.test(ckpt_path=...)``) then fails with one
+    line naming the file and what to pass instead of a pickle traceback from ``torch.load``. Saving,
+    removing and the load itself are the wrapped IO's.
+
+    Example:
+        >>> from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+        >>> io = CheckedCheckpointIO(TorchCheckpointIO())
+        >>> io.load_checkpoint("no/such/model.ckpt")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: checkpoint 'no/such/model.ckpt' does not exist: pass the .ckpt file that Engine.fit or \
+anomalib fit wrote.
+    """
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        """Save with the wrapped IO."""
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Check that ``path`` is a checkpoint file, then load it with the wrapped IO."""
+        check_checkpoint_file(path)
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        """Remove with the wrapped IO."""
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """Tear the wrapped IO down."""
+        self.inner.teardown()
+
+
 class RefinedFewShotMixin:
     """Hooks shared by models whose torch model has a ``refiner`` and that build support data on demand.
 
@@ -187,6 +228,13 @@ class RefinedFewShotMixin:
     def _ensure_ready(self, datamodule: object | None = None) -> None:
         """Prepare the support data before evaluation (implemented by the model)."""
         raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        """Check a ``ckpt_path`` file before Lightning loads it (Lightning runs this hook before the restore)."""
+        super().setup(stage)  # type: ignore[misc]
+        strategy = self.trainer.strategy  # type: ignore[attr-defined]
+        if not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
+            strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
 
     def _store_plain_hparams(self) -> None:
         """Keep the refiner in ``hparams`` as plain options (or ``False``), never as a ``PrototypeRefiner`` object.
