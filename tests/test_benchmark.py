@@ -440,6 +440,39 @@ def test_every_shipped_benchmark_config_is_a_valid_plan(repo_root: Path, name: s
             PrototypeRefiner(**{k: v for k, v in refiner.items() if k != "class_path"})
 
 
+def test_the_measurements_doc_names_only_configs_and_scripts_that_exist(repo_root: Path) -> None:
+    """Every number in docs/benchmarks.md says which config or script made it: each one it names exists."""
+    import re
+
+    text = (repo_root / "docs" / "benchmarks.md").read_text()
+    named = set(re.findall(r"(configs/benchmark/[\w.-]+\.yaml|scripts/[\w.-]+\.(?:py|sh))", text))
+    assert any(name.startswith("configs/") for name in named)
+    missing = sorted(name for name in named if not (repo_root / name).is_file())
+    assert not missing, f"docs/benchmarks.md names files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("refinement_forms", "refinement_confirm"),
+        ("refinement_forms", "regime"),
+        ("em_budget", "calibration"),
+        ("decision", "decision_rule"),
+    ],
+)
+def test_study_configs_share_the_settings_of_the_runs_they_are_compared_with(
+    repo_root: Path, first: str, second: str
+) -> None:
+    """Studies compared in docs/benchmarks.md use the same backbone, bank, test subset and data configs."""
+    folder = repo_root / "configs" / "benchmark"
+    plans = [
+        plan_from_config(yaml.safe_load((folder / f"{n}.yaml").read_text()), check_data=False) for n in (first, second)
+    ]
+    assert plans[0].shared == plans[1].shared
+    assert plans[0].max_test_images == plans[1].max_test_images
+    assert plans[0].data_configs[0] == plans[1].data_configs[0]
+
+
 def test_em_budget_confirmation_differs_only_in_seeds_and_output(repo_root: Path) -> None:
     folder = repo_root / "configs" / "benchmark"
     choice = yaml.safe_load((folder / "em_budget.yaml").read_text())
