@@ -10,6 +10,7 @@ Set ``ANOMALIB_PROTOREFINE_NO_AUTOLOAD=1`` to disable it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -48,10 +49,8 @@ class _RegisteringLoader(importlib.abc.Loader):
         A failure to import our models (a broken or partial install) must never break anomalib
         itself: it becomes a warning that says how to see the full error.
         """
-        if module.__name__ == _TRIGGER:
-            with quiet_upstream_imports():  # anomalib's notices about its own imports (see _upstream)
-                self._loader.exec_module(module)
-        else:
+        # anomalib's notices about its own imports stay quiet while anomalib.models loads (see _upstream)
+        with quiet_upstream_imports() if module.__name__ == _TRIGGER else contextlib.nullcontext():
             self._loader.exec_module(module)
         try:
             importlib.import_module(self._target)

@@ -281,16 +281,19 @@ def calibration_summary(plan: BenchmarkPlan, frame: pd.DataFrame) -> list[dict[s
     data = _per_seed(frame)
     metrics = ["image_AUROC"] + (["pixel_AUROC"] if frame.metric.eq("pixel_AUROC").any() else [])
     summary: list[dict[str, Any]] = []
+
+    def total(name: str, k: int, seed: int) -> float:
+        return sum(data[(name, k, metric)][seed] for metric in metrics)
+
+    def gain(name: str, base: str, k: int, seeds: list[int]) -> float:  # mean over the draws, in points
+        return 100 * sum(total(name, k, s) - total(base, k, s) for s in seeds) / len(seeds)
+
     for method in plan.methods:
         on = _on_candidate(plan, method)
         ks = sorted({k for (name, k, metric) in data if name == method.name and metric == "auto_refined"})
         if on is None or method.base is None or not ks:
             continue
         for k in ks:
-
-            def total(name: str, seed: int, k: int = k) -> float:
-                return sum(data[(name, k, metric)][seed] for metric in metrics)
-
             refined = data[(method.name, k, "auto_refined")]
             seeds = [
                 s
@@ -299,12 +302,10 @@ def calibration_summary(plan: BenchmarkPlan, frame: pd.DataFrame) -> list[dict[s
             ]
             if not seeds:
                 continue
-            picks = [on.name if refined[s] else method.base for s in seeds]
-            better = sum(
-                total(pick, s) >= total(other, s)
-                for pick, s in zip(picks, seeds, strict=True)
-                for other in [on.name if pick == method.base else method.base]
-            )
+            better = 0
+            for s in seeds:
+                pick, other = (on.name, method.base) if refined[s] else (method.base, on.name)
+                better += total(pick, k, s) >= total(other, k, s)
             summary.append(
                 {
                     "method": method.name,
@@ -313,8 +314,8 @@ def calibration_summary(plan: BenchmarkPlan, frame: pd.DataFrame) -> list[dict[s
                     "draws": len(seeds),
                     "refined": int(sum(refined[s] for s in seeds)),
                     "better": int(better),
-                    "pick_gain": 100 * sum(total(method.name, s) - total(method.base, s) for s in seeds) / len(seeds),
-                    "on_gain": 100 * sum(total(on.name, s) - total(method.base, s) for s in seeds) / len(seeds),
+                    "pick_gain": gain(method.name, method.base, k, seeds),
+                    "on_gain": gain(on.name, method.base, k, seeds),
                 }
             )
     return summary
@@ -354,7 +355,7 @@ def rules_summary(frame: pd.DataFrame, rules: DecisionRules) -> list[dict[str, A
         and ``separated`` (cells whose pseudo-defects scored above the pseudo-normals, of ``cells``).
     """
     rows: list[dict[str, Any]] = []
-    plain = frame[~frame.metric.str.startswith("rule_")]
+    references = frame[frame.metric.isin(["oracle_image_BAcc", "pixel_F1Max"])]
     for held_out in rules.held_out:
         separated = frame[frame.metric == f"rule_{held_out}_separated"]
         for position in rules.positions:
@@ -364,7 +365,6 @@ def rules_summary(frame: pd.DataFrame, rules: DecisionRules) -> list[dict[str, A
             )
             if part.empty:
                 continue
-            references = plain[plain.metric.isin(["oracle_image_BAcc", "pixel_F1Max"])]
             summary = decision_summary(pd.concat([part, references]))
             for (_, method), ratios in summary.items():
                 mine = part[part.method == method]

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from anomalib_protorefine.calibration import split_transform
 from anomalib_protorefine.few_shot import load_images
-from anomalib_protorefine.thresholds import HELD_OUT, SupportScores, choose_thresholds, collect_support_scores
+from anomalib_protorefine.thresholds import HELD_OUT, SupportScores, choose_thresholds
 
 from .decision import decision_values
 
@@ -102,15 +102,7 @@ def _leave_one_out_scores(model: PatchCorePlus | AnomalyDINOPlus) -> SupportScor
     """The leave-one-out pseudo scores of the model's support images; its bank is rebuilt from all of them after."""
     geometric, photometric = split_transform(model.pre_processor.transform)
     raw = load_images(model.support_paths, geometric)
-
-    def score(images: Any) -> tuple[Any, Any]:
-        output = model.model(images.to(model.device))
-        return output.pred_score, output.anomaly_map
-
-    with model.calibration_scoring():
-        scores = collect_support_scores(
-            raw, photometric, model.fit_support, score, seed=model.few_shot_seed, held_out="leave_one_out"
-        )
+    scores = model.support_pseudo_scores(raw, photometric, held_out="leave_one_out")
     model.fit_support(photometric(raw))
     return scores
 
@@ -130,11 +122,11 @@ def rule_values(
     values: dict[str, float] = {}
     for held_out in rules.held_out:
         scores = model.support_scores if held_out == "copies" else _leave_one_out_scores(model)
-        values[f"rule_{held_out}_separated"] = float(scores.defect_scores.median() > scores.normal_scores.max())
         for position in rules.positions:
-            with warnings.catch_warnings():  # counted above ("separated") instead of one warning per rule
+            with warnings.catch_warnings():  # counted as "separated" instead of one warning per rule
                 warnings.simplefilter("ignore", UserWarning)
                 thresholds = choose_thresholds(scores, position)
+            values[f"rule_{held_out}_separated"] = float(thresholds.separated)  # the same at every position
             prefix = rule_prefix(held_out, position) + "support_"
             values |= decision_values(
                 scored.scores,

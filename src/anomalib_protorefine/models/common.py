@@ -458,13 +458,7 @@ class RefinedFewShotMixin:
         if split is None:
             return None
         _, photometric = split
-
-        def score(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            output = self.model(batch.to(self.device))
-            return output.pred_score, output.anomaly_map
-
-        with self.calibration_scoring():
-            scores = collect_support_scores(images, photometric, self.fit_support, score, seed=self.few_shot_seed)
+        scores = self.support_pseudo_scores(images, photometric)
         thresholds = choose_thresholds(scores)
         self.support_scores = scores
         self.support_thresholds = thresholds
@@ -473,6 +467,28 @@ class RefinedFewShotMixin:
             write_support_thresholds(post_processor, thresholds)
         logger.info("%s: support thresholds %s.", type(self).__name__, describe(thresholds))
         return thresholds
+
+    def support_pseudo_scores(self, images: torch.Tensor, photometric: Any, held_out: str = "copies") -> SupportScores:
+        """Pseudo-normal and pseudo-defect scores of support images, with the model's own scoring and maps.
+
+        Args:
+            images: Support images ``(k, 3, H, W)`` in ``[0, 1]`` at the model's input size.
+            photometric: The pre-processor's photometric steps (applied before scoring).
+            held_out: The construction of the pseudo-normal images (:data:`~anomalib_protorefine.thresholds.HELD_OUT`).
+
+        Returns:
+            The scores. With ``"copies"`` the support data is left built from all images; with
+            ``"leave_one_out"`` from a subset (the caller rebuilds it).
+        """
+
+        def score(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            output = self.model(batch.to(self.device))
+            return output.pred_score, output.anomaly_map
+
+        with self.calibration_scoring():
+            return collect_support_scores(
+                images, photometric, self.fit_support, score, seed=self.few_shot_seed, held_out=held_out
+            )
 
     def _forget_support_thresholds(self) -> None:
         """The support changed: support thresholds in force no longer apply (recomputed with the support data)."""
