@@ -77,7 +77,7 @@ def paste_defects(image: torch.Tensor, seed: int, count: int = 1) -> tuple[torch
 
 def augment(image: torch.Tensor, seed: int) -> torch.Tensor:
     """A mildly augmented copy of ``(3, H, W)`` in ``[0, 1]``: a 90-97 % crop resized back, brightness ±5 %."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(int(seed))  # torch refuses numpy integers here
     height, width = image.shape[-2:]
     scale = 0.90 + 0.07 * float(torch.rand(1, generator=gen))
     crop_h, crop_w = round(height * scale), round(width * scale)

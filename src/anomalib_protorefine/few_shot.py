@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,30 +43,53 @@ class SupportSet:
     paths: tuple[str, ...]
 
 
-def validate_k_shot(k_shot: int | None, *, allow_none: bool = True) -> None:
-    """Raise a clear error unless ``k_shot`` is a positive int (or ``None`` when allowed)."""
+def plain_int(value: object) -> object:
+    """``value`` as a Python ``int`` when it is an integral number (a numpy integer included), else unchanged.
+
+    Integral numpy scalars (``np.int64(3)``) pass the checks as integers but must not be stored: torch's
+    ``Generator.manual_seed`` refuses them and YAML writes them as Python objects.
+
+    Example:
+        >>> import numpy as np
+        >>> type(plain_int(np.int64(3))).__name__, plain_int(True), plain_int(2.5)
+        ('int', True, 2.5)
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def validate_k_shot(k_shot: int | None, *, allow_none: bool = True) -> int | None:
+    """Return ``k_shot`` as a plain ``int`` (or ``None`` when allowed); raise a clear error unless it is positive.
+
+    Integral numpy scalars are accepted.
+
+    Example:
+        >>> import numpy as np
+        >>> type(validate_k_shot(np.int64(2))).__name__
+        'int'
+    """
     if k_shot is None and allow_none:
-        return
-    if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 1:
+        return None
+    if isinstance(k_shot, bool) or not isinstance(k_shot, numbers.Integral) or k_shot < 1:
         hint = " or None to use the whole training set" if allow_none else ""
         msg = f"k_shot must be a positive integer{hint}, got {k_shot!r}. Use e.g. k_shot=4."
         raise ValueError(msg)
+    return int(k_shot)
 
 
 #: Largest ``few_shot_seed``: the seed also seeds numpy (coreset projection), which takes 32-bit seeds.
 MAX_SEED = 2**32 - 1
 
 
-def validate_support_options(k_shot: int | None, few_shot_seed: int, coreset_sampling_ratio: float, paper: str) -> None:
-    """Validate the support options shared by the models (``paper``: the paper's alpha, for the message).
+def validate_seed(few_shot_seed: int) -> int:
+    """Return ``few_shot_seed`` as a plain ``int`` after checking it is an integer in ``[0, MAX_SEED]``.
 
     Example:
-        >>> validate_support_options(4, -5, 0.1, paper="0.05")
-        Traceback (most recent call last):
-        ...
-        ValueError: few_shot_seed must be in [0, 4294967295] (it also seeds numpy), got -5. Use e.g. few_shot_seed=0.
+        >>> import numpy as np
+        >>> type(validate_seed(np.uint32(3))).__name__
+        'int'
     """
-    validate_k_shot(k_shot)
     if isinstance(few_shot_seed, bool) or not isinstance(few_shot_seed, numbers.Integral):
         msg = f"few_shot_seed must be an integer, got {few_shot_seed!r}. Use e.g. few_shot_seed=0."
         raise TypeError(msg)
@@ -75,29 +99,68 @@ def validate_support_options(k_shot: int | None, few_shot_seed: int, coreset_sam
             "Use e.g. few_shot_seed=0."
         )
         raise ValueError(msg)
+    return int(few_shot_seed)
+
+
+def validate_support_options(
+    k_shot: int | None,
+    few_shot_seed: int,
+    coreset_sampling_ratio: float,
+    paper: str,
+    ratio_name: str = "coreset_sampling_ratio",
+) -> tuple[int | None, int]:
+    """Validate the support options shared by the models; return ``(k_shot, few_shot_seed)`` as plain ints.
+
+    Args:
+        k_shot: Number of support images, or ``None``.
+        few_shot_seed: Seed of the support draw.
+        coreset_sampling_ratio: The coreset ratio, in ``(0, 1]``.
+        paper: The paper's value of the ratio, for the message.
+        ratio_name: The model's name of the ratio argument (AnomalyDINOPlus: ``sampling_ratio``).
+
+    Returns:
+        ``k_shot`` (``None`` stays ``None``) and ``few_shot_seed`` as Python ints (numpy integers converted).
+
+    Example:
+        >>> validate_support_options(4, -5, 0.1, paper="0.05")
+        Traceback (most recent call last):
+        ...
+        ValueError: few_shot_seed must be in [0, 4294967295] (it also seeds numpy), got -5. Use e.g. few_shot_seed=0.
+    """
+    k_shot = validate_k_shot(k_shot)
+    few_shot_seed = validate_seed(few_shot_seed)
     if isinstance(coreset_sampling_ratio, bool) or not isinstance(coreset_sampling_ratio, numbers.Real):
         msg = (
-            f"coreset_sampling_ratio must be a number in (0, 1], got {type(coreset_sampling_ratio).__name__} "
-            f"{coreset_sampling_ratio!r}. Pass a number, e.g. coreset_sampling_ratio=0.1 (CLI: "
-            f"--model.coreset_sampling_ratio 0.1). Paper: {paper}."
+            f"{ratio_name} must be a number in (0, 1], got {type(coreset_sampling_ratio).__name__} "
+            f"{coreset_sampling_ratio!r}. Pass a number, e.g. {ratio_name}=0.1 (CLI: "
+            f"--model.{ratio_name} 0.1). Paper: {paper}."
         )
         raise TypeError(msg)
     if not 0 < coreset_sampling_ratio <= 1:
-        msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: {paper}."
+        msg = f"{ratio_name} must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: {paper}."
         raise ValueError(msg)
+    return k_shot, few_shot_seed
 
 
 #: Largest magnitude a pre-processed (normalised) image plausibly holds; 0-255 pixel values are far above it.
 MAX_PREPROCESSED_MAGNITUDE = 20.0
+#: How far past ``[0, 1]`` a resized ``[0, 1]`` image may ring: bicubic interpolation (torch's kernel, a = -0.75)
+#: overshoots a sharp edge by at most 0.445 in two dimensions (positive lobes 1.1875, negative 0.1875 per axis);
+#: 0-255 pixel values exceed it in any image that is not black.
+INTERPOLATION_OVERSHOOT = 0.5
 
 
 def check_support_images(images: torch.Tensor, *, preprocessed: bool) -> None:
     """Raise a clear error unless ``images`` is a float batch ``(k, 3, H, W)`` in the expected range.
 
+    Raw images (``preprocessed=False``) come at the model's input size: the resize there (bicubic,
+    antialiased) rings past ``[0, 1]`` at sharp edges, so values up to :data:`INTERPOLATION_OVERSHOOT`
+    outside ``[0, 1]`` are accepted as they are (the query images ring alike); 0-255 values are refused.
+
     Args:
         images: The support images.
         preprocessed: ``True``: after the model's pre-processing (normalised, values of a few units);
-            ``False``: raw images in ``[0, 1]``.
+            ``False``: raw images in ``[0, 1]`` (resized to the model's input size).
 
     Example:
         >>> check_support_images(torch.full((1, 3, 8, 8), 200.0), preprocessed=True)  # doctest: +ELLIPSIS
@@ -123,8 +186,11 @@ def check_support_images(images: torch.Tensor, *, preprocessed: bool) -> None:
             f"fit_support expects {expected}: divide by 255 and apply model.pre_processor.transform."
         )
         raise ValueError(msg)
-    if not preprocessed and (low < -1e-3 or high > 1 + 1e-3):
-        msg = f"images hold values in [{low:.4g}, {high:.4g}]: expected {expected} (divide 0-255 values by 255)."
+    if not preprocessed and (low < -INTERPOLATION_OVERSHOOT or high > 1 + INTERPOLATION_OVERSHOOT):
+        msg = (
+            f"images hold values in [{low:.4g}, {high:.4g}]: expected {expected} (a resize may ring up to "
+            f"{INTERPOLATION_OVERSHOOT} past [0, 1]; divide 0-255 values by 255)."
+        )
         raise ValueError(msg)
 
 
@@ -147,14 +213,22 @@ def select_indices(pool_size: int, k_shot: int, seed: int) -> list[int]:
 
 #: Pillow modes of 16-bit (and 32-bit integer) grayscale images, which anomalib's ``read_image`` flattens.
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+#: Pillow modes of floating-point grayscale images (32-bit float TIFF), which ``convert("RGB")`` reads as zeros.
+FLOAT_MODES = ("F",)
 
 
 def read_image_file(path: str | Path) -> torch.Tensor:
-    """Read an image as a float tensor ``(3, H, W)`` in ``[0, 1]``, 16-bit grayscale scaled by its range.
+    """Read an image as a float tensor ``(3, H, W)`` in ``[0, 1]``; 16-bit and float grayscale by their range.
 
     anomalib's ``read_image`` converts with Pillow's ``convert("RGB")``, which clips 16-bit values to
     255 and so reads a 16-bit image as (nearly) one flat value; here such an image is scaled by
-    65535 and repeated over three channels. Other images are read as anomalib reads them.
+    65535 and repeated over three channels. The same conversion reads a float image (Pillow mode
+    ``"F"``, e.g. a 32-bit float TIFF) as all zeros; here its values are taken as they are when they
+    lie in ``[0, 1]``, and any other range is refused. Other images are read as anomalib reads them.
+
+    Raises:
+        ValueError: A 16-bit image with values outside ``[0, 65535]``, or a float image with values
+            outside ``[0, 1]`` (or not finite); the message names the file.
 
     Example:
         >>> import tempfile
@@ -167,32 +241,104 @@ def read_image_file(path: str | Path) -> torch.Tensor:
         (torch.Size([3, 4, 4]), 0.9375, 0.0625)
     """
     with Image.open(path) as image:
-        if image.mode not in WIDE_MODES:
+        if image.mode not in (*WIDE_MODES, *FLOAT_MODES):
             return read_image(str(path), as_tensor=True)
+        floating = image.mode in FLOAT_MODES
         array = np.asarray(image).astype(np.float64)
-    if array.max() > 65535 or array.min() < 0:
-        msg = f"{str(path)!r} holds integer values outside [0, 65535]: save it as an 8- or 16-bit image."
-        raise ValueError(msg)
-    gray = torch.from_numpy(array / 65535.0).float()
+    if floating:
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            finite = array[np.isfinite(array)]
+            span = f"[{finite.min():.4g}, {finite.max():.4g}]" if finite.size else "no finite value"
+            msg = (
+                f"{str(path)!r} is a float image (Pillow mode 'F') with values {span}"
+                f"{'' if finite.size == array.size else ' and NaN or inf'}: float images are read as they are only "
+                "with finite values in [0, 1]; scale it to [0, 1], or save it as an 8- or 16-bit image."
+            )
+            raise ValueError(msg)
+        gray = torch.from_numpy(array).float()
+    else:
+        if array.max() > 65535 or array.min() < 0:
+            msg = f"{str(path)!r} holds integer values outside [0, 65535]: save it as an 8- or 16-bit image."
+            raise ValueError(msg)
+        gray = torch.from_numpy(array / 65535.0).float()
     return gray[None].expand(3, -1, -1).contiguous()
 
 
-def load_images(paths: Sequence[str | Path], transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """Read images as float tensors in [0, 1], transform each, and stack them ``(k, 3, H, W)``."""
-    images = []
+#: Shortest side (pixels) below which a support image is reported: resized to the model's input size, each
+#: pixel becomes a flat block, so the image holds no texture to compare query patches with.
+MIN_SUPPORT_SIDE = 16
+#: Largest spread of values (per channel, in [0, 1] units: one 8-bit grey level) of an image that counts as flat.
+FLAT_SPREAD = 1.0 / 255.0
+
+
+def degenerate_image_reason(image: torch.Tensor) -> str | None:
+    """Why a raw image ``(C, H, W)`` in ``[0, 1]`` is useless as a normal reference, or ``None`` when it is not.
+
+    Example:
+        >>> degenerate_image_reason(torch.zeros(3, 64, 64))
+        'one flat colour in every pixel (channel values 0, 0, 0)'
+        >>> degenerate_image_reason(torch.rand(3, 1, 40))
+        '1 x 40 px (shorter side below 16 px)'
+        >>> degenerate_image_reason(torch.rand(3, 64, 64)) is None
+        True
+    """
+    height, width = image.shape[-2:]
+    if min(height, width) < MIN_SUPPORT_SIDE:
+        return f"{height} x {width} px (shorter side below {MIN_SUPPORT_SIDE} px)"
+    values = image.detach().flatten(1).float()
+    spread = values.amax(1) - values.amin(1)
+    if float(spread.max()) <= FLAT_SPREAD:
+        colour = ", ".join(f"{float(value):.3g}" for value in values.mean(1))
+        return f"one flat colour in every pixel (channel values {colour})"
+    return None
+
+
+def load_images(
+    paths: Sequence[str | Path],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    what: str = "support image",
+) -> torch.Tensor:
+    """Read images as float tensors in [0, 1], transform each, and stack them ``(k, 3, H, W)``.
+
+    Files that cannot be read fail with their name. Images that hold nothing to compare with (one flat
+    value, e.g. all black, or a side below :data:`MIN_SUPPORT_SIDE` pixels) are used, with one warning
+    that names them.
+
+    Args:
+        paths: The image files.
+        transform: Applied to each image read (``None``: none).
+        what: What the images are, for the messages (e.g. ``"calibration image"``).
+
+    Returns:
+        The stacked images.
+
+    Raises:
+        OSError: A file cannot be read (truncated, corrupt, unsupported values); the message names it.
+        ValueError: The transformed images differ in size.
+    """
+    images, degenerate = [], []
     for path in paths:
         try:
             image = read_image_file(path)
         except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, corrupt or unreadable files
             msg = (
-                f"Could not read support image {str(path)!r} ({type(error).__name__}: {error}): replace or remove "
+                f"Could not read {what} {str(path)!r} ({type(error).__name__}: {error}): replace or remove "
                 "this file, or pick other support images (few_shot_seed)."
             )
             raise OSError(msg) from error
+        reason = degenerate_image_reason(image)
+        if reason is not None:
+            degenerate.append(f"{str(path)!r}: {reason}")
         images.append(transform(image) if transform is not None else image)
+    if degenerate:
+        msg = (
+            f"{len(degenerate)} {what}(s) hold nothing to compare with and are used anyway: {'; '.join(degenerate)}. "
+            "Replace them with real images of good parts, or pick other support images (few_shot_seed)."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
     shapes = {tuple(image.shape) for image in images}
     if len(shapes) > 1:
-        msg = f"support images have different sizes {sorted(shapes)}: give the model a pre-processor that resizes."
+        msg = f"{what}s have different sizes {sorted(shapes)}: give the model a pre-processor that resizes."
         raise ValueError(msg)
     return torch.stack(images)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 Distance = Literal["euclidean", "cosine"]
@@ -186,6 +186,13 @@ class RefinerOptions:
         if self.sinkhorn_overrelaxation >= 2.0:
             msg = f"sinkhorn_overrelaxation must be < 2 (Sinkhorn diverges beyond), got {self.sinkhorn_overrelaxation}."
             raise ValueError(msg)
+        # numpy scalars pass the checks but are stored as Python numbers: hparams.yaml and torch take those only.
+        for option in fields(self):
+            value = getattr(self, option.name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                continue
+            plain = int(value) if isinstance(value, numbers.Integral) else float(value)
+            object.__setattr__(self, option.name, plain)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the options as a plain dictionary (for logging and hyper-parameters)."""

@@ -31,7 +31,12 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_protorefine.backbones import IMAGENET_MEAN, IMAGENET_STD
-from anomalib_protorefine.few_shot import check_support_images, validate_few_shot_source, validate_support_options
+from anomalib_protorefine.few_shot import (
+    check_support_images,
+    plain_int,
+    validate_few_shot_source,
+    validate_support_options,
+)
 from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
 from anomalib_protorefine.models.memory_bank import FewShotMemoryBankMixin
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
@@ -113,7 +118,11 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        validate_support_options(k_shot, few_shot_seed, sampling_ratio, paper="AnomalyDINO's default 0.1")
+        # Rebound before the hyper-parameters are saved, so that numpy integers are stored as plain ints.
+        k_shot, few_shot_seed = validate_support_options(
+            k_shot, few_shot_seed, sampling_ratio, paper="AnomalyDINO's default 0.1", ratio_name="sampling_ratio"
+        )
+        num_neighbours = plain_int(num_neighbours)
         source = validate_few_shot_source(few_shot_source, k_shot)
         precision = _precision(precision)
         refiner_module = make_refiner(refiner, DINO_REFINER_PRESETS, DINO_DEFAULT_PRESET)
