@@ -7,6 +7,7 @@ the weights are then copied from ours, so the two models compare score for score
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,13 +187,34 @@ def test_bf16_autocast_scores_match_float32() -> None:
         ({"refiner": PrototypeRefiner(distance="euclidean")}, "needs distance='cosine'"),
         ({"refiner": "nonsense"}, "refiner='nonsense' is not a preset"),
         ({"precision": "bf16"}, "precision must be 'float32' or 'float16'"),
-        ({"sampling_ratio": 0.0}, r"coreset_sampling_ratio must be in \(0, 1\]"),
+        ({"sampling_ratio": 0.0}, r"^sampling_ratio must be in \(0, 1\]"),
+        ({"sampling_ratio": "0.1"}, r"^sampling_ratio must be a number.*--model.sampling_ratio 0.1"),
+        ({"encoder_name": "dinov9_huge"}, r"^`encoder_name`='dinov9_huge' is not a timm model name"),
         ({"k_shot": 0}, "k_shot"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         AnomalyDINOPlus(pre_trained=False, **kwargs)
+
+
+def test_num_neighbours_above_the_bank_size_warns_once_naming_both() -> None:
+    """k-NN scoring averages at most the whole bank: a larger num_neighbours is said, and scores as the whole bank."""
+    plus = AnomalyDINOPlus(pre_trained=False, num_neighbours=100_000, visualizer=False)
+    support = images(2, seed=0, size=56)
+    with pytest.warns(UserWarning, match=r"num_neighbours=100000 exceeds the memory bank's 32 patches") as caught:
+        plus.fit_support(support)
+    assert len([w for w in caught if "num_neighbours" in str(w.message)]) == 1
+    torch.manual_seed(0)
+    whole_bank = AnomalyDINOPlus(pre_trained=False, num_neighbours=32, visualizer=False)
+    whole_bank.model.feature_encoder.load_state_dict(plus.model.feature_encoder.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # num_neighbours equal to the bank size: nothing to say
+        whole_bank.fit_support(support)
+    query = images(1, seed=1, size=56)
+    plus.model.eval()
+    whole_bank.model.eval()
+    torch.testing.assert_close(plus.model(query).pred_score, whole_bank.model(query).pred_score)
 
 
 def test_weights_file_loads_strictly_and_wrong_files_are_named(tmp_path: Path) -> None:

@@ -178,17 +178,17 @@ def _architecture(backbone: str) -> tuple[str, str]:
     return split_model_name_tag(backbone)
 
 
-def _check_backbone(backbone: str) -> None:
-    """Raise ``ValueError`` if ``backbone`` is not a timm model name."""
+def _check_backbone(backbone: str, parameter: str = "backbone") -> None:
+    """Raise ``ValueError`` if ``backbone`` is not a timm model name (``parameter``: the argument's name, for it)."""
     if not isinstance(backbone, str) or not backbone:
-        msg = f"`backbone` must be a non-empty timm model name, got {backbone!r}."
+        msg = f"`{parameter}` must be a non-empty timm model name, got {backbone!r}."
         raise ValueError(msg)
     if backbone.startswith(_HUB_PREFIXES) or timm.is_model(backbone):
         return
     arch, _ = _architecture(backbone)
     similar = timm.list_models(f"*{arch[:8]}*")[:10]
     msg = (
-        f"`backbone`={backbone!r} is not a timm model name. "
+        f"`{parameter}`={backbone!r} is not a timm model name. "
         f"Pick one from `timm.list_models()`{f', e.g. {similar}' if similar else ''}."
     )
     raise ValueError(msg)
@@ -620,7 +620,7 @@ def build_vit_extractor(
         torch.Size([1, 16, 384])
     """
     extractor_class = _timm_feature_extractor()
-    _check_backbone(encoder_name)
+    _check_backbone(encoder_name, parameter="encoder_name")
     if not pre_trained and weights is not None:
         msg = (
             f"`weights`={str(weights)!r} was given with `pre_trained=False`. Set `pre_trained=True` or drop `weights`."

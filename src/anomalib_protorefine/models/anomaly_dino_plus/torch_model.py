@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,7 +116,7 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
         # anomalib's constructor always downloads the encoder from the hub; the same attributes are set
         # here with the encoder built offline-first, so nn.Module's constructor runs instead of it.
         nn.Module.__init__(self)
-        self.num_neighbours = num_neighbours
+        self.num_neighbours = int(num_neighbours)  # a numpy integer stored as a plain int
         self.encoder_name = encoder_name
         self.masking = masking
         self.coreset_subsampling = coreset_subsampling
@@ -181,6 +182,14 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
         if self.coreset_subsampling:
             features = seeded_coreset(features, self.sampling_ratio, seed)
         self.memory_bank = features.detach().clone()
+        if self.refiner is None and self.num_neighbours > features.shape[0]:
+            # k-NN scoring averages min(num_neighbours, bank size) patches: say so rather than cap in silence.
+            msg = (
+                f"num_neighbours={self.num_neighbours} exceeds the memory bank's {features.shape[0]} patches: each "
+                f"patch is scored by the mean distance to all {features.shape[0]} of them. Lower num_neighbours "
+                "(AnomalyDINO's default: 1), or give more support images (k_shot) or a larger coreset (sampling_ratio)."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ scoring
     def _distances(self, queries: torch.Tensor) -> torch.Tensor:
