@@ -64,6 +64,27 @@ def _rows(output: Path) -> list[dict[str, str]]:
         (lambda b: b.update(k_shots=1), r"unknown key\(s\) 'k_shots' \(did you mean 'k_shot'\?\)"),
         (lambda b: b.update(decision_rules={"held_out": ["bank"], "positions": [0.5]}), "unknown construction"),
         (lambda b: b.update(decision_rules={"positions": [1.5]}), "positions must be a list of numbers in"),
+        (lambda b: b["shared"].update(image_size=0), r"benchmark.shared.image_size must be a positive integer"),
+        (lambda b: b["shared"].update(image_size=[64]), r"benchmark.shared.image_size must be a positive integer"),
+        (
+            lambda b: b["model"]["grid"][0]["init_args"].update(k_shot=3),
+            r"'PatchCore': init_args sets \['k_shot'\], which the benchmark sets .* benchmark.k_shot",
+        ),
+        (
+            lambda b: b["model"]["grid"][0]["init_args"].update(few_shot_seed=3),
+            r"init_args sets \['few_shot_seed'\]",
+        ),
+        (
+            lambda b: b.update(sweeps=[{"method": "PatchCore", "parameter": "k_shot", "values": [1, 2]}]),
+            r"k_shot is swept by the benchmark's own grid",
+        ),
+        (lambda b: b["model"]["grid"][1].update(base="PatchCore+"), "'PatchCore\\+' has itself as base"),
+        (lambda b: b.update(output=""), r"benchmark.output must name a results folder .* got ''"),
+        (lambda b: b.update(heatmaps={"images": -1}), r"benchmark.heatmaps.images must be an integer >= 0 .*got -1"),
+        (lambda b: b.update(heatmaps={"imgs": 2}), r"heatmaps must be a mapping with the one key images.*'imgs'"),
+        (lambda b: b.update(heatmaps=3), r"heatmaps must be a mapping with the one key images.*got 3"),
+        (lambda b: b.update(heatmaps={"images": "many"}), r"heatmaps.images must be an integer >= 0.*'many'"),
+        (lambda b: b.update(figure7="no"), r"benchmark.figure7 must be true or false"),
     ],
 )
 def test_bad_configs_are_reported_before_anything_runs(tiny_config: dict, change: Any, message: str) -> None:
@@ -71,6 +92,54 @@ def test_bad_configs_are_reported_before_anything_runs(tiny_config: dict, change
     change(config["benchmark"])
     with pytest.raises(BenchmarkConfigError, match=message):
         plan_from_config(config)
+
+
+def test_a_foreign_results_file_in_the_output_folder_is_refused_before_any_job(
+    tiny_config: dict, tmp_path: Path
+) -> None:
+    output = Path(tiny_config["benchmark"]["output"])
+    output.mkdir(parents=True)
+    (output / "results.csv").write_text("image,score\na.png,0.3\n")
+    with pytest.raises(BenchmarkConfigError, match=r"results.csv is not a results file of this benchmark.*'image'"):
+        main(["--config", str(_write(tiny_config, tmp_path))])
+    assert (output / "results.csv").read_text() == "image,score\na.png,0.3\n"
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from anomalib_protorefine.benchmark.lock import OutputLock
+with OutputLock(Path(sys.argv[1]), [sys.argv[2]]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_process_on_the_same_output_folder_is_refused_naming_the_first(
+    tiny_config: dict, tmp_path: Path
+) -> None:
+    """Two processes on one folder would run every job twice: the second stops before any job, naming the first."""
+    from anomalib_protorefine.benchmark.lock import OutputLock
+
+    output = Path(tiny_config["benchmark"]["output"])
+    label = plan_from_config(tiny_config).datasets[0].label
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(output), label], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            BenchmarkConfigError, match=rf"'{output}' is in use: process {holder.pid} on .* runs data set '{label}'"
+        ):
+            main(["--config", str(_write(tiny_config, tmp_path))])
+        assert not (output / "results.csv").exists()
+        with OutputLock(output, ["another data set"]):  # --only on another data set shares the folder
+            pass
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=120) == 0
+    with OutputLock(output, [label]):  # released when the holder ended
+        pass
 
 
 def test_k_larger_than_the_training_pool_stops_before_any_job(tiny_config: dict, tmp_path: Path) -> None:

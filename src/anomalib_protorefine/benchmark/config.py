@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import csv
 import difflib
 import json
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,12 @@ SECTION_KEYS: tuple[str, ...] = (
     "decision_rules",
     "seed",
 )
+
+
+#: Columns of the long-form results file (``results.csv``).
+CSV_COLUMNS = ("dataset", "category", "k_shot", "seed", "method", "metric", "value")
+#: Constructor arguments that the benchmark's grid sets for every method (``benchmark.k_shot``/``few_shot_seed``).
+GRID_ARGUMENTS = ("k_shot", "few_shot_seed")
 
 
 class BenchmarkConfigError(ValueError):
@@ -190,10 +197,17 @@ def _methods(section: dict[str, Any], shared: dict[str, Any]) -> list[MethodSpec
             msg = f"benchmark.model entry {entry.get('name', entry['class_path'])!r}: unknown keys {sorted(unknown)}."
             raise BenchmarkConfigError(msg)
         class_path = str(entry["class_path"])
+        name = str(entry.get("name") or class_path)
         init_args = copy.deepcopy(entry.get("init_args") or {})
+        _check_init_args(name, class_path, init_args)
         if class_path in PATCHCORE_METHODS:
             init_args = {**shared, **init_args}
-        name = str(entry.get("name") or class_path)
+        if entry.get("base") is not None and str(entry["base"]) == name:
+            msg = (
+                f"benchmark.model entry {name!r} has itself as base: base names the method it is compared with "
+                "(e.g. base: PatchCore for PatchCore+); name another method or drop base."
+            )
+            raise BenchmarkConfigError(msg)
         methods.append(MethodSpec(name, class_path, init_args, entry.get("base")))
     methods += _sweeps(section.get("sweeps") or [], methods)
     names = [m.name for m in methods]
@@ -206,6 +220,68 @@ def _methods(section: dict[str, Any], shared: dict[str, Any]) -> list[MethodSpec
             msg = f"method {method.name!r} has base {method.base!r}, which is not a method of the run ({names})."
             raise BenchmarkConfigError(msg)
     return methods
+
+
+def _check_init_args(name: str, class_path: str, init_args: Any) -> None:
+    """A method's own ``init_args``: a mapping, without the grid's arguments, with a valid ``image_size``."""
+    if not isinstance(init_args, dict):
+        msg = f"benchmark.model entry {name!r}: init_args must map argument names to values, not {init_args!r}."
+        raise BenchmarkConfigError(msg)
+    set_by_grid = sorted(set(init_args) & set(GRID_ARGUMENTS))
+    if set_by_grid:
+        msg = (
+            f"benchmark.model entry {name!r}: init_args sets {set_by_grid}, which the benchmark sets for every method "
+            "from its grid: move the values to benchmark.k_shot / benchmark.few_shot_seed and drop them from init_args."
+        )
+        raise BenchmarkConfigError(msg)
+    if "image_size" in init_args and class_path in FEATURE_METHODS:
+        _check_image_size(init_args["image_size"], f"benchmark.model entry {name!r}: init_args.image_size")
+
+
+def _check_image_size(value: Any, where: str) -> None:
+    """An image size: a positive integer, or ``[height, width]`` of positive integers."""
+    pair = isinstance(value, list | tuple)
+    sizes = list(value) if pair else [value]
+    positive = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+    if len(sizes) != (2 if pair else 1) or not positive:
+        msg = f"{where} must be a positive integer or [height, width] of positive integers (e.g. 256), got {value!r}."
+        raise BenchmarkConfigError(msg)
+
+
+def _heatmap_images(value: Any) -> int:
+    """``heatmaps: {images: n}``: the number of defective test images shown per heat-map figure (0: none)."""
+    if value is None:
+        return 4
+    if not isinstance(value, dict) or set(value) - {"images"}:
+        msg = (
+            f"benchmark.heatmaps must be a mapping with the one key images (e.g. heatmaps: {{images: 4}}; 0 for no "
+            f"figures), got {value!r}."
+        )
+        raise BenchmarkConfigError(msg)
+    images = value.get("images", 4)
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        msg = f"benchmark.heatmaps.images must be an integer >= 0 (0: no heat-map figures), got {images!r}."
+        raise BenchmarkConfigError(msg)
+    return images
+
+
+def _output_folder(value: Any) -> Path:
+    """``benchmark.output``: a non-empty folder path whose ``results.csv``, if any, is a benchmark results file."""
+    if not isinstance(value, str | Path) or not str(value).strip():
+        msg = f"benchmark.output must name a results folder (e.g. output: results/benchmark), got {value!r}."
+        raise BenchmarkConfigError(msg)
+    folder = Path(value).expanduser()
+    results = folder / "results.csv"
+    if results.is_file():
+        with results.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if not set(CSV_COLUMNS) <= set(header):
+            msg = (
+                f"{results} is not a results file of this benchmark (its columns are {header}, expected "
+                f"{list(CSV_COLUMNS)}): choose another benchmark.output, or move that file away."
+            )
+            raise BenchmarkConfigError(msg)
+    return folder
 
 
 def _sweeps(sweeps: list[dict[str, Any]], methods: list[MethodSpec]) -> list[MethodSpec]:
@@ -223,6 +299,12 @@ def _sweeps(sweeps: list[dict[str, Any]], methods: list[MethodSpec]) -> list[Met
             msg = f"benchmark.sweeps: unknown method {sweep['method']!r}; methods: {sorted(by_name)}."
             raise BenchmarkConfigError(msg)
         parameter = sweep["parameter"]
+        if parameter in GRID_ARGUMENTS:
+            msg = (
+                f"benchmark.sweeps: {parameter} is swept by the benchmark's own grid: list the values under "
+                f"benchmark.{parameter} ({{grid: [...]}}) instead of a sweep."
+            )
+            raise BenchmarkConfigError(msg)
         for value in sweep["values"]:
             init_args = copy.deepcopy(base.init_args)
             if parameter in refiner_option_names():
@@ -343,6 +425,16 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
     if unknown:
         msg = f"benchmark.shared: unknown options {sorted(unknown)}; allowed: {list(SHARED_OPTIONS)}."
         raise BenchmarkConfigError(msg)
+    if "image_size" in shared:
+        _check_image_size(shared["image_size"], "benchmark.shared.image_size")
+    figure7 = section.get("figure7", True)
+    if not isinstance(figure7, bool):
+        msg = f"benchmark.figure7 must be true or false, got {figure7!r}."
+        raise BenchmarkConfigError(msg)
+    seed = section.get("seed", 42)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        msg = f"benchmark.seed must be an integer (e.g. 42), got {seed!r}."
+        raise BenchmarkConfigError(msg)
     max_test = section.get("max_test_images")
     if max_test is not None and (isinstance(max_test, bool) or not isinstance(max_test, int) or max_test < 2):
         msg = f"benchmark.max_test_images must be an integer >= 2 or null (all), got {max_test!r}."
@@ -357,11 +449,11 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
         datasets=_datasets(section),
         k_shots=_int_list(section, "k_shot", [1, 2, 4], minimum=1),
         seeds=_int_list(section, "few_shot_seed", [0, 1, 2, 3, 4], minimum=0),
-        output=Path(section.get("output", "results/benchmark")),
-        seed=int(section.get("seed", 42)),
+        output=_output_folder(section.get("output", "results/benchmark")),
+        seed=seed,
         max_test_images=max_test,
-        heatmap_images=int(section.get("heatmaps", {}).get("images", 4)),
-        figure7=bool(section.get("figure7", True)),
+        heatmap_images=_heatmap_images(section.get("heatmaps")),
+        figure7=figure7,
         shared=shared,
         decision_rules=rules,
     )

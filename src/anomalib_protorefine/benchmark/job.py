@@ -28,14 +28,11 @@ from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
 from anomalib.pipelines.types import GATHERED_RESULTS, PREV_STAGE_RESULT
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import BenchmarkPlan, DataSpec, MethodSpec
+from .config import CSV_COLUMNS, BenchmarkPlan, DataSpec, MethodSpec
 from .features import CachedTestSet, feature_model_args, load_test_features, make_datamodule
 from .methods import build_feature_model, run_cached, run_engine
 
 logger = logging.getLogger(__name__)
-
-#: Columns of the long-form results file.
-CSV_COLUMNS = ("dataset", "category", "k_shot", "seed", "method", "metric", "value")
 
 
 def results_file(plan: BenchmarkPlan) -> Path:

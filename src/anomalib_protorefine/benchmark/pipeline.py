@@ -36,6 +36,7 @@ from anomalib_protorefine.few_shot import normal_paths
 from .config import BenchmarkConfigError, BenchmarkPlan, describe, plan_from_config
 from .features import make_datamodule
 from .job import FewShotJobGenerator, FewShotRunner, ParallelFewShotRunner, results_file
+from .lock import OutputLock
 from .methods import build_engine_model, build_feature_model
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,10 @@ class FewShotBenchmark(Benchmark):
             args: ``Namespace(config=...)`` (``None``: parse the command line).
             only: Run only these datasets (labels); the report still covers every result in the folder.
                 Two processes with different ``only`` can share one results folder (appends are atomic).
+
+        Raises:
+            BenchmarkConfigError: A bad config, or another process runs one of the data sets in the same
+                results folder (:class:`~anomalib_protorefine.benchmark.lock.OutputLock`).
         """
         config = self._get_args(args)
         if not is_few_shot_config(config):
@@ -174,12 +179,14 @@ class FewShotBenchmark(Benchmark):
                 msg = f"--only {unknown}: no such dataset; the config has {[d.label for d in plan.datasets]}."
                 raise BenchmarkConfigError(msg)
             plan.datasets = [d for d in plan.datasets if d.label in only]
-        self.plan = preflight(plan)
-        for runner in self._setup_runners(config):
-            runner.run(config.get("benchmark", {}))
-        from .report import write_report  # matplotlib: only when a report is written
+        # Before preflight, which rewrites the folder's run marker: a second process must not touch it.
+        with OutputLock(plan.output, [d.label for d in plan.datasets]):
+            self.plan = preflight(plan)
+            for runner in self._setup_runners(config):
+                runner.run(config.get("benchmark", {}))
+            from .report import write_report  # matplotlib: only when a report is written
 
-        write_report(self.plan)
+            write_report(self.plan)
         print(f"results: {results_file(self.plan)}; report: {self.plan.output / 'report.md'}")
 
 
