@@ -14,6 +14,8 @@ entries are ``class_path``/``init_args`` dicts, lists under ``grid`` expanded by
 * ``sweeps`` adds one method per value of a parameter of a method (the paper's Fig. 5/8 curves);
 * ``decision_rules`` judges other support-threshold rules on every cell
   (:mod:`anomalib_protorefine.benchmark.rules`);
+* ``line_simulation`` judges thresholds calibrated on unlabelled streams of test images at
+  requested false-alarm rates (:mod:`anomalib_protorefine.benchmark.line`);
 * ``output``, ``max_test_images``, ``heatmaps``, ``figure7`` control the results folder.
 
 Example:
@@ -42,6 +44,7 @@ from typing import Any
 
 from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 
+from .line import LineSimulation, parse_line
 from .rules import DecisionRules, parse_rules
 
 #: The PatchCorePlus family: scored on cached test features, with ``shared`` merged into their arguments.
@@ -67,6 +70,7 @@ SECTION_KEYS: tuple[str, ...] = (
     "data",
     "sweeps",
     "decision_rules",
+    "line_simulation",
     "seed",
 )
 
@@ -139,6 +143,7 @@ class BenchmarkPlan:
     figure7: bool = True
     shared: dict[str, Any] = field(default_factory=dict)
     decision_rules: DecisionRules | None = None
+    line_simulation: LineSimulation | None = None
     data_configs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -441,6 +446,7 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
         raise BenchmarkConfigError(msg)
     try:
         rules = parse_rules(section.get("decision_rules"))
+        line = parse_line(section.get("line_simulation"))
     except ValueError as error:
         raise BenchmarkConfigError(str(error)) from None
     plan = BenchmarkPlan(
@@ -456,6 +462,7 @@ def plan_from_config(config: dict[str, Any], *, check_data: bool = True) -> Benc
         figure7=figure7,
         shared=shared,
         decision_rules=rules,
+        line_simulation=line,
     )
     plan.data_configs = [data.config for data in plan.datasets]  # all of them, whatever --only runs
     if check_data:
@@ -481,4 +488,6 @@ def describe(plan: BenchmarkPlan) -> str:
     }
     if plan.decision_rules is not None:  # absent otherwise, so that folders of runs without rules still match
         described["decision_rules"] = asdict(plan.decision_rules)
+    if plan.line_simulation is not None:
+        described["line_simulation"] = asdict(plan.line_simulation)
     return json.dumps(described, sort_keys=True, default=str)

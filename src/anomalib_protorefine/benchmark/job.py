@@ -159,7 +159,15 @@ class FewShotBenchmarkJob(Job):
             datamodule = self.context.datamodule(self.data)
             batch_size = getattr(datamodule, "eval_batch_size", 32)
             values = run_cached(
-                self.method, datamodule, test, self.k, self.seed, self.context.device, batch_size, plan.decision_rules
+                self.method,
+                datamodule,
+                test,
+                self.k,
+                self.seed,
+                self.context.device,
+                batch_size,
+                plan.decision_rules,
+                plan.line_simulation,
             )
         else:
             values = run_engine(self.method, make_datamodule(self.data.config), plan, self.k, self.seed)

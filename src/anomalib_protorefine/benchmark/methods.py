@@ -40,6 +40,7 @@ from anomalib_protorefine.thresholds import SupportThresholds
 from .config import BenchmarkPlan, MethodSpec
 from .decision import best_balanced_accuracy, decision_values
 from .features import CachedTestSet, scored_indices
+from .line import LineSimulation, line_values
 from .metrics import benchmark_metrics
 from .resources import peak_memory
 from .rules import DecisionRules, rule_values
@@ -207,10 +208,12 @@ def run_cached(
     device: torch.device,
     batch_size: int,
     rules: DecisionRules | None = None,
+    line: LineSimulation | None = None,
 ) -> dict[str, float]:
     """Metrics, decisions, time and memory of a feature-based method on one cell, from the cached test features.
 
-    With ``rules``, the decisions of other support-threshold rules too (:mod:`.rules`).
+    With ``rules``, the decisions of other support-threshold rules too (:mod:`.rules`); with ``line``,
+    the line simulation (:mod:`.line`).
     """
     model = build_feature_model(method, k, seed, device)
     start = time.perf_counter()
@@ -227,6 +230,10 @@ def run_cached(
         values |= decisions(model, scored, test)
         if rules is not None:
             values |= rule_values(model, scored, test, rules)
+    if line is not None:
+        thresholds = getattr(model, "support_thresholds", None)
+        support = thresholds.image_threshold if thresholds is not None else None
+        values |= line_values(scored, test, line, seed, support)
     calibration = getattr(model, "calibration", None)
     if calibration is not None:  # refiner="auto": which candidate the support images chose
         values["auto_refined"] = float(calibration.choice != "off")

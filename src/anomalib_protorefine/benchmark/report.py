@@ -30,6 +30,7 @@ from anomalib_protorefine.models.patchcore_plus.lightning_model import PATCHCORE
 
 from .config import BenchmarkPlan, MethodSpec, parameter_value
 from .job import read_results
+from .line import line_table
 from .rules import DecisionRules, rule_prefix
 
 logger = logging.getLogger(__name__)
@@ -445,6 +446,7 @@ def markdown(plan: BenchmarkPlan, frame: pd.DataFrame) -> str:
         lines += _decision_tables(part)
         lines += _calibration_table(plan, part)
         lines += _rules_table(plan, part)
+        lines += line_table(part, plan.line_simulation)
         sweeps = [m for m in plan.methods if m.sweep is not None and m.name in set(part.method)]
         if sweeps:
             lines += ["Sweeps (see the sweep plots):", ""]

@@ -26,10 +26,14 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_protorefine.calibration import split_transform
+from anomalib_protorefine.false_alarm import LineCalibration, images_needed, validate_false_alarm_rate
 from anomalib_protorefine.few_shot import (
+    IMAGE_EXTENSIONS,
     SupportSet,
     check_support_images,
+    folder_images,
     load_images,
+    read_image_file,
     support_from_dataset,
     support_from_folder,
     train_dataset_of,
@@ -37,7 +41,12 @@ from anomalib_protorefine.few_shot import (
     validate_k_shot,
     validate_support_options,
 )
-from anomalib_protorefine.post_processing import FewShotPostProcessor, clear_thresholds, write_support_thresholds
+from anomalib_protorefine.post_processing import (
+    FewShotPostProcessor,
+    clear_thresholds,
+    write_support_thresholds,
+    write_thresholds,
+)
 from anomalib_protorefine.refinement import PrototypeRefiner, RefinerOptions
 from anomalib_protorefine.support_augmentation import resolve_support_augmentation, support_views, view_names
 from anomalib_protorefine.thresholds import (
@@ -50,6 +59,11 @@ from anomalib_protorefine.thresholds import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: The false-alarm rate of a calibration when none is given (``calibrate_false_alarm`` without ``false_alarm_rate``).
+DEFAULT_FALSE_ALARM_RATE = 0.05
+#: Calibration images scored per forward pass.
+CALIBRATION_BATCH = 16
 
 
 def refiner_option_names() -> tuple[str, ...]:
@@ -214,6 +228,19 @@ anomalib fit wrote.
         self.inner.teardown()
 
 
+def _read_calibration_image(path: str, transform: Any) -> torch.Tensor:
+    """One calibration image, pre-processed; an unreadable file is named with the fix."""
+    try:
+        image = read_image_file(path)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, corrupt or unreadable files
+        msg = (
+            f"Could not read calibration image {path!r} ({type(error).__name__}: {error}): replace it or remove it "
+            "from calibration_source."
+        )
+        raise OSError(msg) from error
+    return transform(image) if transform is not None else image
+
+
 class RefinedFewShotMixin:
     """Hooks shared by models whose torch model has a ``refiner`` and that build support data on demand.
 
@@ -371,11 +398,247 @@ class RefinedFewShotMixin:
     support_thresholds: SupportThresholds | None
     support_scores: SupportScores | None
 
-    def _init_thresholds(self, threshold: str) -> None:
-        """No support thresholds yet; validate ``threshold`` and hand it to the post-processor (after ``k_shot``)."""
+    def _init_thresholds(
+        self,
+        threshold: str,
+        false_alarm_rate: float | None = None,
+        calibration_source: str | Path | None = None,
+    ) -> None:
+        """No thresholds yet; validate the threshold options and hand ``threshold`` to the post-processor.
+
+        Runs after ``k_shot`` is set. ``calibration_source`` is checked for its type here and for its
+        images when it is used (a checkpoint made with it loads without the folder).
+        """
         self.support_thresholds = None
         self.support_scores = None
+        self.line_calibration = None
         self._set_threshold_source(threshold)
+        self.__dict__["_false_alarm_rate"] = validate_false_alarm_rate(false_alarm_rate)
+        self.calibration_source = calibration_source
+
+    # ------------------------------------------------------------------ false-alarm rate
+    line_calibration: LineCalibration | None
+
+    @property
+    def false_alarm_rate(self) -> float | None:
+        """The share of good parts the user accepts to see flagged (``None``: the support rule decides).
+
+        The image threshold is set so that this share of good parts is expected above it, from the
+        scores of ``calibration_source`` (:mod:`anomalib_protorefine.false_alarm`). Setting it after a
+        calibration re-estimates the thresholds from the stored calibration scores (no rescoring).
+        """
+        return self.__dict__.get("_false_alarm_rate")
+
+    @false_alarm_rate.setter
+    def false_alarm_rate(self, value: float | None) -> None:
+        rate = validate_false_alarm_rate(value)
+        self.__dict__["_false_alarm_rate"] = rate
+        hparams = getattr(self, "_hparams", None)
+        if hparams is not None and "false_alarm_rate" in hparams:
+            hparams["false_alarm_rate"] = rate
+        if self.line_calibration is not None and rate is not None and rate != self.line_calibration.false_alarm_rate:
+            self._put_calibration_in_force(self.line_calibration.at_rate(rate))
+
+    @property
+    def calibration_source(self) -> Path | None:
+        """Folder of unlabelled images from the line (mostly good) that the thresholds are calibrated on."""
+        return self.__dict__.get("_calibration_source")
+
+    @calibration_source.setter
+    def calibration_source(self, value: str | Path | None) -> None:
+        if value is not None and not isinstance(value, str | PurePath):
+            msg = (
+                f"calibration_source must be a folder path (str or Path) or None, got {type(value).__name__} "
+                f"{value!r}: e.g. calibration_source='/line/first_parts' (CLI --model.calibration_source ...)."
+            )
+            raise TypeError(msg)
+        if value is not None and getattr(self, "threshold", None) == "validation":
+            msg = (
+                "calibration_source sets the thresholds from images of the line, but threshold='validation' asks for "
+                "anomalib's thresholds from a labelled validation pass: drop one of them (threshold='auto' with "
+                "calibration_source, or no calibration_source)."
+            )
+            raise ValueError(msg)
+        path = Path(value).expanduser() if value is not None and str(value) != "" else None
+        changed = path != self.__dict__.get("_calibration_source")
+        self.__dict__["_calibration_source"] = path
+        hparams = getattr(self, "_hparams", None)
+        if hparams is not None and "calibration_source" in hparams:
+            hparams["calibration_source"] = str(path) if path is not None else None
+        if changed and self.line_calibration is not None:
+            self._forget_line_calibration()
+
+    def calibration_paths(self) -> list[str]:
+        """The image files of ``calibration_source``, checked: a folder with enough images for the rate.
+
+        Raises:
+            FileNotFoundError: ``calibration_source`` is not a folder.
+            ValueError: Fewer image files than the requested rate needs.
+        """
+        folder = self.calibration_source
+        if folder is None or not folder.is_dir():
+            msg = (
+                f"calibration_source={str(folder)!r} is not a folder: point it to a folder of unlabelled images of "
+                "parts from the line (mostly good)."
+            )
+            raise FileNotFoundError(msg)
+        paths = folder_images(folder)
+        rate = self.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE
+        needed = images_needed(rate)
+        if len(paths) < needed:
+            msg = (
+                f"calibration_source={str(folder)!r} holds {len(paths)} image file(s) ({', '.join(IMAGE_EXTENSIONS)}; "
+                f"subfolders are not searched), but false_alarm_rate={rate:g} "
+                f"needs at least {needed}: add images of parts from the line, or raise false_alarm_rate."
+            )
+            raise ValueError(msg)
+        return paths
+
+    def calibrate_false_alarm(
+        self, source: str | Path | Sequence[str | Path] | torch.Tensor | None = None, rate: float | None = None
+    ) -> LineCalibration:
+        """Set the thresholds so that ``rate`` of good parts are expected above them, from unlabelled line images.
+
+        The images are scored with the model's own scoring against its support data (built first
+        when needed), and the good-score distribution is estimated robustly from them
+        (:func:`~anomalib_protorefine.false_alarm.estimate_good_threshold`): a few defective parts
+        among them do not drag the threshold up. The thresholds go into the post-processor (so
+        checkpoints, ``anomalib predict`` and the exports decide with them) and :attr:`line_calibration`,
+        and one line goes to the log.
+
+        Args:
+            source: A folder of images, a list of image files, or images ``(N, 3, H, W)`` in ``[0, 1]``
+                (any size: the pre-processor resizes them). Default: ``calibration_source``.
+            rate: The false-alarm rate. Default: ``false_alarm_rate``, else 0.05.
+
+        Returns:
+            The calibration (also in :attr:`line_calibration`).
+
+        Raises:
+            ValueError: Too few images for the rate, images not in ``[0, 1]``, or a rate outside (0, 0.5].
+            FileNotFoundError: The folder does not exist.
+        """
+        rate = validate_false_alarm_rate(rate) or self.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE
+        if rate != self.false_alarm_rate:
+            self.__dict__["_false_alarm_rate"] = rate
+            hparams = getattr(self, "_hparams", None)
+            if hparams is not None and "false_alarm_rate" in hparams:
+                hparams["false_alarm_rate"] = rate
+        batches, label = self._calibration_batches(source, rate)
+        self._ensure_ready()
+        scores, maxima, minimum = self._score_calibration_images(batches)
+        calibration = LineCalibration.from_scores(scores, maxima, minimum, rate, label)
+        self._put_calibration_in_force(calibration)
+        return calibration
+
+    def _calibration_batches(
+        self, source: str | Path | Sequence[str | Path] | torch.Tensor | None, rate: float
+    ) -> tuple[Iterator[torch.Tensor], str]:
+        """Pre-processed calibration images in batches, and where they came from (checked before any scoring)."""
+        pre_processor = getattr(self, "pre_processor", None)
+        transform = pre_processor.transform if isinstance(pre_processor, PreProcessor) else None
+        needed = images_needed(rate)
+        if isinstance(source, torch.Tensor):
+            if source.ndim != 4 or source.shape[1] != 3:
+                msg = f"calibration images must be a batch (N, 3, H, W) in [0, 1], got shape {tuple(source.shape)}."
+                raise ValueError(msg)
+            check_support_images(source, preprocessed=False)
+            if len(source) < needed:
+                msg = (
+                    f"{len(source)} calibration image(s) given, but false_alarm_rate={rate:g} needs at least {needed}: "
+                    "add images of parts from the line, or raise false_alarm_rate."
+                )
+                raise ValueError(msg)
+
+            def tensor_batches() -> Iterator[torch.Tensor]:
+                for chunk in source.split(CALIBRATION_BATCH):
+                    yield torch.stack([transform(image) for image in chunk]) if transform is not None else chunk
+
+            return tensor_batches(), "images"
+        if source is None or isinstance(source, str | PurePath):
+            if source is not None:
+                self.calibration_source = source
+            if self.calibration_source is None:
+                msg = (
+                    "no calibration images: pass a folder, a list of files or images, or set calibration_source "
+                    "(CLI --model.calibration_source /line/first_parts)."
+                )
+                raise ValueError(msg)
+            paths = self.calibration_paths()
+            label = str(self.calibration_source)
+        else:
+            paths = [str(path) for path in source]
+            if len(paths) < needed:
+                msg = (
+                    f"{len(paths)} calibration image file(s) given, but false_alarm_rate={rate:g} needs at least "
+                    f"{needed}: add images of parts from the line, or raise false_alarm_rate."
+                )
+                raise ValueError(msg)
+            label = f"{len(paths)} files"
+
+        def file_batches() -> Iterator[torch.Tensor]:
+            for start in range(0, len(paths), CALIBRATION_BATCH):
+                chunk = paths[start : start + CALIBRATION_BATCH]
+                yield torch.stack([_read_calibration_image(path, transform) for path in chunk])
+
+        return file_batches(), label
+
+    def _score_calibration_images(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Image scores, anomaly-map maxima and the lowest map value of pre-processed batches (the model's scoring)."""
+        scores, maxima, minimum = [], [], float("inf")
+        with self.calibration_scoring():
+            for chunk in batches:
+                output = self.model(chunk.to(self.device))
+                maps = output.anomaly_map.detach().float().cpu().reshape(len(chunk), -1)
+                scores.append(output.pred_score.detach().float().cpu().reshape(-1))
+                maxima.append(maps.amax(1))
+                minimum = min(minimum, float(maps.min()))
+        return torch.cat(scores), torch.cat(maxima), minimum
+
+    def _put_calibration_in_force(self, calibration: LineCalibration) -> None:
+        """Store a line calibration, write it into the post-processor and log it in one line."""
+        self.line_calibration = calibration
+        post_processor = getattr(self, "post_processor", None)
+        if isinstance(post_processor, PostProcessor):
+            write_thresholds(post_processor, calibration, "calibration")
+        logger.info("%s: calibrated thresholds %s.", type(self).__name__, calibration.describe())
+
+    def _ensure_calibrated(self) -> None:
+        """Calibrate on ``calibration_source`` once the support data is ready (nothing when done or not asked)."""
+        if self.calibration_source is not None and self.line_calibration is None:
+            self.calibrate_false_alarm()
+        elif self.calibration_source is None and self.false_alarm_rate is not None and self.line_calibration is None:
+            self._warn_rate_without_calibration()
+
+    def _warn_rate_without_calibration(self) -> None:
+        """Say once that the support images alone cannot honour ``false_alarm_rate``."""
+        if self.__dict__.get("_warned_rate"):
+            return
+        self.__dict__["_warned_rate"] = True
+        k = self.k_shot
+        spread = (
+            "one support image shows no spread between good parts at all"
+            if k == 1
+            else f"{k} support images show too little spread between good parts to estimate it"
+            if k
+            else "the training images are in the bank, so their scores say nothing of new good parts"
+        )
+        msg = (
+            f"{type(self).__name__}: false_alarm_rate={self.false_alarm_rate:g} cannot be honoured from the support "
+            f"images alone ({spread}); the support rule decides instead, and the share of good parts it flags is "
+            "unknown (measured from a few % to most good parts: docs/benchmarks.md, 'A false-alarm rate on the "
+            "line'). Set calibration_source to a folder of unlabelled parts from the line (at least "
+            f"{images_needed(self.false_alarm_rate)}; CLI --model.calibration_source /line/first_parts), or call "
+            "model.calibrate_false_alarm(folder)."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+
+    def _forget_line_calibration(self) -> None:
+        """The support changed: a line calibration against the old support data no longer applies."""
+        self.line_calibration = None
+        post_processor = getattr(self, "post_processor", None)
+        if isinstance(post_processor, FewShotPostProcessor) and post_processor.threshold_origin == "calibration":
+            clear_thresholds(post_processor)
 
     def _set_threshold_source(self, threshold: str) -> None:
         """Set ``threshold`` (constructor, checkpoint): the model's attribute and its post-processor's."""
@@ -385,8 +648,11 @@ class RefinedFewShotMixin:
             post_processor.threshold = self.threshold
 
     def _wants_support_thresholds(self) -> bool:
-        """Support thresholds are computed with ``threshold`` ``"support"`` or ``"auto"`` (never for "validation")."""
-        return getattr(self, "threshold", "validation") != "validation"
+        """Support thresholds are computed with ``threshold`` ``"support"`` or ``"auto"`` (never for "validation").
+
+        Not with ``calibration_source``: the line calibration sets the thresholds.
+        """
+        return getattr(self, "threshold", "validation") != "validation" and self.calibration_source is None
 
     @contextlib.contextmanager
     def calibration_scoring(self) -> Iterator[None]:
@@ -491,25 +757,30 @@ class RefinedFewShotMixin:
             )
 
     def _forget_support_thresholds(self) -> None:
-        """The support changed: support thresholds in force no longer apply (recomputed with the support data)."""
+        """The support changed: support (and calibrated) thresholds no longer apply (recomputed with the support)."""
         self.support_thresholds = None
         self.support_scores = None
+        if getattr(self, "line_calibration", None) is not None:
+            self._forget_line_calibration()
         post_processor = getattr(self, "post_processor", None)
         if isinstance(post_processor, FewShotPostProcessor) and post_processor.threshold_origin == "support":
             clear_thresholds(post_processor)
 
     def on_validation_start(self) -> None:
-        """Prepare the support data before validation."""
+        """Prepare the support data (and the line calibration) before validation."""
         self._ensure_ready()
+        self._ensure_calibrated()
 
     def on_test_start(self) -> None:
-        """Prepare the support data before testing (``anomalib test`` without a checkpoint)."""
+        """Prepare the support data (and the line calibration) before testing."""
         self._ensure_ready()
+        self._ensure_calibrated()
         self._warn_if_uncalibrated("test")
 
     def on_predict_start(self) -> None:
-        """Prepare the support data before prediction."""
+        """Prepare the support data (and the line calibration) before prediction."""
         self._ensure_ready()
+        self._ensure_calibrated()
         self._warn_if_uncalibrated("predict")
 
     def _warn_if_uncalibrated(self, stage: str) -> None:
@@ -520,7 +791,11 @@ class RefinedFewShotMixin:
         thresholds = (post_processor.image_threshold, post_processor.pixel_threshold)
         if not any(bool(torch.isnan(threshold).all()) for threshold in thresholds):
             origin = getattr(post_processor, "threshold_origin", "none")
-            sources = {"support": "the support images", "validation": "a validation pass"}
+            sources = {
+                "support": "the support images",
+                "validation": "a validation pass",
+                "calibration": "calibration images of the line",
+            }
             logger.info(
                 "%s decides with thresholds from %s: image %.4g, pixel %.4g (raw scores; pred_label = score above it).",
                 type(self).__name__,
@@ -607,6 +882,8 @@ class RefinedFewShotMixin:
         checkpoint["protorefine_support_views"] = list(self.support_views)
         thresholds = getattr(self, "support_thresholds", None)
         checkpoint["protorefine_support_thresholds"] = thresholds.as_dict() if thresholds is not None else None
+        line = getattr(self, "line_calibration", None)
+        checkpoint["protorefine_line_calibration"] = line.as_dict() if line is not None else None
 
     # ------------------------------------------------------------------ checkpoints
     #: The model's named refiner settings, and the one that ``refiner=True`` and a partial dict start from.
@@ -660,6 +937,44 @@ class RefinedFewShotMixin:
         self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
         stored_thresholds = checkpoint.get("protorefine_support_thresholds")
         self.support_thresholds = SupportThresholds(**stored_thresholds) if stored_thresholds else None
+        stored_line = checkpoint.get("protorefine_line_calibration")
+        self.line_calibration = LineCalibration.from_dict(stored_line) if stored_line else None
+        if self.line_calibration is not None:
+            self._restore_line_calibration(checkpoint)
+
+    def _restore_line_calibration(self, checkpoint: dict[str, Any]) -> None:
+        """Keep a checkpoint's line calibration in force, re-estimated at the constructor's rate where that differs.
+
+        Lightning loads the state dict (the post-processor's threshold buffers) after this hook, so a
+        re-estimate is written into the checkpoint's state dict.
+        """
+        line = self.line_calibration
+        wanted = self.false_alarm_rate
+        if wanted is not None and wanted != line.false_alarm_rate:
+            line = line.at_rate(wanted)
+            self.line_calibration = line
+            state = checkpoint.get("state_dict") or {}
+            for name in ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max"):
+                key = f"post_processor.{'_' if name.endswith('threshold') else ''}{name}"
+                if key in state:
+                    state[key] = torch.tensor(getattr(line, name), dtype=state[key].dtype)
+            logger.info(
+                "%s: the checkpoint was calibrated at false_alarm_rate=%g; re-estimated at %g from its %d stored "
+                "calibration scores: %s.",
+                type(self).__name__,
+                checkpoint["protorefine_line_calibration"]["false_alarm_rate"],
+                wanted,
+                line.num_images,
+                line.describe(),
+            )
+        self.__dict__["_false_alarm_rate"] = line.false_alarm_rate
+        hparams = getattr(self, "_hparams", None)
+        if hparams is not None and "false_alarm_rate" in hparams:
+            hparams["false_alarm_rate"] = line.false_alarm_rate
+        post_processor = getattr(self, "post_processor", None)
+        if isinstance(post_processor, FewShotPostProcessor):
+            # the buffers come from the state dict after this hook; the origin says where they came from
+            post_processor.threshold_origin = "calibration"
 
     def _restore_refiner(self, stored: Any) -> list[str]:
         """Rebuild the refiner from the checkpoint's options; return the differences from the current one."""

@@ -86,6 +86,10 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
             ``--model.refiner.lambda_ 0.2``), or a cosine :class:`PrototypeRefiner`.
         threshold: ``"auto"``, ``"support"`` or ``"validation"``, as
             :class:`~anomalib_protorefine.PatchCorePlus`.
+        false_alarm_rate: The share of good parts you accept to see flagged, as
+            :class:`~anomalib_protorefine.PatchCorePlus`.
+        calibration_source: Folder of unlabelled line images to calibrate the thresholds on, as
+            :class:`~anomalib_protorefine.PatchCorePlus`.
         pre_processor: Pre-processor, ``True`` for anomalib's (252 px bicubic, ImageNet normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -113,6 +117,8 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         support_augmentation: str | Sequence[str] | None = None,
         refiner: bool | str | dict[str, Any] | PrototypeRefiner = DINO_DEFAULT_REFINER,
         threshold: str = "auto",
+        false_alarm_rate: float | None = None,
+        calibration_source: str | Path | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -152,7 +158,7 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         self.few_shot_source = source
         self.support_augmentation = support_augmentation
         self.support_paths: tuple[str, ...] = ()
-        self._init_thresholds(threshold)
+        self._init_thresholds(threshold, false_alarm_rate, calibration_source)
 
     # ------------------------------------------------------------------ components
     @classmethod
@@ -221,11 +227,13 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         """Build the bank from the embeddings collected by ``Engine.fit`` (full-shot), or from the support images."""
         if self.k_shot or not self.model.embedding_store:
             self._ensure_ready()
+            self._ensure_calibrated()
             return
         embeddings = torch.vstack(self.model.embedding_store)
         self.model.embedding_store.clear()
         self.model.build_bank(embeddings, seed=self.few_shot_seed)
         self._is_fitted = torch.tensor([True], device=self.device)
+        self._ensure_calibrated()
 
     # ------------------------------------------------------------------ checkpoints
     refiner_presets = DINO_REFINER_PRESETS

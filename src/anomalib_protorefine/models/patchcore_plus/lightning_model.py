@@ -185,6 +185,13 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
             validation pass with defective images runs), ``"support"`` (the support images only: augmented
             copies of them scored clean and with synthetic defects; see
             :mod:`anomalib_protorefine.thresholds`) or ``"validation"`` (anomalib's behaviour).
+        false_alarm_rate: The share of good parts you accept to see flagged, in (0, 0.5] (e.g. 0.02).
+            With ``calibration_source`` the image threshold is set so that this share of good parts is
+            expected above it (:mod:`anomalib_protorefine.false_alarm`); without, the support rule
+            decides and a warning says the rate cannot be honoured from the support images alone.
+        calibration_source: Folder of unlabelled images of parts from the line (mostly good, a few
+            defective ones tolerated) to calibrate the thresholds on at ``false_alarm_rate`` (default
+            0.05); also ``model.calibrate_false_alarm(folder_or_images)``.
         pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -211,6 +218,8 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         online: bool = False,
         online_capacity: int | None = None,
         threshold: str = "auto",
+        false_alarm_rate: float | None = None,
+        calibration_source: str | Path | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -253,7 +262,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         self.support_augmentation = support_augmentation
         self.support_paths: tuple[str, ...] = ()
         self.calibration: CalibrationResult | None = None
-        self._init_thresholds(threshold)
+        self._init_thresholds(threshold, false_alarm_rate, calibration_source)
 
     # ------------------------------------------------------------------ components
     @classmethod
@@ -418,8 +427,9 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         self.model.online_bank = torch.empty(0, device=self.model.memory_bank.device)
 
     def fit(self) -> None:
-        """Build the memory bank (called by anomalib at the end of the training epoch)."""
+        """Build the memory bank (called by anomalib at the end of the training epoch), then the line calibration."""
         self._ensure_ready()
+        self._ensure_calibrated()
 
     # ------------------------------------------------------------------ checkpoints
     refiner_presets = PATCHCORE_REFINER_PRESETS

@@ -85,6 +85,13 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
             support images, replaced by anomalib's when a validation pass with defective images runs),
             ``"support"`` (the support images only) or ``"validation"`` (anomalib's behaviour); as
             :class:`~anomalib_protorefine.PatchCorePlus`.
+        false_alarm_rate: The share of good parts you accept to see flagged, in (0, 0.5] (e.g. 0.02).
+            With ``calibration_source`` the image threshold is set so that this share of good parts is
+            expected above it (:mod:`anomalib_protorefine.false_alarm`); without, the support rule
+            decides and a warning says the rate cannot be honoured from the support images alone.
+        calibration_source: Folder of unlabelled images of parts from the line (mostly good, a few
+            defective ones tolerated) to calibrate the thresholds on at ``false_alarm_rate`` (default
+            0.05); also ``model.calibrate_false_alarm(folder_or_images)``.
         pre_processor: Pre-processor, ``True`` for the default (240 px bicubic, CLIP normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -110,6 +117,8 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         coreset_sampling_ratio: float = 0.5,
         refiner: bool | str | dict[str, Any] | PrototypeRefiner = True,
         threshold: str = "auto",
+        false_alarm_rate: float | None = None,
+        calibration_source: str | Path | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -140,7 +149,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         self.few_shot_source = source
         self.support_augmentation = support_augmentation
         self.support_paths: tuple[str, ...] = ()
-        self._init_thresholds(threshold)
+        self._init_thresholds(threshold, false_alarm_rate, calibration_source)
 
     # ------------------------------------------------------------------ components
     @classmethod
