@@ -489,3 +489,46 @@ def test_anomalib_cli_calibrates_at_the_requested_rate(line_data: Path, tmp_path
     assert "requested false-alarm rate 10.00%" in output
     assert "calibrated thresholds stay in force" in output
     assert "image_AUROC" in output
+
+
+def test_engine_predict_calibrates_and_torch_and_openvino_exports_decide_alike(
+    line_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine.predict calibrates on calibration_source; the torch and OpenVINO exports carry the thresholds."""
+    pytest.importorskip("openvino", reason="OpenVINO is part of the export extra: pip install '.[export]'")
+    from anomalib.deploy import ExportType, OpenVINOInferencer, TorchInferencer
+
+    model = tiny_model(
+        few_shot_source=str(line_data / "support"), false_alarm_rate=0.25, calibration_source=str(line_data / "line")
+    )
+    engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
+    predictions = engine.predict(model, data_path=line_data / "test" / "defect")
+    assert model.post_processor.threshold_origin == "calibration"
+    threshold = model.line_calibration.image_threshold
+    labels = {
+        path: bool(label)
+        for batch in predictions
+        for path, label in zip(batch.image_path, batch.pred_label, strict=True)
+    }
+    scores = {
+        path: float(s) for batch in predictions for path, s in zip(batch.image_path, batch.pred_score, strict=True)
+    }
+    assert all(labels[path] == (scores[path] > 0.5) for path in labels)  # 0.5 = the calibrated threshold
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the exported torch file is a pickled model
+    torch_file = engine.export(model, ExportType.TORCH, export_root=tmp_path / "torch")
+    openvino_file = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "openvino")
+    torch_inferencer = TorchInferencer(torch_file, device="cpu")
+    openvino_inferencer = OpenVINOInferencer(openvino_file, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    for path, label in labels.items():
+        assert bool(torch_inferencer.predict(path).pred_label.reshape(())) == label
+        assert bool(np.asarray(openvino_inferencer.predict(path).pred_label).reshape(())) == label
+    model.eval()
+    with torch.no_grad():
+        raw = model.model(model.pre_processor.transform(_read(sorted(labels)))).pred_score.flatten()
+    assert [bool(v > threshold) for v in raw] == [labels[p] for p in sorted(labels)]
+
+
+def _read(paths: list[str]) -> torch.Tensor:
+    from anomalib.data.utils import read_image
+
+    return torch.stack([read_image(path, as_tensor=True) for path in paths])

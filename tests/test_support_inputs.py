@@ -120,19 +120,9 @@ def build_model(name: str, request: pytest.FixtureRequest, **kwargs: object) -> 
     return tiny_winclip(request.getfixturevalue("tiny_json"), refiner=False, **kwargs)
 
 
-PENDING_SETTERS = (
-    "needs the models' constructors (patchcore_plus/winclip_plus lightning_model.py) to rebind k_shot and "
-    "few_shot_seed to validate_support_options' plain ints before the hyper-parameters are saved"
-)
-
-
 @pytest.mark.parametrize(
     "model_name",
-    [
-        pytest.param("PatchCorePlus", marks=pytest.mark.xfail(reason=PENDING_SETTERS, strict=True)),
-        "AnomalyDINOPlus",
-        pytest.param("WinClipPlus", marks=pytest.mark.xfail(reason=PENDING_SETTERS, strict=True)),
-    ],
+    ["PatchCorePlus", "AnomalyDINOPlus", "WinClipPlus"],
 )
 def test_numpy_integer_support_options_run_end_to_end_as_plain_ints(
     model_name: str, tmp_path: Path, request: pytest.FixtureRequest

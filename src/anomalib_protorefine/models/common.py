@@ -39,7 +39,7 @@ from anomalib_protorefine.few_shot import (
     train_dataset_of,
     validate_few_shot_source,
     validate_k_shot,
-    validate_support_options,
+    validate_seed,
 )
 from anomalib_protorefine.post_processing import (
     FewShotPostProcessor,
@@ -317,8 +317,7 @@ class RefinedFewShotMixin:
 
     @k_shot.setter
     def k_shot(self, value: int | None) -> None:
-        value = self._normalize_k_shot(value)
-        validate_k_shot(value)
+        value = validate_k_shot(self._normalize_k_shot(value))
         self._set_support_option("k_shot", value, value)
 
     @property
@@ -328,7 +327,7 @@ class RefinedFewShotMixin:
 
     @few_shot_seed.setter
     def few_shot_seed(self, value: int) -> None:
-        validate_support_options(None, value, 1.0, paper="")
+        value = validate_seed(value)
         self._set_support_option("few_shot_seed", value, value)
 
     @property

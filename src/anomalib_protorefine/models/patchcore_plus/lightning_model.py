@@ -36,6 +36,7 @@ from anomalib_protorefine.calibration import CalibrationResult, calibrate, split
 from anomalib_protorefine.few_shot import (
     check_support_images,
     load_images,
+    plain_int,
     validate_few_shot_source,
     validate_support_options,
 )
@@ -225,7 +226,8 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.05")
+        k_shot, few_shot_seed = validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.05")
+        online_capacity = plain_int(online_capacity)
         validate_online_options(online, online_capacity)
         source = validate_few_shot_source(few_shot_source, k_shot)
         layers = validate_layers(layers)

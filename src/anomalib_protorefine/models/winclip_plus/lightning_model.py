@@ -125,7 +125,9 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         k_shot = k_shot or None  # 0 means zero-shot, as in upstream WinClip
-        validate_support_options(k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.5 on MVTec")
+        k_shot, few_shot_seed = validate_support_options(
+            k_shot, few_shot_seed, coreset_sampling_ratio, paper="0.5 on MVTec"
+        )
         source = validate_few_shot_source(few_shot_source, k_shot)
         refiner_module = make_refiner(refiner, WINCLIP_REFINER_PRESETS, default="paper")
         super().__init__(
