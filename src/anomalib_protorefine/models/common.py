@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePath
@@ -228,6 +229,44 @@ anomalib fit wrote.
         self.inner.teardown()
 
 
+def release_inference_tensors(module: torch.nn.Module) -> int:
+    """Replace buffers and parameters made under ``torch.inference_mode`` by ordinary copies; return how many.
+
+    A bank built while predicting or testing (Lightning runs both under inference mode) holds inference
+    tensors, which ``torch.export`` (the ONNX and OpenVINO exports) refuses to trace.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> with torch.inference_mode():
+        ...     layer.register_buffer("bank", torch.ones(3))
+        >>> release_inference_tensors(layer), layer.bank.is_inference()
+        (1, False)
+    """
+    count = 0
+    for sub in module.modules():
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            if buffer.is_inference():
+                setattr(sub, name, buffer.clone())
+                count += 1
+        for name, parameter in list(sub.named_parameters(recurse=False)):
+            if parameter.is_inference():
+                setattr(sub, name, torch.nn.Parameter(parameter.clone(), parameter.requires_grad))
+                count += 1
+    return count
+
+
+def _stored_folder_is_gone(checkpoint_path: str | Path, name: str) -> bool:
+    """Whether a checkpoint's hyper-parameter ``name`` names a folder that does not exist here (read lazily)."""
+    if "://" in str(checkpoint_path):
+        return False
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError):  # Lightning's own load says what is wrong
+        return False
+    folder = (checkpoint.get("hyper_parameters") or {}).get(name)
+    return bool(folder) and not Path(str(folder)).expanduser().is_dir()
+
+
 def _read_calibration_image(path: str, transform: Any) -> torch.Tensor:
     """One calibration image, pre-processed; an unreadable file is named with the fix."""
     try:
@@ -257,11 +296,106 @@ class RefinedFewShotMixin:
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
-        """Check a ``ckpt_path`` file before Lightning loads it (Lightning runs this hook before the restore)."""
+        """Check a ``ckpt_path`` file before Lightning loads it; skip validation when the data has none.
+
+        Lightning runs this hook before the restore and after the datamodule's ``setup``. anomalib's
+        ``Engine`` validates few-shot models before testing and predicting, and ``fit`` validates after
+        the epoch; a datamodule built with ``val_split_mode="none"`` (good images only) has no
+        validation set, where anomalib would fail with ``AttributeError: ... 'val_data'``. Validation
+        is then skipped for this run: the thresholds come from the support images or ``calibration_source``.
+        """
         super().setup(stage)  # type: ignore[misc]
-        strategy = self.trainer.strategy  # type: ignore[attr-defined]
+        trainer = self.trainer  # type: ignore[attr-defined]
+        strategy = trainer.strategy
         if not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
+        datamodule = getattr(trainer, "datamodule", None)
+        if stage not in {"fit", "validate"} or datamodule is None:
+            return
+        saved = self.__dict__.get("_limit_val_batches")
+        if hasattr(datamodule, "val_data"):
+            if saved is not None:  # a run without validation data before: this one has some again
+                trainer.limit_val_batches = saved
+                self.__dict__["_limit_val_batches"] = None
+            return
+        if saved is None:
+            self.__dict__["_limit_val_batches"] = trainer.limit_val_batches
+        trainer.limit_val_batches = 0
+        logger.info(
+            "%s: the datamodule has no validation images (val_split_mode='none'): no validation pass; the "
+            "thresholds come from %s.",
+            type(self).__name__,
+            "calibration_source" if self.calibration_source is not None else "the support images",
+        )
+        if stage == "validate" and self.k_shot:
+            # anomalib's Engine.fit of a few-shot model is this validation pass: build what it would have
+            # built, and write the checkpoint its checkpoint callback writes at the end of validation.
+            self._ensure_ready()
+            self._ensure_calibrated()
+            self.__dict__["_checkpoint_at_teardown"] = True
+
+    def teardown(self, stage: str) -> None:
+        """Write the checkpoint of a validation pass that was skipped for want of validation images (see ``setup``)."""
+        super().teardown(stage)  # type: ignore[misc]
+        if self.__dict__.pop("_checkpoint_at_teardown", False):
+            self._write_checkpoint("no validation images")
+
+    def on_fit_end(self) -> None:
+        """Write the checkpoint that anomalib's checkpoint callback writes after validation, when none was written."""
+        super().on_fit_end()  # type: ignore[misc]
+        self._write_checkpoint("no validation pass")
+
+    def _write_checkpoint(self, reason: str) -> None:
+        """Save to the trainer's checkpoint callback file (``weights/lightning/model.ckpt``) unless it saved already.
+
+        anomalib saves few-shot models at the end of a validation pass; a fit on good images only
+        (``val_split_mode="none"``) has none, and the bank, thresholds and options would never be saved.
+        """
+        trainer = self.trainer  # type: ignore[attr-defined]
+        callback = trainer.checkpoint_callback
+        if callback is None or callback.dirpath is None or callback.best_model_path or callback.last_model_path:
+            return
+        path = Path(callback.dirpath) / f"{callback.filename or 'model'}{callback.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        callback.best_model_path = str(path)
+        logger.info("%s: checkpoint written to %s (%s to trigger it).", type(self).__name__, path, reason)
+
+    def _support_ready(self) -> bool:
+        """Whether the support data (bank, references) is built (implemented by the model)."""
+        raise NotImplementedError
+
+    def prepare_export(self) -> None:
+        """Make the model whole before an export: support data and line calibration, or a refusal that names the fix.
+
+        Without a checkpoint the support data is built from ``few_shot_source`` (and calibrated on
+        ``calibration_source``) first; a model with neither would export an empty bank that fails
+        only on the deployment machine, so it is refused before anything is written.
+
+        Raises:
+            ValueError: No support data and no ``few_shot_source`` to build it from.
+        """
+        if not self._support_ready():
+            if not (self.k_shot and self.few_shot_source is not None):
+                msg = (
+                    f"{type(self).__name__} has no support data to export (no checkpoint was loaded and no "
+                    "few_shot_source is set): pass the checkpoint that anomalib fit wrote (--ckpt_path "
+                    ".../weights/lightning/model.ckpt), or the folder of good images (--model.few_shot_source DIR "
+                    "with --model.k_shot)."
+                )
+                raise ValueError(msg)
+            self._ensure_ready()
+        self._ensure_calibrated()
+        release_inference_tensors(self)  # type: ignore[arg-type]
+
+    def to_torch(self, *args: Any, **kwargs: Any) -> Path:
+        """Export to torch as anomalib does, after :meth:`prepare_export` (never an empty model)."""
+        self.prepare_export()
+        return super().to_torch(*args, **kwargs)  # type: ignore[misc]
+
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
+        """Export to ONNX as anomalib does (also the first step of OpenVINO), after :meth:`prepare_export`."""
+        self.prepare_export()
+        return super().to_onnx(*args, **kwargs)  # type: ignore[misc]
 
     def _store_plain_hparams(self) -> None:
         """Keep the refiner in ``hparams`` as plain options (or ``False``), never as a ``PrototypeRefiner`` object.
@@ -870,6 +1004,8 @@ class RefinedFewShotMixin:
             ValueError: The file is not a torch checkpoint.
         """
         check_checkpoint_file(checkpoint_path)
+        if "few_shot_source" not in kwargs and _stored_folder_is_gone(checkpoint_path, "few_shot_source"):
+            kwargs["few_shot_source"] = None  # the bank is in the checkpoint; the folder was only where it came from
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -912,6 +1048,8 @@ class RefinedFewShotMixin:
         if "refiner" in stored:
             changed += self._restore_refiner(stored["refiner"])
         for name, current in self._score_options().items():
+            if name == "few_shot_source" and stored.get(name) and not Path(str(stored[name])).is_dir():
+                continue  # the checkpoint holds the support data it was drawn into: no folder is read on load
             if name in stored and _plain(stored[name]) != _plain(current):
                 changed.append(f"{name}={stored[name]!r} (constructor: {current!r})")
                 self._apply_score_option(name, stored[name])

@@ -25,32 +25,6 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 __all__ = ["FewShotMemoryBankMixin"]
 
 
-def release_inference_tensors(module: torch.nn.Module) -> int:
-    """Replace buffers and parameters made under ``torch.inference_mode`` by ordinary copies; return how many.
-
-    A bank built while predicting or testing (Lightning runs both under inference mode) holds inference
-    tensors, which ``torch.export`` (the ONNX and OpenVINO exports) refuses to trace.
-
-    Example:
-        >>> layer = torch.nn.Linear(2, 2)
-        >>> with torch.inference_mode():
-        ...     layer.register_buffer("bank", torch.ones(3))
-        >>> release_inference_tensors(layer), layer.bank.is_inference()
-        (1, False)
-    """
-    count = 0
-    for sub in module.modules():
-        for name, buffer in list(sub.named_buffers(recurse=False)):
-            if buffer.is_inference():
-                setattr(sub, name, buffer.clone())
-                count += 1
-        for name, parameter in list(sub.named_parameters(recurse=False)):
-            if parameter.is_inference():
-                setattr(sub, name, torch.nn.Parameter(parameter.clone(), parameter.requires_grad))
-                count += 1
-    return count
-
-
 class FewShotMemoryBankMixin:
     """Training, learning type, trainer arguments, ONNX/OpenVINO export and support reset of a memory-bank model.
 
@@ -135,11 +109,13 @@ class FewShotMemoryBankMixin:
             >>> path = model.to_onnx("exports", input_size=(64, 64))  # doctest: +SKIP
         """
         kwargs.setdefault("opset_version", 18)
-        if not self.model.memory_bank.numel() and self.few_shot_source is not None:
-            self._ensure_ready()  # type: ignore[attr-defined]  # no checkpoint: the bank from few_shot_source
-        release_inference_tensors(self)  # type: ignore[arg-type]
+        self.prepare_export()  # type: ignore[attr-defined]  # no checkpoint: the bank from few_shot_source
         with self.model.exporting(sinkhorn_iterations):
             return super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
+
+    def _support_ready(self) -> bool:
+        """The memory bank is built."""
+        return bool(self.model.memory_bank.numel())
 
     def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
         """Anomalib's OpenVINO export (through :meth:`to_onnx`), with a warning about OpenVINO's CPU precision.

@@ -238,6 +238,10 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
                 self.calibrate_thresholds(support.paths)
             self.fit_support(support.images)
 
+    def _support_ready(self) -> bool:
+        """Zero-shot needs no references; few-shot needs them built."""
+        return not self.k_shot or bool(self.model.has_references)
+
     @staticmethod
     def _normalize_k_shot(k_shot: int | None) -> int | None:
         """``0`` means zero-shot, as in upstream WinClip: stored as ``None``."""

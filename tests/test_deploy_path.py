@@ -1,0 +1,162 @@
+"""From k good images to a deployed inspector: fit on good images only, self-contained checkpoints, exports.
+
+References: the checkpoint's own contents and a second, independently built model scored on the same
+images (the bank of a checkpoint must score like the model that wrote it); anomalib's TorchInferencer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import Folder
+from anomalib.engine import Engine
+
+from anomalib_protorefine import PatchCorePlus
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+SIZE = 64
+QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+
+
+def tiny_model(**kwargs: object) -> PatchCorePlus:
+    options = {
+        "backbone": "resnet18",
+        "layers": ("layer2",),
+        "pre_trained": False,
+        "k_shot": 2,
+        "refiner": False,
+        "visualizer": False,
+        "pre_processor": PatchCorePlus.configure_pre_processor(image_size=(SIZE, SIZE), backbone="resnet18"),
+        **kwargs,
+    }
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return PatchCorePlus(**options)
+
+
+@pytest.fixture(scope="module")
+def part(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic part: 4 good images in ``good/``, 3 good + 3 defective test images."""
+    from anomalib_protorefine.data import generate_dataset
+
+    root = generate_dataset(
+        tmp_path_factory.mktemp("part"), num_train=4, num_test_good=3, num_test_defect=3, image_size=SIZE, seed=5
+    )
+    good = root / "good"
+    good.mkdir()
+    for file in sorted((root / "train" / "good").glob("*.png")):
+        shutil.copy(file, good / file.name)
+    return root
+
+
+def good_only(root: Path) -> Folder:
+    """A Folder of good images only: no defect folder, no masks, no test or validation split."""
+    return Folder(
+        name="part",
+        root=root,
+        normal_dir="good",
+        test_split_mode="none",
+        val_split_mode="none",
+        num_workers=0,
+    )
+
+
+def test_fit_on_good_images_only_writes_a_checkpoint(part: Path, tmp_path: Path) -> None:
+    model = tiny_model()
+    engine = Engine(default_root_dir=tmp_path, **QUIET)
+    engine.fit(model, datamodule=good_only(part))
+    path = Path(engine.trainer.checkpoint_callback.best_model_path)
+    assert path.is_file(), path
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    bank = checkpoint["state_dict"]["model.memory_bank"]
+    assert bank.shape == model.model.memory_bank.shape
+    assert bank.numel() > 0
+    assert checkpoint["protorefine_support_thresholds"]["num_normal"] == 4  # two copies of each of the 2 images
+    assert [Path(p).parent.name for p in checkpoint["protorefine_support_paths"]] == ["good", "good"]
+    # the checkpoint scores like the model that wrote it
+    loaded = PatchCorePlus.load_from_checkpoint(path, visualizer=False)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    loaded.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).pred_score, model(images).pred_score)
+
+
+def test_test_without_a_validation_split_uses_the_support_thresholds(part: Path, tmp_path: Path) -> None:
+    """``anomalib test`` with ``val_split_mode none``: no AttributeError, every test image scored."""
+    model = tiny_model()
+    datamodule = Folder(
+        name="part",
+        root=part,
+        normal_dir="train/good",
+        abnormal_dir="test/defect",
+        normal_test_dir="test/good",
+        val_split_mode="none",
+        num_workers=0,
+    )
+    engine = Engine(default_root_dir=tmp_path, **QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        metrics = engine.test(model, datamodule=datamodule)[0]
+    assert "image_AUROC" in metrics
+    assert model.post_processor.threshold_origin == "support"
+    assert len(datamodule.test_data) == 6
+
+
+def test_a_checkpoint_loads_after_its_support_folder_is_gone(part: Path, tmp_path: Path) -> None:
+    source = tmp_path / "support"
+    shutil.copytree(part / "good", source)
+    model = tiny_model(few_shot_source=str(source))
+    engine = Engine(default_root_dir=tmp_path / "run", **QUIET)
+    expected = engine.predict(model, data_path=part / "test" / "defect")
+    path = tmp_path / "model.ckpt"
+    engine.trainer.save_checkpoint(path)
+    shutil.rmtree(source)
+    loaded = PatchCorePlus.load_from_checkpoint(path, visualizer=False)
+    assert loaded.few_shot_source is None
+    assert loaded.support_paths == model.support_paths  # kept as metadata
+    again = Engine(default_root_dir=tmp_path / "again", **QUIET).predict(
+        tiny_model(), data_path=part / "test" / "defect", ckpt_path=path
+    )
+    torch.testing.assert_close(
+        torch.cat([b.pred_score for b in again]), torch.cat([b.pred_score for b in expected]), rtol=0, atol=1e-6
+    )
+
+
+def test_export_without_support_data_is_refused_before_writing(tmp_path: Path) -> None:
+    from anomalib.deploy import ExportType
+
+    model = tiny_model()
+    engine = Engine(default_root_dir=tmp_path, **QUIET)
+    for export_type in (ExportType.TORCH, ExportType.ONNX):
+        with pytest.raises(ValueError, match=r"no support data to export.*--ckpt_path.*few_shot_source"):
+            engine.export(model, export_type, export_root=tmp_path / export_type.value)
+    assert not any(tmp_path.rglob("*.pt"))
+    assert not any(tmp_path.rglob("*.onnx"))
+
+
+def test_torch_export_from_few_shot_source_carries_the_bank(
+    part: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib.deploy import ExportType, TorchInferencer
+
+    model = tiny_model(few_shot_source=str(part / "good"))
+    path = Engine(default_root_dir=tmp_path, **QUIET).export(model, ExportType.TORCH, export_root=tmp_path / "t")
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the exported file is a pickled model
+    inferencer = TorchInferencer(path, device="cpu")
+    file = sorted((part / "test" / "defect").glob("*.png"))[0]
+    result = inferencer.predict(str(file))
+    reference = tiny_model(few_shot_source=str(part / "good"))
+    reference.prepare_support()
+    reference.eval()
+    from anomalib.data.utils import read_image
+
+    with torch.no_grad():
+        expected = reference(read_image(str(file), as_tensor=True)[None])
+    torch.testing.assert_close(result.pred_score.reshape(()), expected.pred_score.reshape(()), rtol=0, atol=1e-5)
+    assert bool(result.pred_label.reshape(())) == bool(expected.pred_label.reshape(()))
