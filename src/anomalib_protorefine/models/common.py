@@ -229,6 +229,30 @@ anomalib fit wrote.
         self.inner.teardown()
 
 
+#: Loggers of torch's ONNX exporter that report every graph pass at INFO.
+EXPORT_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx")
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: Sequence[str], level: int = logging.WARNING) -> Iterator[None]:
+    """Hold the named loggers at ``level`` or above while the block runs (restored afterwards).
+
+    Example:
+        >>> with quiet_loggers(["onnxscript"]):
+        ...     logging.getLogger("onnxscript").level
+        30
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [item.level for item in loggers]
+    for item in loggers:
+        item.setLevel(max(level, item.level))
+    try:
+        yield
+    finally:
+        for item, previous in zip(loggers, levels, strict=True):
+            item.setLevel(previous)
+
+
 def release_inference_tensors(module: torch.nn.Module) -> int:
     """Replace buffers and parameters made under ``torch.inference_mode`` by ordinary copies; return how many.
 
@@ -313,7 +337,7 @@ class RefinedFewShotMixin:
         if stage not in {"fit", "validate"} or datamodule is None:
             return
         saved = self.__dict__.get("_limit_val_batches")
-        if hasattr(datamodule, "val_data"):
+        if len(getattr(datamodule, "val_data", None) or ()):
             if saved is not None:  # a run without validation data before: this one has some again
                 trainer.limit_val_batches = saved
                 self.__dict__["_limit_val_batches"] = None
@@ -322,7 +346,7 @@ class RefinedFewShotMixin:
             self.__dict__["_limit_val_batches"] = trainer.limit_val_batches
         trainer.limit_val_batches = 0
         logger.info(
-            "%s: the datamodule has no validation images (val_split_mode='none'): no validation pass; the "
+            "%s: the datamodule has no validation images (e.g. val_split_mode='none'): no validation pass; the "
             "thresholds come from %s.",
             type(self).__name__,
             "calibration_source" if self.calibration_source is not None else "the support images",
@@ -393,9 +417,14 @@ class RefinedFewShotMixin:
         return super().to_torch(*args, **kwargs)  # type: ignore[misc]
 
     def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
-        """Export to ONNX as anomalib does (also the first step of OpenVINO), after :meth:`prepare_export`."""
+        """Export to ONNX as anomalib does (also the first step of OpenVINO), after :meth:`prepare_export`.
+
+        torch's ONNX exporter logs every graph pass at INFO (thousands of lines of ``onnxscript`` and
+        ``onnx_ir``); those loggers are held at WARNING while it runs.
+        """
         self.prepare_export()
-        return super().to_onnx(*args, **kwargs)  # type: ignore[misc]
+        with quiet_loggers(EXPORT_LOGGERS):
+            return super().to_onnx(*args, **kwargs)  # type: ignore[misc]
 
     def _store_plain_hparams(self) -> None:
         """Keep the refiner in ``hparams`` as plain options (or ``False``), never as a ``PrototypeRefiner`` object.
