@@ -14,8 +14,8 @@ downsamples) at batch sizes 1 and 3. The refined export runs ``sinkhorn_method="
   2e-3 maps, README "Predict and export").
 
 OpenVINO runs the same ``.onnx`` in float32 (its CPU default on bf16-capable processors is bfloat16,
-which the refinement cannot tolerate) on 64 px images: its antialiased ``Resize`` differs from
-torch's and ONNX Runtime's (README, "Predict and export").
+which the refinement cannot tolerate); on images of other sizes it decides like torch too
+(tests/test_export_resize.py: the exported resize is two matrix products, not ONNX's ``Resize``).
 """
 
 from __future__ import annotations
