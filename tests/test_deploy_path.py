@@ -160,3 +160,18 @@ def test_torch_export_from_few_shot_source_carries_the_bank(
         expected = reference(read_image(str(file), as_tensor=True)[None])
     torch.testing.assert_close(result.pred_score.reshape(()), expected.pred_score.reshape(()), rtol=0, atol=1e-5)
     assert bool(result.pred_label.reshape(())) == bool(expected.pred_label.reshape(()))
+
+
+def test_tiler_is_refused_by_the_models_that_cannot_tile(tiny_json: str) -> None:
+    """anomalib's tiler callback on AnomalyDINOPlus / WinClipPlus: a clear error, never a silently ignored tiler."""
+    from anomalib.callbacks.tiler_configuration import TilerConfigurationCallback
+
+    from anomalib_protorefine import AnomalyDINOPlus, WinClipPlus
+
+    callback = TilerConfigurationCallback(enable=True, tile_size=32, stride=32)
+    for model in (AnomalyDINOPlus(pre_trained=False), WinClipPlus(backbone=tiny_json, pretrained=None, k_shot=1)):
+        with pytest.raises(ValueError, match=r"does not tile images.*PatchCorePlus"):
+            callback.setup(None, model)
+    patchcore = tiny_model()
+    callback.setup(None, patchcore)
+    assert patchcore.model.tiler is not None

@@ -907,3 +907,28 @@ def test_a_file_that_is_not_a_checkpoint_gets_one_line(tmp_path: Path) -> None:
 
     torch.save({"state_dict": {}}, tmp_path / "real.ckpt")
     check_checkpoint_file(tmp_path / "real.ckpt")  # a torch.save file passes
+
+
+def test_anomalib_tiler_tiles_like_upstream_patchcore(parity: dict[str, object]) -> None:
+    """With anomalib's tiler set, embeddings and scores equal anomalib's tiled PatchcoreModel (same bank)."""
+    from anomalib.data.utils.tiler import Tiler
+
+    ours, upstream, images = parity["ours"], parity["upstream"], parity["images"]
+    size = images.shape[-1]
+    try:
+        ours.tiler = Tiler(tile_size=size // 2, stride=size // 2)
+        upstream.tiler = Tiler(tile_size=size // 2, stride=size // 2)
+        embedding, _ = ours.embed(images)
+        with torch.no_grad():
+            tiles = upstream.tiler.tile(images)
+            features = upstream.feature_extractor(tiles)
+            features = {layer: upstream.feature_pooler(feature) for layer, feature in features.items()}
+            reference = upstream.reshape_embedding(upstream.tiler.untile(upstream.generate_embedding(features)))
+        assert torch.equal(embedding.reshape(-1, embedding.shape[-1]), reference)
+        assert torch.equal(ours(images).pred_score, upstream(images).pred_score)
+        ours.tiler = None
+        plain, _ = ours.embed(images)
+        assert not torch.equal(plain, embedding)  # tiles see less context at their borders: not a no-op
+    finally:
+        ours.tiler = None
+        upstream.tiler = None

@@ -252,6 +252,21 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
                 anomaly_map = F.pad(anomaly_map, (left, right, top, bottom), mode="replicate")
         return InferenceBatch(pred_score=image_score, anomaly_map=anomaly_map)
 
+    @property
+    def tiler(self) -> None:
+        """No tiler: anomalib's (``TilerConfigurationCallback``, ``model.model.tiler``) is refused when set."""
+        return None
+
+    @tiler.setter
+    def tiler(self, value: object) -> None:
+        if value is not None:
+            msg = (
+                "AnomalyDINOPlus does not tile images (anomalib's tiler would be silently ignored): leave "
+                "tiling off, or use PatchCorePlus, which scores tiles against its bank and puts the maps back "
+                "together; for small defects on large images raise the pre-processor's image size instead."
+            )
+            raise ValueError(msg)
+
     def forward(self, input_tensor: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Training: collect the normalised foreground tokens. Inference: scores and anomaly maps.
 

@@ -105,12 +105,21 @@ class PatchCorePlusModel(PatchcoreModel):
         return {} if self.refiner is None else dict(self.refiner.last_stats)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patch embeddings ``(B, h*w, c)`` of a batch of pre-processed images, and ``(h, w)``."""
+        """Patch embeddings ``(B, h*w, c)`` of a batch of pre-processed images, and ``(h, w)``.
+
+        With anomalib's tiler set (``model.tiler``, e.g. by its tiler callback) the images are cut into
+        tiles, each tile is embedded, and the embeddings are put back together as one map per image, as
+        anomalib's ``PatchcoreModel`` does: scoring, refinement and the anomaly map then see the whole image.
+        """
         images = images.type(next(self.feature_extractor.parameters()).dtype)  # e.g. a half-precision model
+        if self.tiler:
+            images = self.tiler.tile(images)
         with torch.no_grad():
             features = self.feature_extractor(images)
         features = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
         embedding = self.generate_embedding(features)
+        if self.tiler:
+            embedding = self.tiler.untile(embedding)
         batch_size, channels, height, width = embedding.shape
         return embedding.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels), (height, width)
 

@@ -319,6 +319,21 @@ class WinClipPlusModel(WinClipModel):
         """
         return {} if self.refiner is None else dict(self._refinement_stats)
 
+    @property
+    def tiler(self) -> None:
+        """No tiler: anomalib's (``TilerConfigurationCallback``, ``model.model.tiler``) is refused when set."""
+        return None
+
+    @tiler.setter
+    def tiler(self, value: object) -> None:
+        if value is not None:
+            msg = (
+                "WinClipPlus does not tile images (anomalib's tiler would be silently ignored): leave "
+                "tiling off, or use PatchCorePlus, which scores tiles against its bank and puts the maps back "
+                "together; for small defects on large images raise the pre-processor's image size instead."
+            )
+            raise ValueError(msg)
+
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> InferenceBatch:
         """Image scores and anomaly maps of pre-processed images ``(B, 3, H, W)``.
