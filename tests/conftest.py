@@ -163,3 +163,31 @@ def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("tiny_clip")
     tiny_clip.register(folder)
     return str(tiny_clip.write_config(folder))
+
+
+@pytest.fixture(scope="session")
+def mixed_parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 px synthetic part: 4 support images, a line of 24 good parts, and a folder of mixed parts.
+
+    ``mixed/`` holds 3 good and 4 defective test images and two defective ones resized to 96 x 48
+    (``wide_*.png``, non-square and of another size than the model's input).
+    """
+    from PIL import Image
+
+    from anomalib_protorefine.data import generate_dataset
+
+    root = tmp_path_factory.mktemp("mixed_parts")
+    generate_dataset(root, seed=5, num_train=30, num_test_good=3, num_test_defect=4, image_size=64)
+    data = root / "brushed_metal"
+    for name in ("support", "line", "mixed"):
+        (data / name).mkdir()
+    good = sorted((data / "train" / "good").glob("*.png"))
+    for file in good[:4]:
+        shutil.copy(file, data / "support" / file.name)
+    for file in good[4:28]:
+        shutil.copy(file, data / "line" / file.name)
+    for file in sorted((data / "test").rglob("*.png")):
+        shutil.copy(file, data / "mixed" / f"{file.parent.name}_{file.name}")
+    for file in sorted((data / "test" / "defect").glob("*.png"))[:2]:
+        Image.open(file).resize((96, 48)).save(data / "mixed" / f"wide_{file.name}")
+    return data

@@ -21,7 +21,6 @@ from PIL import Image
 from torch.nn import functional
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-from anomalib_protorefine import PatchCorePlus
 from anomalib_protorefine.pre_processing import (
     AntialiasPreProcessor,
     SeparableResize,
@@ -29,10 +28,10 @@ from anomalib_protorefine.pre_processing import (
     separable_resize,
 )
 from anomalib_protorefine.thresholds import SupportThresholds
+from test_false_alarm import SIZE, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-SIZE = 64
 #: Original image sizes (height, width): non-square, larger and smaller than the model's input.
 SHAPES = ((200, 300), (131, 97))
 #: Exported scores vs Engine.predict's, relative (measured: 2e-6 ONNX Runtime, 4e-6 OpenVINO).
@@ -84,16 +83,7 @@ def test_onnx_openvino_and_torch_exports_decide_like_engine_predict_on_other_siz
     transform = Compose(
         [Resize((SIZE, SIZE), antialias=True, interpolation=mode), Normalize([0.485, 0.456, 0.406], [0.229] * 3)]
     )
-    torch.manual_seed(0)
-    model = PatchCorePlus(
-        backbone="resnet18",
-        layers=("layer2",),
-        pre_trained=False,
-        k_shot=2,
-        refiner=False,
-        visualizer=False,
-        pre_processor=AntialiasPreProcessor(transform),
-    )
+    model = tiny_model(pre_processor=AntialiasPreProcessor(transform))
     support = torch.stack([torch.from_numpy(_texture(200, 300, seed)).permute(2, 0, 1) / 255 for seed in (0, 1)])
     model.fit_support(transform(support))
     model.eval()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,50 +22,9 @@ from PIL import Image
 
 from anomalib_protorefine import PatchCorePlus
 from anomalib_protorefine.reporting import COLUMNS, PredictionReport, peak_locations, raw_scores, summary_line
+from test_false_alarm import QUIET, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-SIZE = 64
-QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
-
-
-def tiny_model(**kwargs: object) -> PatchCorePlus:
-    """A random-weight resnet18 PatchCorePlus at 64 px (fast; the report, not the accuracy, is tested)."""
-    options = {
-        "backbone": "resnet18",
-        "layers": ("layer2",),
-        "pre_trained": False,
-        "k_shot": 2,
-        "refiner": False,
-        "visualizer": False,
-        "pre_processor": PatchCorePlus.configure_pre_processor(image_size=(SIZE, SIZE), backbone="resnet18"),
-        **kwargs,
-    }
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return PatchCorePlus(**options)
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Support images, a line of 24 good parts, and a folder of mixed parts (two of them non-square, 96 x 48)."""
-    from anomalib_protorefine.data import generate_dataset
-
-    root = tmp_path_factory.mktemp("parts")
-    generate_dataset(root, seed=5, num_train=30, num_test_good=3, num_test_defect=4, image_size=SIZE)
-    data = root / "brushed_metal"
-    for name in ("support", "line", "mixed"):
-        (data / name).mkdir()
-    good = sorted((data / "train" / "good").glob("*.png"))
-    for file in good[:4]:
-        shutil.copy(file, data / "support" / file.name)
-    for file in good[4:28]:
-        shutil.copy(file, data / "line" / file.name)
-    for file in sorted((data / "test").rglob("*.png")):
-        shutil.copy(file, data / "mixed" / f"{file.parent.name}_{file.name}")
-    for file in sorted((data / "test" / "defect").glob("*.png"))[:2]:
-        Image.open(file).resize((96, 48)).save(data / "mixed" / f"wide_{file.name}")
-    return data
 
 
 def _read_csv(path: Path) -> dict[str, dict[str, str]]:
@@ -95,15 +53,15 @@ def _peak_by_hand(anomaly_map: np.ndarray, path: str) -> tuple[int, int]:
 
 
 def test_report_rows_are_the_predictions_of_engine_predict(
-    parts: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mixed_parts: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = tiny_model(few_shot_source=str(parts / "support"))
+    model = tiny_model(few_shot_source=str(mixed_parts / "support"))
     report = PredictionReport()
     engine = Engine(default_root_dir=tmp_path, callbacks=[report], **QUIET)
     with caplog.at_level(logging.INFO, logger="anomalib_protorefine.reporting"):
-        predictions = engine.predict(model, data_path=parts / "mixed", return_predictions=True)
+        predictions = engine.predict(model, data_path=mixed_parts / "mixed", return_predictions=True)
     expected = _by_path(predictions)
-    files = sorted(str(path) for path in (parts / "mixed").iterdir())
+    files = sorted(str(path) for path in (mixed_parts / "mixed").iterdir())
     assert sorted(expected) == files
 
     csv_path, json_path = report.paths
@@ -140,20 +98,20 @@ def test_report_rows_are_the_predictions_of_engine_predict(
 
 
 def test_report_as_a_model_callback_sees_the_same_rows_and_goes_beside_the_pictures(
-    parts: Path, tmp_path: Path
+    mixed_parts: Path, tmp_path: Path
 ) -> None:
     """After the post-processor in the callback list (how the models add it), with anomalib's pictures on."""
     from anomalib.visualization import ImageVisualizer
 
     first = PredictionReport(output_dir=tmp_path / "first")
     engine = Engine(default_root_dir=tmp_path / "a", callbacks=[first], **QUIET)
-    engine.predict(tiny_model(few_shot_source=str(parts / "support")), data_path=parts / "mixed")
+    engine.predict(tiny_model(few_shot_source=str(mixed_parts / "support")), data_path=mixed_parts / "mixed")
 
     second = PredictionReport()
-    model = tiny_model(few_shot_source=str(parts / "support"), visualizer=ImageVisualizer())
+    model = tiny_model(few_shot_source=str(mixed_parts / "support"), visualizer=ImageVisualizer())
     model.configure_callbacks = lambda: [*PatchCorePlus.configure_callbacks(model), second]
     engine = Engine(default_root_dir=tmp_path / "b", **QUIET)
-    engine.predict(model, data_path=parts / "mixed")
+    engine.predict(model, data_path=mixed_parts / "mixed")
     callbacks = engine.trainer.callbacks
     assert callbacks.index(second) > callbacks.index(model.post_processor)
     assert second.rows == first.rows
@@ -164,15 +122,17 @@ def test_report_as_a_model_callback_sees_the_same_rows_and_goes_beside_the_pictu
 
 
 def test_calibrated_thresholds_are_named_with_the_rate(
-    parts: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mixed_parts: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = tiny_model(
-        few_shot_source=str(parts / "support"), false_alarm_rate=0.25, calibration_source=str(parts / "line")
+        few_shot_source=str(mixed_parts / "support"),
+        false_alarm_rate=0.25,
+        calibration_source=str(mixed_parts / "line"),
     )
     report = PredictionReport()
     engine = Engine(default_root_dir=tmp_path, callbacks=[report], **QUIET)
     with caplog.at_level(logging.INFO, logger="anomalib_protorefine.reporting"):
-        predictions = engine.predict(model, data_path=parts / "mixed", return_predictions=True)
+        predictions = engine.predict(model, data_path=mixed_parts / "mixed", return_predictions=True)
     flagged = sum(item["label"] for item in _by_path(predictions).values())
     records = json.loads(report.paths[1].read_text())
     assert {(record["threshold_origin"], record["false_alarm_rate"]) for record in records} == {("calibration", 0.25)}

@@ -56,6 +56,7 @@ __all__ = [
     "raw_scores",
     "report_folder",
     "summary_line",
+    "threshold_origin",
 ]
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ class PredictionReport(BasePredictionWriter):
             return
         folder = self.output_dir or report_folder(trainer, pl_module)
         self.paths = self.write(folder)
-        origin = self.rows[0].threshold_origin if self.rows else _origin(pl_module)
+        origin = self.rows[0].threshold_origin if self.rows else threshold_origin(pl_module)
         rate = self.rows[0].false_alarm_rate if self.rows else None
         flagged = sum(row.decision == "defective" for row in self.rows)
         logger.info("%s; report: %s", summary_line(flagged, len(self.rows), origin, rate), self.paths[0])
@@ -313,7 +314,7 @@ class PredictionReport(BasePredictionWriter):
         self._pending = []
 
 
-def _origin(pl_module: LightningModule) -> str:
+def threshold_origin(pl_module: LightningModule) -> str:
     """Where the post-processor's thresholds came from (anomalib's own post-processor: validation, if set)."""
     post_processor = getattr(pl_module, "post_processor", None)
     origin = getattr(post_processor, "threshold_origin", None)
@@ -326,7 +327,7 @@ def _origin(pl_module: LightningModule) -> str:
 def batch_rows(prediction: Any, pl_module: LightningModule) -> list[ReportRow]:
     """The report rows of a post-processed prediction batch."""
     post_processor = getattr(pl_module, "post_processor", None)
-    origin = _origin(pl_module)
+    origin = threshold_origin(pl_module)
     line = getattr(pl_module, "line_calibration", None)
     rate = float(line.false_alarm_rate) if origin == "calibration" and line is not None else None
     scores = prediction.pred_score.detach().float().flatten().cpu()
