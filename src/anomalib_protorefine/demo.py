@@ -337,7 +337,7 @@ def write_heatmaps(
     from anomalib.data.utils import read_image, read_mask
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
-    from anomalib_protorefine.heatmaps import draw_heatmap_row
+    from anomalib_protorefine.heatmaps import add_score_colorbar, draw_heatmap_row
 
     samples = _defect_samples(datamodule, count)
     if not samples:
@@ -358,7 +358,7 @@ def write_heatmaps(
         ]
         titles = (f"{Path(image_path).name}\ninput", "ground truth\n(mask outline)")
         heat = draw_heatmap_row(axes, shown, mask, panels, titles=titles)
-        fig.colorbar(heat, ax=axes[2:].tolist(), fraction=0.025, label="normalised (0.5 = threshold)")
+        add_score_colorbar(fig, heat, axes[2:].tolist())
         path = folder / f"k{k}_{Path(image_path).stem}.png"
         fig.savefig(path, dpi=90, bbox_inches="tight")
         plt.close(fig)
