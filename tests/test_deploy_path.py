@@ -175,3 +175,30 @@ def test_tiler_is_refused_by_the_models_that_cannot_tile(tiny_json: str) -> None
     patchcore = tiny_model()
     callback.setup(None, patchcore)
     assert patchcore.model.tiler is not None
+
+
+def test_nan_images_are_defective_with_nan_scores_in_every_runtime(part: Path, tmp_path: Path) -> None:
+    """An all-NaN image: torch, ONNX Runtime and OpenVINO all give a NaN score and "defective"; others are unchanged."""
+    ort = pytest.importorskip("onnxruntime", reason="the export extra")
+    ov = pytest.importorskip("openvino", reason="the export extra")
+    model = tiny_model(few_shot_source=str(part / "good"))
+    model.prepare_support()
+    model.eval()
+    images = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    images[1] = float("nan")
+    with torch.no_grad():
+        eager = model(images)
+        reference = model(images[[0, 2]])  # the valid images alone
+    onnx_path = model.to_onnx(tmp_path / "onnx", input_size=(SIZE, SIZE))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    onnx = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+    compiled = ov.Core().compile_model(ov.convert_model(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    vino = {out.get_any_name(): value for out, value in compiled(images.numpy()).items()}
+    for name, result in (("torch", eager), ("onnx", onnx), ("openvino", vino)):
+        score = torch.as_tensor(result["pred_score"] if isinstance(result, dict) else result.pred_score).flatten()
+        label = torch.as_tensor(result["pred_label"] if isinstance(result, dict) else result.pred_label).flatten()
+        assert bool(score[1].isnan()), name
+        assert bool(label[1]), name
+        torch.testing.assert_close(score[[0, 2]], reference.pred_score.flatten(), rtol=1e-4, atol=1e-5, msg=name)
+        assert label[[0, 2]].tolist() == reference.pred_label.flatten().tolist(), name

@@ -33,7 +33,7 @@ import torch
 from anomalib.pre_processing import PreProcessor
 from anomalib.pre_processing.utils.transform import convert_center_crop_transform
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import Compose, InterpolationMode, Resize, Transform
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize, Transform
 
 __all__ = ["AntialiasPreProcessor", "SeparableResize", "antialias_weights", "exportable_transform", "separable_resize"]
 
@@ -169,11 +169,35 @@ def exportable_transform(transform: Transform | None) -> Transform | None:
         >>> from torchvision.transforms.v2 import Normalize
         >>> exported = exportable_transform(Compose([Resize((8, 8)), Normalize([0.5] * 3, [0.5] * 3)]))
         >>> [type(item).__name__ for item in exported.transforms]
-        ['SeparableResize', 'Normalize']
+        ['Normalize', 'SeparableResize']
     """
     if transform is None:
         return None
-    return _separable(convert_center_crop_transform(copy.deepcopy(transform)))
+    return _normalize_first(_separable(convert_center_crop_transform(copy.deepcopy(transform))))
+
+
+def _normalize_first(transform: Transform) -> Transform:
+    """A ``Normalize`` right after a :class:`SeparableResize` moved before it: the same values, one graph fewer bug.
+
+    Each output pixel of the resize is a weighted mean of input pixels (weights summing to 1), so a
+    per-channel affine step commutes with it. OpenVINO's CPU plugin fails to compile a static-size
+    graph in which the affine step follows the resize's matrix products (it fuses the step into the
+    first convolution with the wrong channel count: ``Check 'data.size() == OC' failed``).
+
+    Example:
+        >>> from torchvision.transforms.v2 import Normalize
+        >>> steps = _normalize_first(Compose([SeparableResize((8, 8)), Normalize([0.5] * 3, [0.5] * 3)])).transforms
+        >>> [type(item).__name__ for item in steps]
+        ['Normalize', 'SeparableResize']
+    """
+    if not isinstance(transform, Compose):
+        return transform
+    steps = list(transform.transforms)
+    for index in range(len(steps) - 1):
+        if isinstance(steps[index], SeparableResize) and isinstance(steps[index + 1], Normalize):
+            steps[index], steps[index + 1] = steps[index + 1], steps[index]
+    transform.transforms = steps
+    return transform
 
 
 class AntialiasPreProcessor(PreProcessor):

@@ -229,6 +229,35 @@ anomalib fit wrote.
         self.inner.teardown()
 
 
+def fail_safe(output: Any, invalid: torch.Tensor) -> Any:
+    """An ``InferenceBatch`` whose images marked ``invalid`` get NaN scores and maps, the label defective, a full mask.
+
+    Example:
+        >>> from anomalib.data import InferenceBatch
+        >>> maps = torch.zeros(2, 1, 2, 2)
+        >>> out = InferenceBatch(pred_score=torch.tensor([0.2, 0.3]), pred_label=torch.tensor([False, False]),
+        ...                      anomaly_map=maps, pred_mask=maps.bool())
+        >>> safe = fail_safe(out, torch.tensor([False, True]))
+        >>> safe.pred_label.tolist(), bool(safe.pred_score[1].isnan()), bool(safe.pred_mask[1].all())
+        ([False, True], True, True)
+    """
+
+    def per_image(tensor: torch.Tensor) -> torch.Tensor:
+        return invalid.reshape(-1, *([1] * (tensor.ndim - 1)))
+
+    fields: dict[str, torch.Tensor] = {}
+    nan = torch.tensor(float("nan"))
+    for name in ("pred_score", "anomaly_map"):
+        value = getattr(output, name, None)
+        if value is not None:
+            fields[name] = torch.where(per_image(value), nan.to(value.dtype), value)
+    for name in ("pred_label", "pred_mask"):
+        value = getattr(output, name, None)
+        if value is not None:
+            fields[name] = value.bool() | per_image(value)
+    return output._replace(**fields)
+
+
 #: Loggers of torch's ONNX exporter that report every graph pass at INFO.
 EXPORT_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx")
 
@@ -383,6 +412,20 @@ class RefinedFewShotMixin:
         trainer.save_checkpoint(path)
         callback.best_model_path = str(path)
         logger.info("%s: checkpoint written to %s (%s to trigger it).", type(self).__name__, path, reason)
+
+    def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run anomalib's pipeline (pre-processing, model, post-processing), failing safe on images it cannot score.
+
+        An image holding NaN or infinite values is scored with those values set to zero (so nothing
+        downstream sees them) and then reported with a NaN score and map, judged defective and fully flagged:
+        a part that cannot be scored never passes. The same ops run in the exported graphs, so torch,
+        ONNX Runtime and OpenVINO all decide this way.
+        """
+        finite = torch.isfinite(batch)
+        invalid = ~finite.flatten(1).all(1)
+        clean = torch.where(finite, batch, torch.zeros_like(batch))
+        output = super().forward(clean, *args, **kwargs)  # type: ignore[misc]
+        return fail_safe(output, invalid)
 
     def _support_ready(self) -> bool:
         """Whether the support data (bank, references) is built (implemented by the model)."""
