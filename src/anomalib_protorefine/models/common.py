@@ -49,6 +49,7 @@ from anomalib_protorefine.post_processing import (
     write_thresholds,
 )
 from anomalib_protorefine.refinement import PrototypeRefiner, RefinerOptions
+from anomalib_protorefine.reporting import PredictionReport
 from anomalib_protorefine.support_augmentation import resolve_support_augmentation, support_views, view_names
 from anomalib_protorefine.thresholds import (
     SupportScores,
@@ -58,6 +59,7 @@ from anomalib_protorefine.thresholds import (
     describe,
     validate_threshold,
 )
+from anomalib_protorefine.visualization import DecisionVisualizer
 
 logger = logging.getLogger(__name__)
 
@@ -1051,8 +1053,17 @@ class RefinedFewShotMixin:
         return super().predict_step(batch, batch_idx, dataloader_idx)  # type: ignore[misc]
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        """Anomalib's component callbacks plus one that logs the refinement statistics of the model's refiner."""
-        return [*super().configure_callbacks(), RefinementStatsCallback()]  # type: ignore[misc]
+        """Anomalib's component callbacks, the refinement statistics and the per-image report of predictions.
+
+        :class:`~anomalib_protorefine.reporting.PredictionReport` writes ``predictions.csv`` / ``.json``
+        beside the pictures and one console line "N of M parts flagged" (predict only).
+        """
+        return [*super().configure_callbacks(), RefinementStatsCallback(), PredictionReport()]  # type: ignore[misc]
+
+    @classmethod
+    def configure_visualizer(cls) -> DecisionVisualizer:
+        """Pictures that show the decision: score, OK / defective, colour bar, flagged outline, the peak."""
+        return DecisionVisualizer()
 
     @staticmethod
     def configure_optimizers() -> None:

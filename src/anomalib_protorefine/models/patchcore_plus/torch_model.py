@@ -177,7 +177,12 @@ class PatchCorePlusModel(PatchcoreModel):
             if self.refiner is None:  # plain PatchCore (the online bank only grows with refinement)
                 batch_size, num_patches, channels = embedding.shape
                 flat = embedding.reshape(-1, channels).to(self.memory_bank.dtype)
-                scores, _ = self.nearest_neighbors(flat, n_neighbors=1)
+                if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+                    # anomalib's search chunks on the number of patches (a Python branch): traced, it would pin
+                    # the exported graph's batch size; one distance matrix gives the same minima.
+                    scores = self.euclidean_dist(flat, self.memory_bank).min(1).values
+                else:
+                    scores, _ = self.nearest_neighbors(flat, n_neighbors=1)
                 return scores.reshape(batch_size, num_patches).to(dtype)
             bank = self.reference_bank()
             result = self.refiner.refine(embedding, bank)
