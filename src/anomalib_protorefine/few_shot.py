@@ -179,6 +179,22 @@ def check_support_images(images: torch.Tensor, *, preprocessed: bool) -> None:
     if not images.is_floating_point():
         msg = f"images must be {expected}, got dtype {images.dtype}: convert with images.float() / 255 first."
         raise TypeError(msg)
+    if images.shape[1] != 3:
+        channels = images.shape[1]
+        msg = (
+            f"images have {channels} channel(s) (shape {tuple(images.shape)}): the models take RGB batches "
+            "(k, 3, H, W): repeat a grayscale channel (images.expand(-1, 3, -1, -1)) or drop an alpha channel "
+            "(images[:, :3])."
+        )
+        raise ValueError(msg)
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        msg = (
+            f"images hold {bad} non-finite value(s) (NaN or inf) in {int((~finite).flatten(1).any(1).sum())} "
+            f"image(s): expected {expected}; replace or drop those images."
+        )
+        raise ValueError(msg)
     high, low = float(images.max()), float(images.min())
     if preprocessed and max(abs(high), abs(low)) > MAX_PREPROCESSED_MAGNITUDE:
         msg = (

@@ -526,6 +526,23 @@ class RefinedFewShotMixin:
     @k_shot.setter
     def k_shot(self, value: int | None) -> None:
         value = validate_k_shot(self._normalize_k_shot(value))
+        if not value:
+            # the options that only make sense with support images are refused as the constructor refuses them
+            source, augmentation = self.__dict__.get("_few_shot_source"), self.__dict__.get("_support_augmentation")
+            if source is not None:
+                msg = (
+                    f"k_shot={value!r} but few_shot_source={str(source)!r} draws k_shot images: set "
+                    "few_shot_source=None first, or keep k_shot a positive integer."
+                )
+                raise ValueError(msg)
+            if augmentation:
+                msg = (
+                    f"k_shot={value!r} but support_augmentation={list(augmentation)!r} transforms the k_shot support "
+                    "images: set support_augmentation=None first, or keep k_shot a positive integer."
+                )
+                raise ValueError(msg)
+            if self.__dict__.get("_threshold") == "support":
+                validate_threshold("support", value)
         self._set_support_option("k_shot", value, value)
 
     @property
@@ -601,7 +618,35 @@ class RefinedFewShotMixin:
         """Hook for models whose torch model holds a copy of a support option (e.g. a coreset seed)."""
 
     # ------------------------------------------------------------------ thresholds
-    threshold: str
+    @property
+    def threshold(self) -> str:
+        """Where the thresholds come from: ``"auto"``, ``"support"`` or ``"validation"``.
+
+        Setting it checks the value as the constructor does and hands it to the post-processor.
+        """
+        try:
+            return self.__dict__["_threshold"]
+        except KeyError:
+            raise AttributeError("threshold") from None
+
+    @threshold.setter
+    def threshold(self, value: str) -> None:
+        value = validate_threshold(value, self.__dict__.get("_k_shot"), self.__dict__.get("_few_shot_source"))
+        if value == "validation" and self.__dict__.get("_calibration_source") is not None:
+            msg = (
+                "threshold='validation' asks for anomalib's thresholds from a labelled validation pass, but "
+                "calibration_source sets them from images of the line: set calibration_source=None first, or keep "
+                "threshold='auto'."
+            )
+            raise ValueError(msg)
+        self.__dict__["_threshold"] = value
+        hparams = getattr(self, "_hparams", None)
+        if hparams is not None and "threshold" in hparams:
+            hparams["threshold"] = value
+        post_processor = getattr(self, "post_processor", None)
+        if isinstance(post_processor, FewShotPostProcessor):
+            post_processor.threshold = value
+
     support_thresholds: SupportThresholds | None
     support_scores: SupportScores | None
 
@@ -849,10 +894,7 @@ class RefinedFewShotMixin:
 
     def _set_threshold_source(self, threshold: str) -> None:
         """Set ``threshold`` (constructor, checkpoint): the model's attribute and its post-processor's."""
-        self.threshold = validate_threshold(threshold, self.k_shot, self.few_shot_source)
-        post_processor = getattr(self, "post_processor", None)
-        if isinstance(post_processor, FewShotPostProcessor):
-            post_processor.threshold = self.threshold
+        self.threshold = threshold
 
     def _wants_support_thresholds(self) -> bool:
         """Support thresholds are computed with ``threshold`` ``"support"`` or ``"auto"`` (never for "validation").

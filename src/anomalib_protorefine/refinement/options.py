@@ -28,6 +28,10 @@ SinkhornMethod = Literal["auto", "sinkhorn", "sinkhorn_log", "fixed"]
 ScoringBank = Literal["refined", "matched", "union"]
 ScoreFusion = Literal["none", "geometric"]
 
+#: Largest Adam step size of the gradient M-step: Adam moves each weight by about ``lr`` times 1% of the mean
+#: weight per step, so beyond 100 one step exceeds the weights' own size (the refined prototypes leave the bank).
+MAX_ADAM_LR = 100.0
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "distance": ("euclidean", "cosine"),
     "m_step": ("closed_form", "gradient"),
@@ -158,6 +162,13 @@ class RefinerOptions:
             msg = (
                 f"lr={self.lr:g} with optimizer='sgd': lr is in units of 1/L (L: the Lipschitz constant of the "
                 "M-step gradient), and gradient descent diverges for lr >= 2. Use lr in (0, 2), e.g. lr=1.0."
+            )
+            raise ValueError(msg)
+        if self.optimizer == "adam" and self.lr > MAX_ADAM_LR:
+            msg = (
+                f"lr={self.lr:g} with optimizer='adam': lr is in units of 1% of the mean prototype weight per step, so "
+                f"lr > {MAX_ADAM_LR:g} moves every weight by more than its mean size in one step (and overflows "
+                f"in float32 from about 1e38). Use lr in (0, {MAX_ADAM_LR:g}], e.g. lr=1.0."
             )
             raise ValueError(msg)
         _check_int("gradient_steps", self.gradient_steps, minimum=1, example="5")
