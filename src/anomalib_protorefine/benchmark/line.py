@@ -251,33 +251,49 @@ def line_summary(frame: pd.DataFrame, line: LineSimulation) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def line_table(frame: pd.DataFrame, line: LineSimulation | None) -> list[str]:
-    """Markdown of :func:`line_summary` for one dataset (nothing when the run simulates no line)."""
+def line_table(frame: pd.DataFrame, line: LineSimulation | None, fences: tuple[float, ...] | None = None) -> list[str]:
+    """Markdown of :func:`line_summary` for one dataset (nothing when the run simulates no line).
+
+    One row per (method, k, defect share, fence): at each requested rate the realised false-alarm rate
+    (percent, mean ± std over seeds), the recall and its ratio to the oracle recall; the support-only
+    thresholds on the same evaluation images in the last column.
+
+    Args:
+        frame: Long-form results of one dataset.
+        line: What the run simulated.
+        fences: Only these fences (default: all of the run's).
+    """
     if line is None:
         return []
     summary = line_summary(frame, line)
     if summary.empty:
         return []
+    fences = fences or line.fences
+    rates = " | ".join(f"{rate:.0%}: false alarms / recall (x oracle)" for rate in line.rates)
     lines = [
-        f"Line simulation (`line_simulation`): calibration streams of {line.calibration_images} unlabelled test "
-        f"images with a defect share r, {line.draws} streams per cell, evaluation on every other test image; "
-        "percent, mean over seeds (± std of the realised false-alarm rate); oracle: best recall of any threshold "
-        "at a false-alarm rate no higher than the requested one on the same images; x: recall / oracle recall. "
-        "Support only: the support thresholds (no calibration images) on the same evaluation images:",
+        f"Line simulation (`line_simulation`): streams of {line.calibration_images} unlabelled test images with a "
+        f"defect share r ({line.draws} per cell), the rest of the test images judged; percent, mean over seeds "
+        "(false alarms ± std); x oracle: recall / the best recall of any threshold at a false-alarm rate no higher "
+        "than the requested one on the same images (per seed, averaged). Support only: the support thresholds, "
+        "no calibration images:",
         "",
-        "| method | k | fence | r | requested | false alarms | recall | oracle recall | x oracle | outliers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | k | r | fence | {rates} | support only: false alarms / recall |",
+        "|---|---|---|---|" + "---|" * len(line.rates) + "---|",
     ]
-    for row in summary.itertuples():
-        if math.isnan(row.rate):
-            lines.append(
-                f"| {row.method} | {row.k} | support only | {row.share:.0%} | - | {100 * row.far:.1f} ± "
-                f"{100 * row.far_std:.1f} | {100 * row.recall:.1f} | - | - | - |"
-            )
+    calibrated = summary[summary.rate.notna()]
+    support = summary[summary.rate.isna()].set_index(["method", "k", "share"])
+    for (method, k, share, fence), part in calibrated.groupby(["method", "k", "share", "fence"], sort=False):
+        if fence not in fences:
             continue
-        lines.append(
-            f"| {row.method} | {row.k} | {row.fence:g} | {row.share:.0%} | {row.rate:.0%} | {100 * row.far:.1f} ± "
-            f"{100 * row.far_std:.1f} | {100 * row.recall:.1f} | {100 * row.oracle:.1f} | {row.ratio:.2f} | "
-            f"{row.outliers:.1f} |"
-        )
+        cells = []
+        for rate in line.rates:
+            row = part[part.rate == rate]
+            if row.empty:
+                cells.append("n/a")
+                continue
+            row = row.iloc[0]
+            cells.append(f"{100 * row.far:.1f} ± {100 * row.far_std:.1f} / {100 * row.recall:.1f} (x{row.ratio:.2f})")
+        own = support.loc[(method, k, share)] if (method, k, share) in support.index else None
+        plain = f"{100 * own.far:.1f} / {100 * own.recall:.1f}" if own is not None else "n/a"
+        lines.append(f"| {method} | {k} | {share:.0%} | {fence:g} | " + " | ".join(cells) + f" | {plain} |")
     return [*lines, ""]
