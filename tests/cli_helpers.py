@@ -45,3 +45,14 @@ def run_anomalib_test(model_arguments: list[str], folder: dict[str, str], root: 
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
+
+
+def run_anomalib(arguments: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run the stock ``anomalib`` command with ``arguments`` and this checkout's package (any exit code)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [*anomalib_command(), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)

@@ -4,7 +4,8 @@ The wheel installs ``anomalib_protorefine_autoload.pth``, which imports this tin
 interpreter start. It adds an import hook and nothing else: only when some code imports
 ``anomalib.models`` (the ``anomalib`` CLI, ``get_model``) are our models imported too, right
 after it, so ``anomalib test --model PatchCorePlus`` works with the stock command; and when the
-CLI loads its pipelines, ``anomalib benchmark`` gets the few-shot benchmark pipeline.
+CLI loads its pipelines, ``anomalib benchmark`` gets the few-shot benchmark pipeline; and the CLI reports
+a bad value of our models in one line (``_cli``).
 Set ``ANOMALIB_PROTOREFINE_NO_AUTOLOAD=1`` to disable it.
 """
 
@@ -29,6 +30,8 @@ _TARGETS = {
     _TRIGGER: _TARGET,
     # `anomalib benchmark` runs the few-shot benchmark pipeline (a strict extension of anomalib's).
     "anomalib.cli.pipelines": "anomalib_protorefine.benchmark.register",
+    # A bad value of our models on the command line: one error line instead of jsonargparse's union report.
+    "anomalib.cli.cli": "anomalib_protorefine._cli",
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
+from jsonargparse.typing import register_type
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -79,6 +80,55 @@ def refiner_option_names() -> tuple[str, ...]:
     return tuple(field.name for field in dataclasses.fields(RefinerOptions))
 
 
+class RefinerPreset(dict):
+    """A preset name given on the command line (``--model.refiner paper``), held as ``{"preset": "paper"}``.
+
+    jsonargparse replaces a string value by a new dict when nested options follow
+    (``--model.refiner paper --model.refiner.lambda_ 1.0`` would give ``{"lambda_": 1.0}``: the
+    default form with lambda 1). It merges nested options into a previous dict value, so the models
+    list this type, registered with jsonargparse, before ``str`` in their ``refiner`` type: a preset
+    name is parsed into this dict and the options after it are added to it
+    (``{"preset": "paper", "lambda_": 1.0}``, the paper form with lambda 1). Saved configurations
+    hold the plain name again. In Python, pass the name itself.
+
+    Example:
+        >>> RefinerPreset.parse("paper")
+        {'preset': 'paper'}
+        >>> RefinerPreset.dump(RefinerPreset.parse("paper"))
+        'paper'
+    """
+
+    __slots__ = ()  # no instance __dict__: jsonargparse copies dicts through it when a dict has one
+
+    @classmethod
+    def parse(cls, value: Any) -> RefinerPreset:
+        """A preset name as this dict; any other value is left to the other types of ``refiner``."""
+        if not isinstance(value, str) or not value.strip() or value.strip()[0] in "{[":
+            msg = f"not a refiner preset name: {value!r}"
+            raise TypeError(msg)
+        return cls(preset=value.strip())
+
+    @staticmethod
+    def dump(value: Any) -> Any:
+        """The preset name of this dict (as the user wrote it); other values unchanged."""
+        return value["preset"] if isinstance(value, RefinerPreset) else value
+
+
+register_type(RefinerPreset, serializer=RefinerPreset.dump, deserializer=RefinerPreset.parse)
+
+
+def plain_refiner(refiner: Any) -> Any:
+    """A ``{"preset": name}`` dict without options as the plain name (other values unchanged).
+
+    Example:
+        >>> plain_refiner(RefinerPreset.parse("auto")), plain_refiner({"preset": "paper", "lambda_": 1.0})
+        ('auto', {'preset': 'paper', 'lambda_': 1.0})
+    """
+    if isinstance(refiner, dict) and set(refiner) == {"preset"}:
+        return refiner["preset"]
+    return refiner
+
+
 def _refiner_arguments(refiner: dict[str, Any]) -> dict[str, Any]:
     """The refiner options of a dict: plain options, or a jsonargparse ``class_path``/``init_args`` spec."""
     if "class_path" in refiner:
@@ -87,6 +137,7 @@ def _refiner_arguments(refiner: dict[str, Any]) -> dict[str, Any]:
             msg = f"refiner class_path must name PrototypeRefiner, got {refiner['class_path']!r}."
             raise ValueError(msg)
         refiner = dict(refiner.get("init_args") or {})
+    refiner = {key: value for key, value in refiner.items() if key != "preset"}
     unknown = sorted(set(refiner) - set(refiner_option_names()))
     if unknown:
         msg = (
@@ -105,8 +156,10 @@ def make_refiner(
 ) -> PrototypeRefiner | None:
     """Turn the ``refiner`` argument of a model into a refiner (or ``None`` for the baseline).
 
-    A dict is a *partial override* of the model's default preset: only the options it names change.
-    This is what ``--model.refiner.lambda_ 0.2`` on the command line gives (the models list ``dict``
+    A dict is a *partial override* of a preset: its ``"preset"`` key (default: the model's default
+    preset) with only the options it names changed. ``--model.refiner paper --model.refiner.lambda_ 1.0``
+    gives ``{"preset": "paper", "lambda_": 1.0}`` (see :class:`RefinerPreset`), and
+    ``--model.refiner.lambda_ 0.2`` on the command line gives (the models list ``dict``
     before ``PrototypeRefiner`` in their ``refiner`` type, so jsonargparse collects nested options
     into a dict instead of building a ``PrototypeRefiner`` whose unnamed options would take the
     class defaults rather than the model's). A ``PrototypeRefiner`` is used as given: all its
@@ -131,6 +184,7 @@ def make_refiner(
         >>> make_refiner("paper", presets, default="paper").options.lambda_
         0.1
     """
+    refiner = plain_refiner(refiner)
     if isinstance(refiner, PrototypeRefiner):
         return refiner
     if isinstance(refiner, bool):
@@ -144,7 +198,13 @@ def make_refiner(
             raise ValueError(msg)
         return PrototypeRefiner(**presets[refiner])
     if isinstance(refiner, dict):
-        return PrototypeRefiner(**{**presets[default], **_refiner_arguments(refiner)})
+        preset = refiner.get("preset", default)
+        if preset not in presets:
+            names = ", ".join(repr(name) for name in presets)
+            takes = "takes no options" if preset in (*other_names, "off") else "is not a preset"
+            msg = f"refiner preset {preset!r} {takes}: give options over one of {names} (e.g. --model.refiner paper)."
+            raise ValueError(msg)
+        return PrototypeRefiner(**{**presets[preset], **_refiner_arguments(refiner)})
     msg = (
         "refiner must be True, False, a preset name, a dict of PrototypeRefiner options or a PrototypeRefiner, "
         f"got {type(refiner).__name__}."

@@ -37,7 +37,7 @@ from anomalib_protorefine.few_shot import (
     validate_few_shot_source,
     validate_support_options,
 )
-from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.models.common import RefinedFewShotMixin, RefinerPreset, make_refiner
 from anomalib_protorefine.models.memory_bank import FewShotMemoryBankMixin
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
@@ -115,7 +115,7 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         few_shot_seed: int = 0,
         few_shot_source: str | Path | None = None,
         support_augmentation: str | Sequence[str] | None = None,
-        refiner: bool | str | dict[str, Any] | PrototypeRefiner = DINO_DEFAULT_REFINER,
+        refiner: bool | RefinerPreset | str | dict[str, Any] | PrototypeRefiner = DINO_DEFAULT_REFINER,
         threshold: str = "auto",
         false_alarm_rate: float | None = None,
         calibration_source: str | Path | None = None,

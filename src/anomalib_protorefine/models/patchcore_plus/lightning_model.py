@@ -40,7 +40,7 @@ from anomalib_protorefine.few_shot import (
     validate_few_shot_source,
     validate_support_options,
 )
-from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.models.common import RefinedFewShotMixin, RefinerPreset, make_refiner, plain_refiner
 from anomalib_protorefine.models.memory_bank import FewShotMemoryBankMixin
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
@@ -215,7 +215,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         few_shot_seed: int = 0,
         few_shot_source: str | Path | None = None,
         support_augmentation: str | Sequence[str] | None = None,
-        refiner: bool | str | dict[str, Any] | PrototypeRefiner = True,
+        refiner: bool | RefinerPreset | str | dict[str, Any] | PrototypeRefiner = True,
         online: bool = False,
         online_capacity: int | None = None,
         threshold: str = "auto",
@@ -231,6 +231,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         validate_online_options(online, online_capacity)
         source = validate_few_shot_source(few_shot_source, k_shot)
         layers = validate_layers(layers)
+        refiner = plain_refiner(refiner)
         self.auto_refiner = refiner == "auto"
         if self.auto_refiner and not k_shot:
             msg = "refiner='auto' calibrates on the k support images: set k_shot (e.g. k_shot=4) or choose a preset."

@@ -39,7 +39,7 @@ from anomalib_protorefine.few_shot import (
     validate_few_shot_source,
     validate_support_options,
 )
-from anomalib_protorefine.models.common import RefinedFewShotMixin, make_refiner
+from anomalib_protorefine.models.common import RefinedFewShotMixin, RefinerPreset, make_refiner
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -115,7 +115,7 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
         backbone: str = DEFAULT_BACKBONE,
         pretrained: str | None = DEFAULT_PRETRAINED,
         coreset_sampling_ratio: float = 0.5,
-        refiner: bool | str | dict[str, Any] | PrototypeRefiner = True,
+        refiner: bool | RefinerPreset | str | dict[str, Any] | PrototypeRefiner = True,
         threshold: str = "auto",
         false_alarm_rate: float | None = None,
         calibration_source: str | Path | None = None,
