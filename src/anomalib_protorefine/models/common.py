@@ -33,6 +33,7 @@ from anomalib_protorefine.few_shot import (
     IMAGE_EXTENSIONS,
     SupportSet,
     check_support_images,
+    drawn_support_paths,
     folder_images,
     load_images,
     read_image_file,
@@ -560,9 +561,39 @@ class RefinedFewShotMixin:
         pre_processor = getattr(self, "pre_processor", None)
         transform = pre_processor.transform if isinstance(pre_processor, PreProcessor) else None
         if self.few_shot_source is not None:
+            self.__dict__["_support_from_datamodule"] = False
             return support_from_folder(self.few_shot_source, self.k_shot, self.few_shot_seed, transform)
         dataset = train_dataset_of(getattr(self, "_trainer", None), type(self).__name__, datamodule)
+        self.__dict__["_support_from_datamodule"] = True
         return support_from_dataset(dataset, self.k_shot, self.few_shot_seed, transform)
+
+    def _forget_support_of_another_datamodule(self) -> None:
+        """Forget support data drawn from another datamodule's training images than the attached one's.
+
+        One model tested on a second product (``engine.test(m, datamodule=b)`` after ``datamodule=a``)
+        would otherwise score it against the first product's bank. Only support drawn from a datamodule
+        in this process is checked: a checkpoint's bank and a ``few_shot_source`` bank are not tied to
+        the datamodule. The draw is compared file by file (the same images give the same draw).
+        """
+        if not self.__dict__.get("_support_from_datamodule") or not self.k_shot or not self.support_paths:
+            return
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or self.few_shot_source is not None:
+            return
+        dataset = train_dataset_of(trainer, type(self).__name__, datamodule)
+        wanted = drawn_support_paths(dataset, self.k_shot, self.few_shot_seed)
+        if tuple(wanted) == tuple(self.support_paths):
+            return
+        logger.info(
+            "%s: the datamodule's training images differ from those of the support (%s, ...): the support data is "
+            "drawn again from this datamodule.",
+            type(self).__name__,
+            self.support_paths[0],
+        )
+        self.__dict__["_support_from_datamodule"] = False
+        self._reset_support()
+        self._forget_support_thresholds()
 
     def _reset_support(self) -> None:
         """Forget the support data (memory bank / reference embeddings) so it is rebuilt (implemented by the model)."""
@@ -1077,17 +1108,20 @@ class RefinedFewShotMixin:
 
     def on_validation_start(self) -> None:
         """Prepare the support data (and the line calibration) before validation."""
+        self._forget_support_of_another_datamodule()
         self._ensure_ready()
         self._ensure_calibrated()
 
     def on_test_start(self) -> None:
         """Prepare the support data (and the line calibration) before testing."""
+        self._forget_support_of_another_datamodule()
         self._ensure_ready()
         self._ensure_calibrated()
         self._warn_if_uncalibrated("test")
 
     def on_predict_start(self) -> None:
         """Prepare the support data (and the line calibration) before prediction."""
+        self._forget_support_of_another_datamodule()
         self._ensure_ready()
         self._ensure_calibrated()
         self._warn_if_uncalibrated("predict")
@@ -1257,6 +1291,7 @@ class RefinedFewShotMixin:
             )
             warnings.warn(msg, UserWarning, stacklevel=2)
         self.support_paths = tuple(checkpoint.get("protorefine_support_paths", ()))
+        self.__dict__["_support_from_datamodule"] = False  # the checkpoint's bank: not tied to a datamodule
         stored_thresholds = checkpoint.get("protorefine_support_thresholds")
         self.support_thresholds = SupportThresholds(**stored_thresholds) if stored_thresholds else None
         stored_line = checkpoint.get("protorefine_line_calibration")
