@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import pickle
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePath
@@ -396,6 +397,37 @@ def _read_calibration_image(path: str, transform: Any) -> torch.Tensor:
     return transform(image) if transform is not None else image
 
 
+class QuietCheckpointNotice(logging.Filter):
+    """Drop anomalib's "ckpt_path is not provided" warning of ``Engine.predict`` for our few-shot models only.
+
+    For them no weights are missing: the support data is built from ``few_shot_source`` (or the
+    datamodule) when prediction starts. The filter sits on anomalib's engine logger and passes every
+    other record, and this one for every other model (e.g. anomalib's Patchcore, which does need a
+    checkpoint); it finds the model in the calling ``Engine.predict`` frame.
+    """
+
+    MESSAGE = "ckpt_path is not provided"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to keep ``record``."""
+        if not str(record.msg).startswith(self.MESSAGE):
+            return True
+        frame = sys._getframe(1)
+        while frame is not None and not (frame.f_code.co_name == "predict" and "ckpt_path" in frame.f_locals):
+            frame = frame.f_back
+        if frame is None:
+            return True
+        model = frame.f_locals.get("model")
+        return not (isinstance(model, RefinedFewShotMixin) and (model.k_shot or model._support_ready()))
+
+
+def _install_checkpoint_notice_filter() -> None:
+    """Put :class:`QuietCheckpointNotice` on anomalib's engine logger once."""
+    engine_logger = logging.getLogger("anomalib.engine.engine")
+    if not any(isinstance(item, QuietCheckpointNotice) for item in engine_logger.filters):
+        engine_logger.addFilter(QuietCheckpointNotice())
+
+
 class RefinedFewShotMixin:
     """Hooks shared by models whose torch model has a ``refiner`` and that build support data on demand.
 
@@ -426,17 +458,13 @@ class RefinedFewShotMixin:
         if not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
         datamodule = getattr(trainer, "datamodule", None)
+        if stage == "validate" and datamodule is None:
+            self._skip_validation_without_data(trainer)
+            return
         if stage not in {"fit", "validate"} or datamodule is None:
             return
-        saved = self.__dict__.get("_limit_val_batches")
-        if len(getattr(datamodule, "val_data", None) or ()):
-            if saved is not None:  # a run without validation data before: this one has some again
-                trainer.limit_val_batches = saved
-                self.__dict__["_limit_val_batches"] = None
+        if not self._set_validation_skipped(trainer, skip=not len(getattr(datamodule, "val_data", None) or ())):
             return
-        if saved is None:
-            self.__dict__["_limit_val_batches"] = trainer.limit_val_batches
-        trainer.limit_val_batches = 0
         logger.info(
             "%s: the datamodule has no validation images (e.g. val_split_mode='none'): no validation pass; the "
             "thresholds come from %s.",
@@ -449,6 +477,30 @@ class RefinedFewShotMixin:
             self._ensure_ready()
             self._ensure_calibrated()
             self.__dict__["_checkpoint_at_teardown"] = True
+
+    def _skip_validation_without_data(self, trainer: Any) -> None:
+        """Skip a validation pass that has neither a datamodule nor dataloaders (only :meth:`val_dataloader`'s none).
+
+        anomalib's ``Engine.predict(model, data_path=...)`` / ``anomalib predict --data <folder>`` (and
+        ``Engine.test`` with dataloaders) validate few-shot models first; Lightning would then ask the
+        model for its empty list and warn "Total length of `list` across ranks is zero". The pass is
+        skipped instead; the support data and thresholds are built when the run starts.
+        """
+        source = getattr(getattr(trainer, "validate_loop", None), "_data_source", None)
+        self._set_validation_skipped(trainer, skip=getattr(source, "instance", None) is self)
+
+    def _set_validation_skipped(self, trainer: Any, *, skip: bool) -> bool:
+        """Skip this run's validation (``limit_val_batches=0``) or restore the limit a skipped run replaced."""
+        saved = self.__dict__.get("_limit_val_batches")
+        if not skip:
+            if saved is not None:  # a run without validation data before: this one has some again
+                trainer.limit_val_batches = saved
+                self.__dict__["_limit_val_batches"] = None
+            return False
+        if saved is None:
+            self.__dict__["_limit_val_batches"] = trainer.limit_val_batches
+        trainer.limit_val_batches = 0
+        return True
 
     def teardown(self, stage: str) -> None:
         """Write the checkpoint of a validation pass that was skipped for want of validation images (see ``setup``)."""
@@ -1435,3 +1487,6 @@ class RefinementStatsCallback(Callback):
         """Log the statistics of the test batch."""
         del trainer, outputs, batch_idx, dataloader_idx
         self.log_stats(pl_module, len(batch))
+
+
+_install_checkpoint_notice_filter()
