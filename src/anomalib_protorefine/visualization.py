@@ -66,7 +66,10 @@ def display_image(item: Any) -> np.ndarray:
 
 
 def _scalar(value: Any) -> float | None:
-    return None if value is None else float(np.asarray(value.detach().cpu() if hasattr(value, "detach") else value))
+    """One image's score or label as a float (anomalib's models give shape ``()`` or ``(1,)``)."""
+    if value is None:
+        return None
+    return float(np.asarray(value.detach().cpu() if hasattr(value, "detach") else value).reshape(-1)[0])
 
 
 class DecisionVisualizer(ImageVisualizer):

@@ -1244,9 +1244,17 @@ class RefinedFewShotMixin:
         """Anomalib's component callbacks, the refinement statistics and the per-image report of predictions.
 
         :class:`~anomalib_protorefine.reporting.PredictionReport` writes ``predictions.csv`` / ``.json``
-        beside the pictures and one console line "N of M parts flagged" (predict only).
+        beside the pictures and one console line "N of M parts flagged" (predict only). A report the
+        user gave the trainer is kept (Lightning would replace it by the model's).
         """
-        return [*super().configure_callbacks(), RefinementStatsCallback(), PredictionReport()]  # type: ignore[misc]
+        callbacks = [*super().configure_callbacks(), RefinementStatsCallback()]  # type: ignore[misc]
+        try:
+            given = self.trainer.callbacks  # type: ignore[attr-defined]
+        except RuntimeError:  # not attached to a trainer
+            given = []
+        if not any(isinstance(callback, PredictionReport) for callback in given):
+            callbacks.append(PredictionReport())
+        return callbacks
 
     @classmethod
     def configure_visualizer(cls) -> DecisionVisualizer:
