@@ -309,3 +309,20 @@ def test_dynamic_onnx_export_of_plain_patchcore_takes_any_batch(part: Path, tmp_
         torch.testing.assert_close(
             torch.from_numpy(got["pred_score"]).flatten(), expected.pred_score.flatten(), rtol=1e-4, atol=1e-5
         )
+
+
+def test_a_checkpoint_of_another_image_size_warns_naming_both_sizes(part: Path, tmp_path: Path) -> None:
+    """``ckpt_path`` with a pre-processor of another size: the checkpoint's size is used, and a warning says so."""
+    engine = Engine(default_root_dir=tmp_path / "fit", **QUIET)
+    engine.fit(tiny_model(), datamodule=good_only(part))
+    path = engine.trainer.checkpoint_callback.best_model_path
+    other = tiny_model(pre_processor=PatchCorePlus.configure_pre_processor(image_size=(32, 32), backbone="resnet18"))
+    with pytest.warns(UserWarning, match=r"image size \[64, 64\] and runs at that size.*\[32, 32\] is not used"):
+        predictions = Engine(default_root_dir=tmp_path / "predict", **QUIET).predict(
+            other, data_path=part / "test" / "defect", ckpt_path=path
+        )
+    assert predictions[0].anomaly_map.shape[-2:] == (SIZE, SIZE)  # scored at the checkpoint's size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PatchCorePlus.load_from_checkpoint(path, visualizer=False)  # default pre-processor: nothing asked, no warning
+    assert not [w for w in caught if "image size" in str(w.message)]

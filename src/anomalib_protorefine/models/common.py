@@ -27,6 +27,7 @@ from jsonargparse.typing import register_type
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import CenterCrop, Compose, Resize
 
 from anomalib_protorefine.calibration import split_transform
 from anomalib_protorefine.false_alarm import LineCalibration, images_needed, validate_false_alarm_rate
@@ -438,6 +439,12 @@ class RefinedFewShotMixin:
     model: Any
     support_paths: tuple[str, ...]
     hparams: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A pre-processor module passed by the user (not ``True``, the model's default) is the input size
+        # they asked for; a checkpoint that replaces it with another size is then worth a warning.
+        self.__dict__["_pre_processor_given"] = not isinstance(kwargs.get("pre_processor", True), bool)
 
     def _ensure_ready(self, datamodule: object | None = None) -> None:
         """Prepare the support data before evaluation (implemented by the model)."""
@@ -1321,7 +1328,9 @@ class RefinedFewShotMixin:
         (:meth:`_score_options`) take their stored values; each option that differs from the
         constructor's is named in a warning.
         """
+        asked = input_size(getattr(self, "pre_processor", None))
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self._warn_if_input_size_replaced(asked)
         stored = checkpoint.get("hyper_parameters") or {}
         changed: list[str] = []
         if "refiner" in stored:
@@ -1358,6 +1367,24 @@ class RefinedFewShotMixin:
         self.line_calibration = LineCalibration.from_dict(stored_line) if stored_line else None
         if self.line_calibration is not None:
             self._restore_line_calibration(checkpoint)
+
+    def _warn_if_input_size_replaced(self, asked: tuple[int, ...] | None) -> None:
+        """Warn when the checkpoint's pre-processor replaced the input size of the one given to the constructor.
+
+        anomalib restores the checkpoint's transform over the constructor's pre-processor, so the model
+        runs at the size its bank and thresholds were made at; a user who passed another size would
+        otherwise never learn that it was not used.
+        """
+        used = input_size(getattr(self, "pre_processor", None))
+        if not self.__dict__.get("_pre_processor_given") or asked is None or used is None or asked == used:
+            return
+        msg = (
+            f"{type(self).__name__}: the checkpoint was made at image size {list(used)} and runs at that size; the "
+            f"constructor's pre_processor image size {list(asked)} is not used (the bank and thresholds are "
+            f"{list(used)} px features). Fix: build the pre_processor with image_size={tuple(used)}, or fit a new "
+            f"checkpoint at {tuple(asked)}."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
     def _restore_line_calibration(self, checkpoint: dict[str, Any]) -> None:
         """Keep a checkpoint's line calibration in force, re-estimated at the constructor's rate where that differs.
@@ -1414,6 +1441,32 @@ class RefinedFewShotMixin:
     def _replace_refiner(self, refiner: PrototypeRefiner | None) -> None:
         """Install another refiner in the torch model (models with derived state override this)."""
         self.model.refiner = refiner
+
+
+def input_size(pre_processor: Any) -> tuple[int, ...] | None:
+    """The image size a pre-processor's transform produces: the last ``Resize`` or ``CenterCrop`` size.
+
+    Args:
+        pre_processor: A pre-processor with a ``transform`` (a torchvision transform or ``Compose``), or ``None``.
+
+    Returns:
+        The size as a tuple (one value for a ``Resize`` of the shorter side), ``None`` without a resize or crop.
+
+    Example:
+        >>> from torchvision.transforms.v2 import CenterCrop, Compose, Resize
+        >>> input_size(PreProcessor(transform=Compose([Resize((72, 72)), CenterCrop((64, 64))])))
+        (64, 64)
+    """
+    stack = [getattr(pre_processor, "transform", None)]
+    size = None
+    while stack:
+        transform = stack.pop(0)
+        if isinstance(transform, Compose):
+            stack = list(transform.transforms) + stack
+        elif isinstance(transform, Resize | CenterCrop) and transform.size is not None:
+            sides = transform.size
+            size = (int(sides),) if isinstance(sides, int) else tuple(int(side) for side in sides)
+    return size
 
 
 #: Share of an image's values at its maximum (or minimum) from which it counts as one flat value.
