@@ -326,3 +326,25 @@ def test_a_checkpoint_of_another_image_size_warns_naming_both_sizes(part: Path, 
         warnings.simplefilter("always")
         PatchCorePlus.load_from_checkpoint(path, visualizer=False)  # default pre-processor: nothing asked, no warning
     assert not [w for w in caught if "image size" in str(w.message)]
+
+
+def test_a_truncated_jpeg_in_a_predict_folder_is_named_with_the_fix(part: Path, tmp_path: Path) -> None:
+    """Pillow's "image file is truncated" names no file: the error carries a note naming the file and the fix."""
+    from PIL import Image
+
+    folder = tmp_path / "line"
+    folder.mkdir()
+    shutil.copy(sorted((part / "test" / "good").glob("*.png"))[0], folder / "a_ok.png")
+    Image.open(folder / "a_ok.png").convert("RGB").save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (folder / "b_cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="truncated") as caught:
+        Image.open(folder / "b_cut.jpg").load()  # the reference: Pillow refuses the file itself
+    assert "b_cut.jpg" not in str(caught.value)
+    model = tiny_model(few_shot_source=str(part / "good"))
+    with pytest.raises(OSError, match="truncated") as caught:
+        Engine(default_root_dir=tmp_path / "run", **QUIET).predict(model, data_path=folder)
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert str(folder / "b_cut.jpg") in notes
+    assert "re-copy it" in notes
+    assert "a_ok.png" not in notes

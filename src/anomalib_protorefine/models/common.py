@@ -27,6 +27,7 @@ from jsonargparse.typing import register_type
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from PIL import Image
 from torchvision.transforms.v2 import CenterCrop, Compose, Resize
 
 from anomalib_protorefine.calibration import split_transform
@@ -1253,8 +1254,9 @@ class RefinedFewShotMixin:
         :class:`~anomalib_protorefine.reporting.PredictionReport` writes ``predictions.csv`` / ``.json``
         beside the pictures and one console line "N of M parts flagged" (predict only). A report the
         user gave the trainer is kept (Lightning would replace it by the model's).
+        :class:`UnreadableImageNote` names the file behind an image decoding error of the dataloader.
         """
-        callbacks = [*super().configure_callbacks(), RefinementStatsCallback()]  # type: ignore[misc]
+        callbacks = [*super().configure_callbacks(), RefinementStatsCallback(), UnreadableImageNote()]  # type: ignore[misc]
         try:
             given = self.trainer.callbacks  # type: ignore[attr-defined]
         except RuntimeError:  # not attached to a trainer
@@ -1551,3 +1553,63 @@ class RefinementStatsCallback(Callback):
 
 
 _install_checkpoint_notice_filter()
+
+
+def _dataset_image_paths(dataset: Any) -> list[str]:
+    """The image files of an anomalib dataset: ``image_filenames`` (``PredictDataset``) or ``samples.image_path``."""
+    names = getattr(dataset, "image_filenames", None)
+    if names is None:
+        samples = getattr(dataset, "samples", None)
+        names = list(samples["image_path"]) if samples is not None and "image_path" in samples else []
+    return [str(name) for name in names]
+
+
+def first_unreadable_image(paths: Sequence[str]) -> tuple[str, str] | None:
+    """The first file of ``paths`` that Pillow cannot decode, with Pillow's message (``None``: all decode).
+
+    Args:
+        paths: Image files.
+
+    Returns:
+        ``(path, error)`` of the first file whose full decode fails, or ``None``.
+    """
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for broken files
+            return path, str(error)
+    return None
+
+
+class UnreadableImageNote(Callback):
+    """Name the image file behind a decoding error in the dataloader, and the fix.
+
+    anomalib's datasets read images in the dataloader with Pillow, whose errors ("image file is
+    truncated", "cannot identify image file") do not name the file, and no model hook sees them. When
+    a run ends in an ``OSError``, the files of the running stage's datasets are decoded until one fails
+    (only then: nothing is read on a run that works), and a note naming that file is added to the error.
+    """
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Add a note naming the first unreadable image of the running stage to an ``OSError``."""
+        del pl_module
+        if not isinstance(exception, OSError):
+            return
+        stages = (("predict", "predicting", "predict_dataloaders"), ("test", "testing", "test_dataloaders"))
+        stages += (("validate", "validating", "val_dataloaders"),)
+        running = [(stage, loaders) for stage, flag, loaders in stages if getattr(trainer, flag, False)]
+        if not running:
+            return
+        stage, loaders = running[0]
+        found = getattr(trainer, loaders, None)
+        dataloaders = found if isinstance(found, Sequence) else [found] if found is not None else []
+        paths = [path for loader in dataloaders for path in _dataset_image_paths(getattr(loader, "dataset", None))]
+        unreadable = first_unreadable_image(paths)
+        if unreadable is None:
+            return
+        path, error = unreadable
+        exception.add_note(
+            f"{stage}: image file {path} cannot be read ({error}): re-copy it from the camera or remove it from "
+            "the folder."
+        )
