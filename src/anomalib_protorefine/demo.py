@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,7 @@ __all__ = [
     "RunResult",
     "build_evaluator",
     "default_threads",
+    "demo_console",
     "main",
     "parse_args",
     "render_table",
@@ -79,6 +80,8 @@ NUM_HEATMAPS = 4
 #: Test metrics: threshold-free, so they do not depend on the validation split (see ``_datamodule``).
 METRICS = ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_F1Max")
 METHODS = {False: "PatchCore", True: "PatchCore+"}
+#: Columns of the demo's output when it is not a terminal (a file, a pipe): the table is about 125 wide.
+FILE_WIDTH = 160
 
 
 @dataclass
@@ -367,6 +370,26 @@ def write_heatmaps(
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def demo_console(file: TextIO | None = None) -> Console:
+    """The demo's console: the terminal's width on a terminal, :data:`FILE_WIDTH` columns anywhere else.
+
+    Written to a file or a pipe, rich would take the width from ``COLUMNS`` (or 80) and cut the
+    table; a fixed width keeps every column whatever the environment.
+
+    Args:
+        file: Where to print (default: standard output).
+
+    Example:
+        >>> import io
+        >>> demo_console(io.StringIO()).width == FILE_WIDTH
+        True
+    """
+    from rich.console import Console
+
+    console = Console(file=file)
+    return console if console.is_terminal else Console(file=file, width=FILE_WIDTH)
+
+
 def run_demo(
     category: str = DEFAULT_CATEGORY,
     ks: Sequence[int] = DEFAULT_K,
@@ -394,14 +417,11 @@ def run_demo(
         >>> results = run_demo(ks=[1], quick=True, output="/tmp/demo")  # doctest: +SKIP
     """
     import torch
-    from rich.console import Console
 
     from anomalib_protorefine.data import default_cache_dir
 
     if console is None:
-        console = Console()
-        if not console.is_terminal:  # e.g. piped into a file: rich would assume 80 columns
-            console = Console(width=max(console.width, 120))
+        console = demo_console()
     input_size = QUICK_INPUT_SIZE if quick else INPUT_SIZE
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
