@@ -16,27 +16,9 @@ from anomalib.data import Folder
 from anomalib.engine import Engine
 
 from anomalib_protorefine import PatchCorePlus
+from test_false_alarm import QUIET, SIZE, tiny_model  # the fast random-weight model of the decision tests
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-SIZE = 64
-QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
-
-
-def tiny_model(**kwargs: object) -> PatchCorePlus:
-    options = {
-        "backbone": "resnet18",
-        "layers": ("layer2",),
-        "pre_trained": False,
-        "k_shot": 2,
-        "refiner": False,
-        "visualizer": False,
-        "pre_processor": PatchCorePlus.configure_pre_processor(image_size=(SIZE, SIZE), backbone="resnet18"),
-        **kwargs,
-    }
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return PatchCorePlus(**options)
 
 
 @pytest.fixture(scope="module")

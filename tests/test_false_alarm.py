@@ -77,6 +77,23 @@ def line_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
+def labelled_folder(root: Path) -> object:
+    """anomalib's Folder of the line data set with its labelled test images (validation = the test set)."""
+    from anomalib.data import Folder
+
+    return Folder(
+        name="line",
+        root=root,
+        normal_dir="train/good",
+        abnormal_dir="test/defect",
+        normal_test_dir="test/good",
+        mask_dir="ground_truth/defect",
+        val_split_mode="same_as_test",
+        num_workers=0,
+        eval_batch_size=8,
+    )
+
+
 # ------------------------------------------------------------------------------------ the estimate
 def fence_by_hand(values: np.ndarray, whisker: float = 3.0) -> float:
     """The skew-adjusted boxplot's upper fence, with the medcouple as a plain double loop over the pairs."""
@@ -298,20 +315,9 @@ def test_a_rate_without_calibration_images_warns_once(line_data: Path, tmp_path:
 
 def test_engine_test_keeps_calibrated_thresholds_and_they_survive_a_checkpoint(line_data: Path, tmp_path: Path) -> None:
     """Engine.test validates on labelled defects first: the calibrated thresholds stay; a checkpoint keeps them."""
-    from anomalib.data import Folder
 
     model = tiny_model(false_alarm_rate=0.1, calibration_source=str(line_data / "line"))
-    datamodule = Folder(
-        name="line",
-        root=line_data,
-        normal_dir="train/good",
-        abnormal_dir="test/defect",
-        normal_test_dir="test/good",
-        mask_dir="ground_truth/defect",
-        val_split_mode="same_as_test",
-        num_workers=0,
-        eval_batch_size=8,
-    )
+    datamodule = labelled_folder(line_data)
     engine = Engine(default_root_dir=tmp_path, **QUIET)
     engine.test(model, datamodule=datamodule)
     assert model.post_processor.threshold_origin == "calibration"
@@ -351,20 +357,9 @@ def _raw_auroc(model: PatchCorePlus, loader: object) -> tuple[float, float]:
 @pytest.mark.parametrize("threshold", ["support", "auto"])
 def test_reported_auroc_equals_the_raw_score_auroc(line_data: Path, tmp_path: Path, threshold: str) -> None:
     """Support thresholds (a narrow range): Trainer.test metrics equal the raw-score metrics to 1e-6."""
-    from anomalib.data import Folder
 
     model = tiny_model(few_shot_source=str(line_data / "support"), threshold=threshold)
-    datamodule = Folder(
-        name="line",
-        root=line_data,
-        normal_dir="train/good",
-        abnormal_dir="test/defect",
-        normal_test_dir="test/good",
-        mask_dir="ground_truth/defect",
-        val_split_mode="same_as_test",
-        num_workers=0,
-        eval_batch_size=8,
-    )
+    datamodule = labelled_folder(line_data)
     trainer = Trainer(**model.trainer_arguments, **QUIET, default_root_dir=tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

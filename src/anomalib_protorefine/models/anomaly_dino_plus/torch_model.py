@@ -42,6 +42,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_protorefine.backbones import build_vit_extractor
 from anomalib_protorefine.coreset import seeded_coreset
+from anomalib_protorefine.models.tiling import NoTiler
 from anomalib_protorefine.refinement import PrototypeRefiner
 from anomalib_protorefine.refinement.precision import autocast_disabled
 
@@ -87,7 +88,7 @@ def validate_dino_options(encoder_name: str, num_neighbours: int, refiner: Proto
         raise ValueError(msg)
 
 
-class AnomalyDINOPlusModel(AnomalyDINOModel):
+class AnomalyDINOPlusModel(NoTiler, AnomalyDINOModel):
     """AnomalyDINO with per-query prototype refinement of its DINOv2 patch bank.
 
     Args:
@@ -251,21 +252,6 @@ class AnomalyDINOPlusModel(AnomalyDINOModel):
             if top or bottom or left or right:
                 anomaly_map = F.pad(anomaly_map, (left, right, top, bottom), mode="replicate")
         return InferenceBatch(pred_score=image_score, anomaly_map=anomaly_map)
-
-    @property
-    def tiler(self) -> None:
-        """No tiler: anomalib's (``TilerConfigurationCallback``, ``model.model.tiler``) is refused when set."""
-        return None
-
-    @tiler.setter
-    def tiler(self, value: object) -> None:
-        if value is not None:
-            msg = (
-                "AnomalyDINOPlus does not tile images (anomalib's tiler would be silently ignored): leave "
-                "tiling off, or use PatchCorePlus, which scores tiles against its bank and puts the maps back "
-                "together; for small defects on large images raise the pre-processor's image size instead."
-            )
-            raise ValueError(msg)
 
     def forward(self, input_tensor: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Training: collect the normalised foreground tokens. Inference: scores and anomaly maps.

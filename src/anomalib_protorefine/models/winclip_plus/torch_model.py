@@ -41,6 +41,7 @@ from torch import nn
 from anomalib_protorefine._deprecation import moved_names
 from anomalib_protorefine.clip_weights import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, create_clip
 from anomalib_protorefine.coreset import seeded_coreset
+from anomalib_protorefine.models.tiling import NoTiler
 from anomalib_protorefine.refinement import PrototypeRefiner
 from anomalib_protorefine.refinement.precision import autocast_disabled, float32_compute
 
@@ -96,7 +97,7 @@ def _encode_name(name: str | None) -> torch.Tensor:
     return torch.tensor(list((name or "").encode()), dtype=torch.uint8)
 
 
-class WinClipPlusModel(WinClipModel):
+class WinClipPlusModel(NoTiler, WinClipModel):
     """WinCLIP with per-query refinement of its visual reference sets (paper Sec. 5.2).
 
     Args:
@@ -318,21 +319,6 @@ class WinClipPlusModel(WinClipModel):
         Empty without a refiner or before the first refined batch.
         """
         return {} if self.refiner is None else dict(self._refinement_stats)
-
-    @property
-    def tiler(self) -> None:
-        """No tiler: anomalib's (``TilerConfigurationCallback``, ``model.model.tiler``) is refused when set."""
-        return None
-
-    @tiler.setter
-    def tiler(self, value: object) -> None:
-        if value is not None:
-            msg = (
-                "WinClipPlus does not tile images (anomalib's tiler would be silently ignored): leave "
-                "tiling off, or use PatchCorePlus, which scores tiles against its bank and puts the maps back "
-                "together; for small defects on large images raise the pre-processor's image size instead."
-            )
-            raise ValueError(msg)
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> InferenceBatch:
