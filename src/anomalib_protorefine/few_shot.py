@@ -309,6 +309,26 @@ def degenerate_image_reason(image: torch.Tensor) -> str | None:
     return None
 
 
+#: What an unreadable support image's error tells the user to do.
+SUPPORT_READ_FIX = "replace or remove this file, or pick other support images (few_shot_seed)."
+
+
+def read_named_image(path: str | Path, what: str, fix: str) -> torch.Tensor:
+    """:func:`read_image_file`, with a file that cannot be read named in an ``OSError`` with ``fix``.
+
+    Example:
+        >>> read_named_image("no/such.png", "support image", "replace it.")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        OSError: Could not read support image 'no/such.png' (FileNotFoundError: ...): replace it.
+    """
+    try:
+        return read_image_file(path)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, corrupt or unreadable files
+        msg = f"Could not read {what} {str(path)!r} ({type(error).__name__}: {error}): {fix}"
+        raise OSError(msg) from error
+
+
 def load_images(
     paths: Sequence[str | Path],
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -334,14 +354,9 @@ def load_images(
     """
     images, degenerate = [], []
     for path in paths:
-        try:
-            image = read_image_file(path)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, corrupt or unreadable files
-            msg = (
-                f"Could not read {what} {str(path)!r} ({type(error).__name__}: {error}): replace or remove "
-                "this file, or pick other support images (few_shot_seed)."
-            )
-            raise OSError(msg) from error
+        image = read_named_image(
+            path, what, "replace or remove this file, or pick other support images (few_shot_seed)."
+        )
         reason = degenerate_image_reason(image)
         if reason is not None:
             degenerate.append(f"{str(path)!r}: {reason}")

@@ -39,7 +39,7 @@ from anomalib_protorefine.few_shot import (
     drawn_support_paths,
     folder_images,
     load_images,
-    read_image_file,
+    read_named_image,
     support_from_dataset,
     support_from_folder,
     train_dataset_of,
@@ -70,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 #: The false-alarm rate of a calibration when none is given (``calibrate_false_alarm`` without ``false_alarm_rate``).
 DEFAULT_FALSE_ALARM_RATE = 0.05
+#: What an unreadable calibration image's error tells the user to do.
+CALIBRATION_READ_FIX = "replace it or remove it from calibration_source."
 #: Calibration images scored per forward pass.
 CALIBRATION_BATCH = 16
 
@@ -384,19 +386,6 @@ def _stored_folder_is_gone(checkpoint_path: str | Path, name: str) -> bool:
         return False
     folder = (checkpoint.get("hyper_parameters") or {}).get(name)
     return bool(folder) and not Path(str(folder)).expanduser().is_dir()
-
-
-def _read_calibration_image(path: str, transform: Any) -> torch.Tensor:
-    """One calibration image, pre-processed; an unreadable file is named with the fix."""
-    try:
-        image = read_image_file(path)
-    except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, corrupt or unreadable files
-        msg = (
-            f"Could not read calibration image {path!r} ({type(error).__name__}: {error}): replace it or remove it "
-            "from calibration_source."
-        )
-        raise OSError(msg) from error
-    return transform(image) if transform is not None else image
 
 
 class QuietCheckpointNotice(logging.Filter):
@@ -835,12 +824,16 @@ class RefinedFewShotMixin:
     @false_alarm_rate.setter
     def false_alarm_rate(self, value: float | None) -> None:
         rate = validate_false_alarm_rate(value)
+        self._store_false_alarm_rate(rate)
+        if self.line_calibration is not None and rate is not None and rate != self.line_calibration.false_alarm_rate:
+            self._put_calibration_in_force(self.line_calibration.at_rate(rate))
+
+    def _store_false_alarm_rate(self, rate: float | None) -> None:
+        """Keep ``false_alarm_rate`` and its ``hparams`` entry (checkpoints, ``hparams.yaml``) in step."""
         self.__dict__["_false_alarm_rate"] = rate
         hparams = getattr(self, "_hparams", None)
         if hparams is not None and "false_alarm_rate" in hparams:
             hparams["false_alarm_rate"] = rate
-        if self.line_calibration is not None and rate is not None and rate != self.line_calibration.false_alarm_rate:
-            self._put_calibration_in_force(self.line_calibration.at_rate(rate))
 
     @property
     def calibration_source(self) -> Path | None:
@@ -922,11 +915,7 @@ class RefinedFewShotMixin:
             FileNotFoundError: The folder does not exist.
         """
         rate = validate_false_alarm_rate(rate) or self.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE
-        if rate != self.false_alarm_rate:
-            self.__dict__["_false_alarm_rate"] = rate
-            hparams = getattr(self, "_hparams", None)
-            if hparams is not None and "false_alarm_rate" in hparams:
-                hparams["false_alarm_rate"] = rate
+        self._store_false_alarm_rate(rate)
         batches, label = self._calibration_batches(source, rate)
         self._ensure_ready()
         scores, maxima, minimum = self._score_calibration_images(batches)
@@ -982,7 +971,8 @@ class RefinedFewShotMixin:
         def file_batches() -> Iterator[torch.Tensor]:
             for start in range(0, len(paths), CALIBRATION_BATCH):
                 chunk = paths[start : start + CALIBRATION_BATCH]
-                yield torch.stack([_read_calibration_image(path, transform) for path in chunk])
+                images = [read_named_image(path, "calibration image", CALIBRATION_READ_FIX) for path in chunk]
+                yield torch.stack([transform(image) if transform is not None else image for image in images])
 
         return file_batches(), label
 
@@ -1413,10 +1403,7 @@ class RefinedFewShotMixin:
                 line.num_images,
                 line.describe(),
             )
-        self.__dict__["_false_alarm_rate"] = line.false_alarm_rate
-        hparams = getattr(self, "_hparams", None)
-        if hparams is not None and "false_alarm_rate" in hparams:
-            hparams["false_alarm_rate"] = line.false_alarm_rate
+        self._store_false_alarm_rate(line.false_alarm_rate)
         post_processor = getattr(self, "post_processor", None)
         if isinstance(post_processor, FewShotPostProcessor):
             # the buffers come from the state dict after this hook; the origin says where they came from
