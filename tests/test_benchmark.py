@@ -85,6 +85,11 @@ def _rows(output: Path) -> list[dict[str, str]]:
         (lambda b: b.update(heatmaps=3), r"heatmaps must be a mapping with the one key images.*got 3"),
         (lambda b: b.update(heatmaps={"images": "many"}), r"heatmaps.images must be an integer >= 0.*'many'"),
         (lambda b: b.update(figure7="no"), r"benchmark.figure7 must be true or false"),
+        (lambda b: b["model"]["grid"][0]["init_args"].update(tiling=32), r"init_args.tiling must be \{tile_size: int"),
+        (
+            lambda b: b["model"]["grid"][0]["init_args"].update(tiling={"tile_size": 0}),
+            r"init_args.tiling.tile_size must be a positive integer",
+        ),
     ],
 )
 def test_bad_configs_are_reported_before_anything_runs(tiny_config: dict, change: Any, message: str) -> None:
@@ -219,6 +224,23 @@ def test_a_cell_equals_anomalib_engine_test(tiny_config: dict) -> None:
     test = context.test_features(data, method)
     cached = run_cached(method, context.datamodule(data), test, 1, 1, context.device, batch_size=4)
     engine = run_engine(method, make_datamodule(data.config), plan, 1, 1)
+    for metric in METRICS:
+        assert cached[metric] == pytest.approx(engine[metric], abs=1e-5), metric
+
+
+@pytest.mark.slow
+def test_a_tiled_cell_equals_anomalib_engine_test_with_its_tiler_callback(tiny_config: dict) -> None:
+    """``tiling`` scores what ``Engine.test`` with anomalib's ``TilerConfigurationCallback`` reports."""
+    tiny_config["benchmark"]["max_test_images"] = 5
+    tiny_config["benchmark"]["model"]["grid"][1]["init_args"]["tiling"] = {"tile_size": 32, "stride": 32}
+    plan = plan_from_config(tiny_config)
+    context = RunContext(plan)
+    data = plan.datasets[0]
+    tiled, plain = plan.method("PatchCore+"), plan.method("PatchCore")
+    test = context.test_features(data, tiled)
+    assert not torch.equal(test.embeddings, context.test_features(data, plain).embeddings)  # not the untiled cache
+    cached = run_cached(tiled, context.datamodule(data), context.test_features(data, tiled), 1, 1, context.device, 4)
+    engine = run_engine(tiled, make_datamodule(data.config), plan, 1, 1)
     for metric in METRICS:
         assert cached[metric] == pytest.approx(engine[metric], abs=1e-5), metric
 

@@ -9,6 +9,7 @@ tests are marked ``slow`` (they still run in CI); the demo smoke test takes abou
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -687,6 +688,23 @@ def test_demo_quick_smoke(tmp_path: Path) -> None:
     assert [run["method"] for run in summary["runs"]] == ["PatchCore", "PatchCore+"]
     assert all(math.isfinite(run["metrics"]["pixel_AUROC"]) for run in summary["runs"])
     assert not list(tmp_path.glob("out/**/*.ckpt")), "the demo must not write checkpoints"
+    for text in ("good flagged", "defects found", "predictions.csv"):
+        assert text in result.stdout, result.stdout
+    # The table's decisions (counted at test time) are the ones predict writes, image by image.
+    with (tmp_path / "out" / "predictions" / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 10 and {row["threshold_origin"] for row in rows} == {"calibration"}
+    flagged = [row["decision"] == "defective" for row in rows]
+    defect = ["/test/defect/" in row["image_path"] for row in rows]
+    counts = summary["runs"][-1]["decisions"]
+    assert counts == {
+        "good_flagged": sum(f and not d for f, d in zip(flagged, defect, strict=True)),
+        "num_good": defect.count(False),
+        "defects_found": sum(f and d for f, d in zip(flagged, defect, strict=True)),
+        "num_defects": defect.count(True),
+    }
+    pictures = list((tmp_path / "out" / "predictions" / "images").rglob("*.png"))
+    assert len(pictures) == 10, pictures
 
 
 def test_online_bank_grows_bounded_and_changes_later_scores() -> None:

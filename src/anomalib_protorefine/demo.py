@@ -11,9 +11,14 @@
    ImageNet backbone ``tf_efficientnet_lite0`` (layers ``blocks.2`` + ``blocks.4``), evaluated with
    anomalib's :class:`~anomalib.engine.Engine` (``engine.test``; few-shot models validate first,
    which builds the memory bank from ``k`` seeded support images);
-3. a ``rich`` table of image/pixel AUROC and F1-max, inference time per image and the refiner's
-   mean EM / Sinkhorn iterations, a ``results.json`` and heat-map PNGs of a few defective images
-   (input, ground-truth outline, baseline map, refined map) in the output folder.
+3. a ``rich`` table of image/pixel AUROC and F1-max, the decisions the models would make (good parts
+   flagged, defects found; thresholds calibrated to flag 5 % of good parts on 24 generated unlabelled
+   "line" images), inference time per image and the refiner's mean EM / Sinkhorn iterations, a
+   ``results.json`` and heat-map PNGs of a few defective images (input, ground-truth outline, baseline
+   map, refined map) in the output folder;
+4. the last PatchCore+ model's predictions on the test images as ``anomalib predict`` writes them:
+   ``predictions/predictions.csv`` (one row per image: score, OK / defective, flagged area, peak) and
+   the decision pictures in ``predictions/images``.
 
 It takes about a minute on two CPU cores (``--quick``: about ten seconds, for tests).
 
@@ -34,23 +39,32 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
+
+from anomalib_protorefine.demo_outputs import (
+    METHODS,
+    METRICS,
+    RunResult,
+    decision_counter,
+    demo_console,
+    format_value,
+    render_table,
+)
 
 if TYPE_CHECKING:
-    import torch
     from anomalib.data import Folder
     from anomalib.metrics import Evaluator
     from lightning.pytorch import Callback
     from rich.console import Console
-    from rich.table import Table
 
     from anomalib_protorefine.models import PatchCorePlus
 
 __all__ = [
     "BACKBONE",
     "LAYERS",
+    "METRICS",
     "QUICK_SIZES",
     "RunResult",
     "build_evaluator",
@@ -75,40 +89,12 @@ QUICK_SIZES: dict[str, int] = {"num_train": 6, "num_test_good": 4, "num_test_def
 #: Model input size (the paper's 256 px; ``--quick`` runs the models at 128 px, 4x fewer patches).
 INPUT_SIZE = 256
 QUICK_INPUT_SIZE = 128
-#: Number of defective test images drawn as heat maps per k.
-NUM_HEATMAPS = 4
-#: Test metrics: threshold-free, so they do not depend on the validation split (see ``_datamodule``).
-METRICS = ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_F1Max")
-METHODS = {False: "PatchCore", True: "PatchCore+"}
-#: Columns of the demo's output when it is not a terminal (a file, a pipe): the table is about 125 wide.
-FILE_WIDTH = 160
+#: The share of good parts the demo's models are calibrated to flag, on unlabelled line images.
+FALSE_ALARM_RATE = 0.05
+#: Number of the generated line's (unlabelled, good) images: enough to calibrate at FALSE_ALARM_RATE.
+NUM_LINE_IMAGES = 24
 
 
-@dataclass
-class RunResult:
-    """Outcome of one ``engine.test`` run.
-
-    Attributes:
-        k: Number of support images.
-        method: ``"PatchCore"`` (baseline) or ``"PatchCore+"`` (refined).
-        metrics: Test metrics (:data:`METRICS`) and the refiner's ``refinement/*`` statistics.
-        ms_per_image: Wall time of the test batches (pre-processing, features, scoring,
-            refinement) divided by the number of test images, in milliseconds.
-        num_test_images: Number of test images.
-        bank_size: Number of prototypes in the memory bank.
-        support_paths: The k support images.
-    """
-
-    k: int
-    method: str
-    metrics: dict[str, float]
-    ms_per_image: float
-    num_test_images: int
-    bank_size: int
-    support_paths: tuple[str, ...] = field(default_factory=tuple)
-
-
-# ---------------------------------------------------------------------------------------------- setup
 def _quiet() -> None:
     """Silence library banners and deprecation chatter (results are printed by the demo itself)."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's core-set progress bar (read when tqdm is imported)
@@ -195,11 +181,31 @@ def _datamodule(root: Path, category: str, quick: bool) -> Folder:
     )
 
 
+def _line_folder(root: Path, category: str, quick: bool) -> Path:
+    """Unlabelled good parts "from the line" (new images, another seed) to calibrate the false-alarm rate on."""
+    from anomalib_protorefine.data import generate_dataset
+
+    size = (QUICK_SIZES if quick else FULL_SIZES).get("image_size", 256)
+    sizes = {"num_train": NUM_LINE_IMAGES, "num_test_good": 1, "num_test_defect": 1, "image_size": size}
+    path = generate_dataset(root=root / "line" / ("quick" if quick else "full"), category=category, seed=1, **sizes)
+    return Path(path) / "train" / "good"
+
+
 # ---------------------------------------------------------------------------------------------- runs
 def _run(
-    k: int, refiner: bool, datamodule: Folder, seed: int, engine_root: Path, input_size: int = INPUT_SIZE
+    k: int,
+    refiner: bool,
+    datamodule: Folder,
+    seed: int,
+    engine_root: Path,
+    input_size: int = INPUT_SIZE,
+    line: Path | None = None,
 ) -> tuple[RunResult, PatchCorePlus]:
-    """Test one model with anomalib's Engine and collect its metrics and timing."""
+    """Test one model with anomalib's Engine and collect its metrics, timing and decisions.
+
+    With ``line`` the thresholds are calibrated on its images at :data:`FALSE_ALARM_RATE` (what a user
+    deploys with); the threshold-free metrics do not depend on them.
+    """
     from anomalib.callbacks.checkpoint import ModelCheckpoint
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
@@ -216,15 +222,18 @@ def _run(
         k_shot=k,
         few_shot_seed=seed,
         refiner=refiner,
+        false_alarm_rate=FALSE_ALARM_RATE if line is not None else None,
+        calibration_source=line,
         pre_processor=PatchCorePlus.configure_pre_processor(image_size=(input_size, input_size), backbone=BACKBONE),
         evaluator=build_evaluator(),
         visualizer=False,  # we draw our own heat maps
     )
     timer = _timer_callback()
+    counter = decision_counter()
     engine = Engine(
         default_root_dir=engine_root,
         # save_top_k=0: nothing is written (anomalib would otherwise save a checkpoint per few-shot run).
-        callbacks=[timer, ModelCheckpoint(save_top_k=0)],
+        callbacks=[timer, counter, ModelCheckpoint(save_top_k=0)],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -239,157 +248,12 @@ def _run(
         num_test_images=timer.images,
         bank_size=int(model.model.memory_bank.shape[0]),
         support_paths=tuple(model.support_paths),
+        decisions=counter.counts(),
     )
     return result, model
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def render_table(results: Sequence[RunResult], title: str = "Few-shot PatchCore vs PatchCore+") -> Table:
-    """A ``rich`` table of the runs; the better value of each metric at each k is bold.
-
-    Example:
-        >>> table = render_table([RunResult(1, "PatchCore", {"image_AUROC": 0.9}, 12.0, 25, 51)])
-        >>> [column.header for column in table.columns][:3]
-        ['k', 'method', 'image AUROC']
-    """
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("k", justify="right")
-    table.add_column("method", no_wrap=True, min_width=10)
-    for metric in METRICS:
-        table.add_column(metric.replace("_", " ").replace("F1Max", "F1-max"), justify="right")
-    table.add_column("ms / image", justify="right")
-    table.add_column("EM iters", justify="right")
-    table.add_column("Sinkhorn iters / image", justify="right")
-
-    best: dict[tuple[int, str], float] = {}
-    for result in results:
-        for metric in METRICS:
-            value = result.metrics.get(metric)
-            if value is not None:
-                key = (result.k, metric)
-                best[key] = max(best.get(key, value), value)
-    for index, result in enumerate(results):
-        cells = [str(result.k), result.method]
-        for metric in METRICS:
-            value = result.metrics.get(metric)
-            text = _fmt(value)
-            ties = sum(1 for r in results if r.k == result.k and r.metrics.get(metric) is not None) > 1
-            cells.append(f"[bold]{text}[/bold]" if ties and value == best.get((result.k, metric)) else text)
-        cells.append(f"{result.ms_per_image:.0f}")
-        refined = "refinement/em_iterations" in result.metrics
-        cells.append(_fmt(result.metrics.get("refinement/em_iterations"), 1) if refined else "-")
-        cells.append(_fmt(result.metrics.get("refinement/sinkhorn_iterations"), 0) if refined else "-")
-        last_of_k = index + 1 == len(results) or results[index + 1].k != result.k
-        table.add_row(*cells, end_section=last_of_k)
-    return table
-
-
-# ---------------------------------------------------------------------------------------------- heat maps
-def _defect_samples(datamodule: Folder, count: int) -> list[tuple[str, str]]:
-    """``count`` defective test images (with masks), one of each defect type first."""
-    from anomalib_protorefine.data import DEFECT_TYPES
-
-    samples = datamodule.test_data.samples
-    defects = samples[samples.label_index == 1].sort_values("image_path")
-    pairs = [(str(row.image_path), str(row.mask_path)) for row in defects.itertuples()]
-    chosen: list[tuple[str, str]] = []
-    for kind in DEFECT_TYPES:
-        match = next((pair for pair in pairs if kind in Path(pair[0]).stem and pair not in chosen), None)
-        if match is not None:
-            chosen.append(match)
-    chosen += [pair for pair in pairs if pair not in chosen]
-    return chosen[:count]
-
-
-def _normalised_maps(model: PatchCorePlus, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly maps ``(B, H, W)`` and scores ``(B,)`` normalised by the model's post-processor (0.5 = threshold)."""
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        batch = torch.stack([model.pre_processor.transform(image) for image in images]).to(model.device)
-        predictions = model.post_processor(model.model(batch))
-    return predictions.anomaly_map[:, 0].cpu(), predictions.pred_score.cpu()
-
-
-def write_heatmaps(
-    baseline: PatchCorePlus,
-    refined: PatchCorePlus,
-    datamodule: Folder,
-    k: int,
-    folder: Path,
-    count: int = NUM_HEATMAPS,
-) -> list[Path]:
-    """Write one PNG per defective image: input, ground-truth outline, baseline map, refined map.
-
-    Both maps are normalised by their own model's post-processor, so 0.5 is each model's pixel
-    threshold (F1-adaptive, from validation) and the colours are comparable across methods.
-
-    Returns:
-        The written files.
-    """
-    import matplotlib as mpl
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
-    from anomalib.data.utils import read_image, read_mask
-    from torchvision.transforms.v2.functional import InterpolationMode, resize
-
-    from anomalib_protorefine.heatmaps import add_score_colorbar, draw_heatmap_row
-
-    samples = _defect_samples(datamodule, count)
-    if not samples:
-        return []
-    images = [read_image(path, as_tensor=True) for path, _ in samples]
-    maps = {name: _normalised_maps(model, images) for name, model in (("base", baseline), ("refined", refined))}
-    size = list(maps["base"][0].shape[-2:])
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index, ((image_path, mask_path), image) in enumerate(zip(samples, images, strict=True)):
-        shown = resize(image, size, antialias=True).permute(1, 2, 0).clamp(0, 1).numpy()
-        mask = resize(read_mask(mask_path, as_tensor=True)[None].float(), size, InterpolationMode.NEAREST)[0]
-        mask = (mask > 0.5).numpy()
-        fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-        panels = [
-            (f"{label} (k={k})\nimage score {float(maps[name][1][index]):.2f}", maps[name][0][index], (0.0, 1.0))
-            for name, label in (("base", "PatchCore"), ("refined", "PatchCore+"))
-        ]
-        titles = (f"{Path(image_path).name}\ninput", "ground truth\n(mask outline)")
-        heat = draw_heatmap_row(axes, shown, mask, panels, titles=titles)
-        add_score_colorbar(fig, heat, axes[2:].tolist())
-        path = folder / f"k{k}_{Path(image_path).stem}.png"
-        fig.savefig(path, dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
 # ---------------------------------------------------------------------------------------------- driver
-def demo_console(file: TextIO | None = None) -> Console:
-    """The demo's console: the terminal's width on a terminal, :data:`FILE_WIDTH` columns anywhere else.
-
-    Written to a file or a pipe, rich would take the width from ``COLUMNS`` (or 80) and cut the
-    table; a fixed width keeps every column whatever the environment.
-
-    Args:
-        file: Where to print (default: standard output).
-
-    Example:
-        >>> import io
-        >>> demo_console(io.StringIO()).width == FILE_WIDTH
-        True
-    """
-    from rich.console import Console
-
-    console = Console(file=file)
-    return console if console.is_terminal else Console(file=file, width=FILE_WIDTH)
-
-
 def run_demo(
     category: str = DEFAULT_CATEGORY,
     ks: Sequence[int] = DEFAULT_K,
@@ -419,6 +283,7 @@ def run_demo(
     import torch
 
     from anomalib_protorefine.data import default_cache_dir
+    from anomalib_protorefine.demo_outputs import write_heatmaps, write_predictions
 
     if console is None:
         console = demo_console()
@@ -434,25 +299,32 @@ def run_demo(
         f"train images, {len(datamodule.test_data)} test images); backbone {BACKBONE} {list(LAYERS)} at "
         f"{input_size} px, {torch.get_num_threads()} CPU thread(s)"
     )
+    line = _line_folder(root, category, quick)
+    console.print(
+        f"Decisions: thresholds calibrated to flag {FALSE_ALARM_RATE:.0%} of good parts on {NUM_LINE_IMAGES} "
+        f"unlabelled line images ({line})"
+    )
     results: list[RunResult] = []
     heatmaps: list[Path] = []
+    models: dict[bool, PatchCorePlus] = {}
     for k in ks:
-        models = {}
         for refiner in (False, True):
             tic = time.perf_counter()
-            result, models[refiner] = _run(k, refiner, datamodule, seed, output / "engine", input_size)
+            result, models[refiner] = _run(k, refiner, datamodule, seed, output / "engine", input_size, line)
             results.append(result)
             auroc = result.metrics.get("pixel_AUROC")
             console.print(
-                f"  k={k} {result.method:<10} bank {result.bank_size:>4}  pixel AUROC {_fmt(auroc)}  "
+                f"  k={k} {result.method:<10} bank {result.bank_size:>4}  pixel AUROC {format_value(auroc)}  "
                 f"({time.perf_counter() - tic:.1f} s)"
             )
         heatmaps += write_heatmaps(models[False], models[True], datamodule, k, output / "heatmaps")
     console.print(render_table(results, title=f"Few-shot PatchCore vs PatchCore+ ({category}, seed {seed})"))
     console.print(
-        "image/pixel AUROC and F1-max on the test set; ms / image: test batches (pre-processing, features, "
+        "image/pixel AUROC and F1-max on the test set; good flagged / defects found: decisions at the thresholds "
+        f"calibrated for {FALSE_ALARM_RATE:.0%} false alarms; ms / image: test batches (pre-processing, features, "
         "scoring, refinement); EM / Sinkhorn: refiner means per image (Sinkhorn summed over EM iterations)."
     )
+    report = write_predictions(models[True], datamodule, output / "predictions")
     summary = {
         "category": category,
         "seed": seed,
@@ -463,10 +335,16 @@ def run_demo(
         "threads": torch.get_num_threads(),
         "dataset": str(datamodule.root),
         "seconds": time.perf_counter() - start,
+        "false_alarm_rate": FALSE_ALARM_RATE,
+        "line": str(line),
         "runs": [asdict(result) for result in results],
     }
     (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"Heat maps ({len(heatmaps)} PNGs) written to {(output / 'heatmaps').resolve()}")
+    console.print(
+        f"PatchCore+ (k={ks[-1]}) predictions as `anomalib predict` writes them: {report.resolve()} "
+        f"and decision pictures in {(report.parent / 'images').resolve()}"
+    )
     console.print(f"Results written to {(output / 'results.json').resolve()}")
     return results
 

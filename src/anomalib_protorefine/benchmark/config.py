@@ -241,6 +241,20 @@ def _check_init_args(name: str, class_path: str, init_args: Any) -> None:
         raise BenchmarkConfigError(msg)
     if "image_size" in init_args and class_path in FEATURE_METHODS:
         _check_image_size(init_args["image_size"], f"benchmark.model entry {name!r}: init_args.image_size")
+    if init_args.get("tiling") is not None:
+        _check_tiling(init_args["tiling"], class_path, f"benchmark.model entry {name!r}: init_args.tiling")
+
+
+def _check_tiling(value: Any, class_path: str, where: str) -> None:
+    """``tiling: {tile_size, stride}``: anomalib's tiler on a PatchCore method, sizes positive integers."""
+    if class_path not in PATCHCORE_METHODS:
+        msg = f"{where}: only PatchCore methods ({', '.join(PATCHCORE_METHODS)}) tile; drop tiling from {class_path}."
+        raise BenchmarkConfigError(msg)
+    if not isinstance(value, dict) or "tile_size" not in value or set(value) - {"tile_size", "stride"}:
+        msg = f"{where} must be {{tile_size: int, stride: int}} (anomalib's Tiler), e.g. {{tile_size: 256, stride: 256}}, got {value!r}."
+        raise BenchmarkConfigError(msg)
+    for key, size in value.items():
+        _check_image_size(size, f"{where}.{key}")
 
 
 def _check_image_size(value: Any, where: str) -> None:

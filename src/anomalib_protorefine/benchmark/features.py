@@ -95,7 +95,7 @@ def feature_key(data_config: dict[str, Any], paths: list[str], model_args: dict[
 
 
 def feature_model_args(init_args: dict[str, Any], dino: bool = False) -> dict[str, Any]:
-    """The arguments that change test features: backbone (or DINO encoder), layers, weights, image size.
+    """The arguments that change test features: backbone (or DINO encoder), layers, weights, image size, tiling.
 
     Example:
         >>> feature_model_args({"encoder_name": "vit_small_patch14_dinov2", "refiner": "fused"}, dino=True)
@@ -104,7 +104,7 @@ def feature_model_args(init_args: dict[str, Any], dino: bool = False) -> dict[st
     if dino:
         names = ("encoder_name", "pre_trained", "weights", "image_size")
         return {"model": "AnomalyDINOPlus", **{name: init_args[name] for name in names if name in init_args}}
-    names = ("backbone", "layers", "pre_trained", "weights", "image_size")
+    names = ("backbone", "layers", "pre_trained", "weights", "image_size", "tiling")
     return {name: init_args[name] for name in names if name in init_args}
 
 

@@ -28,7 +28,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from anomalib.callbacks import TilerConfigurationCallback
 from anomalib.data import AnomalibDataModule
+from anomalib.data.utils.tiler import Tiler
 from anomalib.engine import Engine
 from anomalib.metrics import Evaluator
 from anomalib.models import get_model
@@ -69,8 +71,12 @@ def same_initialisation() -> Iterator[None]:
 
 
 def patchcore_arguments(init_args: dict[str, Any]) -> dict[str, Any]:
-    """PatchCorePlus constructor arguments of a method: ``image_size`` becomes the pre-processor."""
-    args = {key: value for key, value in init_args.items() if key not in ("image_size", *FASTRECON_OPTIONS)}
+    """PatchCorePlus constructor arguments of a method: ``image_size`` becomes the pre-processor.
+
+    ``tiling`` is the benchmark's, not the constructor's: :func:`build_patchcore` sets anomalib's tiler from it.
+    """
+    benchmark_only = ("image_size", "tiling", *FASTRECON_OPTIONS)
+    args = {key: value for key, value in init_args.items() if key not in benchmark_only}
     image_size = init_args.get("image_size", 256)
     size = tuple(image_size) if isinstance(image_size, list | tuple) else (image_size, image_size)
     args["pre_processor"] = PatchCorePlus.configure_pre_processor(size, args.get("backbone", "wide_resnet50_2"))
@@ -86,6 +92,8 @@ def build_patchcore(method: MethodSpec, k: int, seed: int, device: torch.device)
         model = PatchCorePlus(
             **args, k_shot=k, few_shot_seed=seed, post_processor=False, evaluator=False, visualizer=False
         )
+    if method.init_args.get("tiling"):
+        model.model.tiler = Tiler(**method.init_args["tiling"])  # what anomalib's tiler callback sets
     return model.to(device).eval()
 
 
@@ -328,6 +336,8 @@ def run_engine(
         train.samples = train.samples[train.samples.image_path.astype(str).isin(chosen)].reset_index(drop=True)
     model = build_engine_model(MethodSpec(method.name, method.class_path, init_args, method.base))
     memory: dict[str, float] = {}
+    tiling = method.init_args.get("tiling")
+    callbacks = [TilerConfigurationCallback(enable=True, **tiling)] if tiling else None
     with tempfile.TemporaryDirectory() as root:
         engine = Engine(
             accelerator="gpu" if plan.accelerator == "cuda" else "cpu",
@@ -335,6 +345,7 @@ def run_engine(
             default_root_dir=root,
             logger=False,
             enable_progress_bar=False,
+            callbacks=callbacks,
         )
         if not isinstance(model, PatchCorePlus | WinClipPlus):  # those build their support data at test start
             engine.fit(model, train_dataloaders=datamodule.train_dataloader())  # training only: no thresholds
