@@ -826,7 +826,7 @@ def test_refinement_statistics_are_synced_across_ranks() -> None:
     """Under DDP each rank refines its own batches: the logged statistics must be reduced (``sync_dist``)."""
     from unittest import mock
 
-    from anomalib_protorefine.models.common import RefinementStatsCallback
+    from anomalib_protorefine.models.callbacks import RefinementStatsCallback
 
     refiner = PrototypeRefiner(num_iterations=2)
     refiner.patch_scores(torch.randn(2, 6, 4), torch.randn(5, 4))
@@ -923,7 +923,7 @@ def test_a_file_that_is_not_a_checkpoint_gets_one_line(tmp_path: Path) -> None:
         PatchCorePlus.load_from_checkpoint(text)
     with pytest.raises(FileNotFoundError, match=r"missing.ckpt' does not exist"):
         PatchCorePlus.load_from_checkpoint(tmp_path / "missing.ckpt")
-    from anomalib_protorefine.models.common import check_checkpoint_file
+    from anomalib_protorefine.models.checkpoints import check_checkpoint_file
 
     torch.save({"state_dict": {}}, tmp_path / "real.ckpt")
     check_checkpoint_file(tmp_path / "real.ckpt")  # a torch.save file passes

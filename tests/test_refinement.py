@@ -752,7 +752,7 @@ def test_refinement_package_imports_neither_lightning_nor_anomalib() -> None:
 
 @pytest.mark.parametrize("hook", ["on_test_batch_end", "on_validation_batch_end"])
 def test_callback_logs_statistics(hook: str) -> None:
-    from anomalib_protorefine.models.common import RefinementStatsCallback
+    from anomalib_protorefine.models.callbacks import RefinementStatsCallback
 
     refiner = PrototypeRefiner(num_iterations=2)
     callback = RefinementStatsCallback()

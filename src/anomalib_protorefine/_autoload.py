@@ -21,7 +21,7 @@ import sys
 import warnings
 from types import ModuleType
 
-from anomalib_protorefine._upstream import quiet_upstream_imports
+from anomalib_protorefine.upstream import quiet_upstream_imports
 
 _TRIGGER = "anomalib.models"
 _TARGET = "anomalib_protorefine.models"
@@ -52,7 +52,7 @@ class _RegisteringLoader(importlib.abc.Loader):
         A failure to import our models (a broken or partial install) must never break anomalib
         itself: it becomes a warning that says how to see the full error.
         """
-        # anomalib's notices about its own imports stay quiet while anomalib.models loads (see _upstream)
+        # anomalib's notices about its own imports stay quiet while anomalib.models loads (see upstream)
         with quiet_upstream_imports() if module.__name__ == _TRIGGER else contextlib.nullcontext():
             self._loader.exec_module(module)
         try:

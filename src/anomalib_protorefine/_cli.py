@@ -24,7 +24,7 @@ CHECK_ERRORS = (ValueError, TypeError, FileNotFoundError)
 
 def _model_class(spec: Any) -> type | None:
     """The class of a parsed ``--model`` value when it is one of our refined few-shot models."""
-    from anomalib_protorefine.models.common import RefinedFewShotMixin
+    from anomalib_protorefine.models.base import FewShotModel
 
     class_path = getattr(spec, "class_path", None)
     if not isinstance(class_path, str) or "." not in class_path:
@@ -34,7 +34,7 @@ def _model_class(spec: Any) -> type | None:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError):
         return None
-    return cls if isinstance(cls, type) and issubclass(cls, RefinedFewShotMixin) else None
+    return cls if isinstance(cls, type) and issubclass(cls, FewShotModel) else None
 
 
 def model_error_line(config: Any, subcommand: str, error: BaseException) -> str | None:

@@ -43,6 +43,7 @@ from anomalib.data import Batch, InferenceBatch
 from anomalib.post_processing import PostProcessor
 from lightning import LightningModule, Trainer
 
+from anomalib_protorefine import upstream
 from anomalib_protorefine.false_alarm import LineCalibration
 from anomalib_protorefine.thresholds import SupportThresholds, check_threshold_source, is_set
 
@@ -93,17 +94,8 @@ def write_thresholds(
     if origin not in ORIGINS:
         msg = f"origin must be one of {ORIGINS}, got {origin!r}."
         raise ValueError(msg)
-    values = {
-        "_image_threshold": thresholds.image_threshold,
-        "_pixel_threshold": thresholds.pixel_threshold,
-        "image_min": thresholds.image_min,
-        "image_max": thresholds.image_max,
-        "pixel_min": thresholds.pixel_min,
-        "pixel_max": thresholds.pixel_max,
-    }
-    for name, value in values.items():
-        buffer = getattr(post_processor, name)
-        buffer.copy_(torch.tensor(value, dtype=buffer.dtype))
+    for name, buffer in upstream.decision_buffers(post_processor).items():
+        buffer.copy_(torch.tensor(getattr(thresholds, name), dtype=buffer.dtype))
     if isinstance(post_processor, FewShotPostProcessor):
         post_processor.threshold_origin = origin
 
@@ -131,8 +123,8 @@ def clear_thresholds(post_processor: PostProcessor) -> None:
         >>> bool(post.image_threshold.isnan()), post.threshold_origin
         (True, 'none')
     """
-    for name in ("_image_threshold", "_pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max"):
-        getattr(post_processor, name).fill_(float("nan"))
+    for buffer in upstream.decision_buffers(post_processor).values():
+        buffer.fill_(float("nan"))
     if isinstance(post_processor, FewShotPostProcessor):
         post_processor.threshold_origin = "none"
 
@@ -180,7 +172,8 @@ class FewShotPostProcessor(PostProcessor):
     @property
     def has_thresholds(self) -> bool:
         """Both thresholds are set."""
-        return is_set(self._image_threshold) and is_set(self._pixel_threshold)
+        buffers = upstream.decision_buffers(self)
+        return is_set(buffers["image_threshold"]) and is_set(buffers["pixel_threshold"])
 
     def set_calibrated_thresholds(self, calibration: LineCalibration) -> None:
         """Put thresholds calibrated on images of the line in force (they stay through validation passes)."""
@@ -261,12 +254,7 @@ class FewShotPostProcessor(PostProcessor):
         name = type(pl_module).__name__
         seen = f"{self._validation_images} validation images, {self._validation_defects} defective"
         if self._keeps_support_thresholds():
-            for metric in (
-                self._image_threshold_metric,
-                self._pixel_threshold_metric,
-                self._image_min_max_metric,
-                self._pixel_min_max_metric,
-            ):
+            for metric in upstream.threshold_metrics(self):
                 metric.reset()
             if self.threshold_origin == "calibration":
                 kind, reason = "calibrated", "set at the requested false-alarm rate"
@@ -275,7 +263,7 @@ class FewShotPostProcessor(PostProcessor):
                 reason = "threshold='support'" if self.threshold == "support" else "no defective validation images"
             logger.info("%s: %s thresholds stay in force (%s; %s).", name, kind, reason, seen)
             return
-        pixel_seen = self._pixel_threshold_metric.update_called
+        pixel_seen = upstream.pixel_threshold_seen(self)
         previous = self.threshold_origin
         super().on_validation_epoch_end(trainer, pl_module)
         if self._validation_images:

@@ -19,10 +19,10 @@ image (:data:`COLUMNS`) and logs one line, ``"N of M parts flagged (thresholds f
 
 Example:
     >>> import torch
-    >>> from anomalib_protorefine.post_processing import FewShotPostProcessor, normalize_scores
+    >>> from anomalib_protorefine.post_processing import FewShotPostProcessor, normalize_scores, write_thresholds
+    >>> from anomalib_protorefine.thresholds import SupportThresholds
     >>> post = FewShotPostProcessor()
-    >>> for name, value in (("_image_threshold", 2.0), ("image_min", 0.0), ("image_max", 4.0)):
-    ...     _ = getattr(post, name).fill_(value)
+    >>> write_thresholds(post, SupportThresholds(2.0, 3.0, 0.0, 4.0, 0.0, 6.0, 1.5, 2, 6, True), "support")
     >>> raw = torch.tensor([1.0, 2.0, 9.0])
     >>> normalised = normalize_scores(raw, post.image_min, post.image_max, post.image_threshold)
     >>> [round(value, 4) for value in raw_scores(normalised, post).tolist()]

@@ -251,7 +251,10 @@ def _check_tiling(value: Any, class_path: str, where: str) -> None:
         msg = f"{where}: only PatchCore methods ({', '.join(PATCHCORE_METHODS)}) tile; drop tiling from {class_path}."
         raise BenchmarkConfigError(msg)
     if not isinstance(value, dict) or "tile_size" not in value or set(value) - {"tile_size", "stride"}:
-        msg = f"{where} must be {{tile_size: int, stride: int}} (anomalib's Tiler), e.g. {{tile_size: 256, stride: 256}}, got {value!r}."
+        msg = (
+            f"{where} must be {{tile_size: int, stride: int}} (anomalib's Tiler), e.g. "
+            f"{{tile_size: 256, stride: 256}}, got {value!r}."
+        )
         raise BenchmarkConfigError(msg)
     for key, size in value.items():
         _check_image_size(size, f"{where}.{key}")
@@ -305,7 +308,7 @@ def _output_folder(value: Any) -> Path:
 
 def _sweeps(sweeps: list[dict[str, Any]], methods: list[MethodSpec]) -> list[MethodSpec]:
     """One method per swept value: refiner options go into ``refiner``, others are constructor arguments."""
-    from anomalib_protorefine.models.common import refiner_option_names
+    from anomalib_protorefine.models.refiner_config import refiner_option_names
 
     added = []
     by_name = {m.name: m for m in methods}
@@ -337,11 +340,11 @@ def _sweeps(sweeps: list[dict[str, Any]], methods: list[MethodSpec]) -> list[Met
 
 def _refiner_options(method: MethodSpec) -> dict[str, Any]:
     """All options of ``method``'s PatchCorePlus refiner (a preset name or a partial dict resolved)."""
-    from anomalib_protorefine.models.common import make_refiner
     from anomalib_protorefine.models.patchcore_plus.lightning_model import (
         PATCHCORE_DEFAULT_PRESET,
         PATCHCORE_REFINER_PRESETS,
     )
+    from anomalib_protorefine.models.refiner_config import make_refiner
 
     refiner = method.init_args.get("refiner", True)
     module = None
@@ -360,7 +363,7 @@ def parameter_value(method: MethodSpec, parameter: str) -> Any:
         >>> parameter_value(MethodSpec("m", "PatchCorePlus", {"refiner": "paper"}), "lambda_")
         0.3
     """
-    from anomalib_protorefine.models.common import refiner_option_names
+    from anomalib_protorefine.models.refiner_config import refiner_option_names
 
     if parameter in refiner_option_names():
         try:

@@ -35,6 +35,7 @@ from anomalib.engine import Engine
 from anomalib.metrics import Evaluator
 from anomalib.models import get_model
 
+from anomalib_protorefine import upstream
 from anomalib_protorefine.few_shot import drawn_support_paths, load_images
 from anomalib_protorefine.models import AnomalyDINOPlus, PatchCorePlus, WinClipPlus
 from anomalib_protorefine.thresholds import SupportThresholds
@@ -320,8 +321,8 @@ def run_engine(
     """
     test = datamodule.test_data
     indices = scored_indices(len(test), plan.max_test_images)
-    test.samples = test.samples.iloc[indices].reset_index(drop=True)
-    if getattr(datamodule, "val_data", None) is None:
+    upstream.replace_samples(test, test.samples.iloc[indices].reset_index(drop=True))
+    if upstream.validation_data_of(datamodule) is None:
         # anomalib's Engine validates few-shot models before testing: give it the test set (no effect on the
         # threshold-free metrics; without a post-processor nothing is normalised).
         datamodule.val_data = test
@@ -333,7 +334,9 @@ def run_engine(
     else:
         train = datamodule.train_data
         chosen = set(support_paths(datamodule, k, seed))
-        train.samples = train.samples[train.samples.image_path.astype(str).isin(chosen)].reset_index(drop=True)
+        upstream.replace_samples(
+            train, train.samples[train.samples.image_path.astype(str).isin(chosen)].reset_index(drop=True)
+        )
     model = build_engine_model(MethodSpec(method.name, method.class_path, init_args, method.base))
     memory: dict[str, float] = {}
     tiling = method.init_args.get("tiling")

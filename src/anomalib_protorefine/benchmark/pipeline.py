@@ -31,6 +31,7 @@ from anomalib.pipelines import Benchmark
 from anomalib.pipelines.components.base import Runner
 from jsonargparse import ArgumentParser, Namespace
 
+from anomalib_protorefine import upstream
 from anomalib_protorefine.few_shot import normal_paths
 
 from .config import BenchmarkConfigError, BenchmarkPlan, describe, plan_from_config
@@ -168,7 +169,7 @@ class FewShotBenchmark(Benchmark):
             BenchmarkConfigError: A bad config, or another process runs one of the data sets in the same
                 results folder (:class:`~anomalib_protorefine.benchmark.lock.OutputLock`).
         """
-        config = self._get_args(args)
+        config = upstream.pipeline_config(self, args)
         if not is_few_shot_config(config):
             super().run(args)
             return
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             raise SystemExit(130) from None
         return
-    config = json.loads(json.dumps(FewShotBenchmark()._get_args(Namespace(config=args.config))))
+    config = json.loads(json.dumps(upstream.pipeline_config(FewShotBenchmark(), Namespace(config=args.config))))
     plan = plan_from_config(config, check_data=False)
     from .report import write_report
 

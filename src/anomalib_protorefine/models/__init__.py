@@ -6,7 +6,7 @@ Importing this module registers the models with anomalib: they are direct subcla
 """
 
 from anomalib_protorefine._deprecation import renamed_names
-from anomalib_protorefine._upstream import quiet_upstream_imports
+from anomalib_protorefine.upstream import quiet_upstream_imports
 
 with quiet_upstream_imports():  # first import here: anomalib's notices about its own imports stay quiet
     import anomalib.models  # noqa: F401

@@ -22,13 +22,15 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_protorefine import upstream
+
 __all__ = ["FewShotMemoryBankMixin"]
 
 
 class FewShotMemoryBankMixin:
     """Training, learning type, trainer arguments, ONNX/OpenVINO export and support reset of a memory-bank model.
 
-    The class using it holds ``k_shot``, ``few_shot_source``, ``support_paths``, ``_is_fitted``,
+    The class using it holds ``k_shot``, ``few_shot_source``, ``support_paths``, anomalib's fitted flag,
     ``_ensure_ready()`` and a torch model with ``memory_bank``, ``embedding_store`` and ``exporting()``.
     """
 
@@ -42,7 +44,7 @@ class FewShotMemoryBankMixin:
         self.model.memory_bank = torch.empty(0, device=bank.device, dtype=bank.dtype)
         self.model.embedding_store.clear()
         self.support_paths = ()
-        self._is_fitted = torch.tensor([False], device=bank.device)
+        upstream.mark_fitted(self, False, device=bank.device)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:  # noqa: ANN002, ANN003
         """Full-shot: collect the batch's embeddings (as anomalib). Few-shot: nothing (the bank comes from k images)."""

@@ -30,6 +30,7 @@ from anomalib.visualization import Visualizer
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
+from anomalib_protorefine import upstream
 from anomalib_protorefine.backbones import IMAGENET_MEAN, IMAGENET_STD
 from anomalib_protorefine.few_shot import (
     check_support_images,
@@ -37,8 +38,10 @@ from anomalib_protorefine.few_shot import (
     validate_few_shot_source,
     validate_support_options,
 )
-from anomalib_protorefine.models.common import RefinedFewShotMixin, RefinerPreset, make_refiner
+from anomalib_protorefine.models.base import FewShotModel
+from anomalib_protorefine.models.checkpoints import FEW_SHOT_SEED, FEW_SHOT_SOURCE, K_SHOT, THRESHOLD, ScoreOption
 from anomalib_protorefine.models.memory_bank import FewShotMemoryBankMixin
+from anomalib_protorefine.models.refiner_config import RefinerPreset, make_refiner
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -58,7 +61,7 @@ DINO_DEFAULT_PRESET = "fused"
 DINO_DEFAULT_REFINER: bool | str = "off"
 
 
-class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, AnomalibModule):
+class AnomalyDINOPlus(FewShotMemoryBankMixin, FewShotModel, AnomalyDINO, AnomalibModule):
     """AnomalyDINO (anomalib 2.7) with seeded k-shot support, offline weights and optional prototype refinement.
 
     Args:
@@ -134,8 +137,13 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         refiner_module = make_refiner(refiner, DINO_REFINER_PRESETS, DINO_DEFAULT_PRESET)
         # AnomalyDINO's constructor builds anomalib's model, which always downloads the encoder: its
         # base (MemoryBankMixin, AnomalibModule) is initialised instead and the torch model built here.
-        super(AnomalyDINO, self).__init__(
-            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        upstream.init_skipping(
+            AnomalyDINO,
+            self,
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
         )
         self.model: AnomalyDINOPlusModel = AnomalyDINOPlusModel(
             num_neighbours=num_neighbours,
@@ -149,10 +157,8 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         )
         self.model = self.model.half() if precision == PrecisionType.FLOAT16 else self.model.float()
         self._store_plain_hparams()
-        for name in ("_hparams", "_hparams_initial"):  # a plain string: checkpoints load with weights_only
-            hparams = getattr(self, name, None)
-            if hparams is not None and "precision" in hparams:
-                hparams["precision"] = precision.value
+        for initial in (False, True):  # a plain string: checkpoints load with weights_only
+            upstream.set_stored_hparam(self, "precision", precision.value, initial=initial)
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
         self.few_shot_source = source
@@ -198,7 +204,7 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         ]
         self.model.build_bank(torch.cat(features), seed=self.few_shot_seed)
         self.model.train(was_training)
-        self._is_fitted = torch.tensor([True], device=self.device)
+        upstream.mark_fitted(self, True)
 
     def prepare_support(self, datamodule: object | None = None) -> None:
         """Build the memory bank now, as a test run would (k seeded support images of ``datamodule``)."""
@@ -232,39 +238,22 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
         embeddings = torch.vstack(self.model.embedding_store)
         self.model.embedding_store.clear()
         self.model.build_bank(embeddings, seed=self.few_shot_seed)
-        self._is_fitted = torch.tensor([True], device=self.device)
+        upstream.mark_fitted(self, True)
         self._ensure_calibrated()
 
     # ------------------------------------------------------------------ checkpoints
     refiner_presets = DINO_REFINER_PRESETS
     refiner_default_preset = DINO_DEFAULT_PRESET
-
-    def _score_options(self) -> dict[str, Any]:
-        """Options besides the refiner that change scores or decisions."""
-        return {
-            "k_shot": self.k_shot,
-            "few_shot_seed": self.few_shot_seed,
-            "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
-            "num_neighbours": self.model.num_neighbours,
-            "masking": self.model.masking,
-            "coreset_subsampling": self.model.coreset_subsampling,
-            "sampling_ratio": self.model.sampling_ratio,
-            "threshold": self.threshold,
-        }
-
-    def _apply_score_option(self, name: str, value: Any) -> None:
-        """Set an option of :meth:`_score_options` (from a checkpoint)."""
-        if name == "threshold":
-            self._set_threshold_source(value)
-        elif name in {"k_shot", "few_shot_seed"}:
-            setattr(self, name, value)
-        elif name == "few_shot_source":
-            self.few_shot_source = value or None
-        elif name in {"num_neighbours", "masking", "coreset_subsampling", "sampling_ratio"}:
-            setattr(self.model, name, value)
-        else:
-            msg = f"{name!r} is not an option of AnomalyDINOPlus that a checkpoint restores."
-            raise KeyError(msg)
+    score_options = (
+        K_SHOT,
+        FEW_SHOT_SEED,
+        FEW_SHOT_SOURCE,
+        ScoreOption.model_attribute("num_neighbours"),
+        ScoreOption.model_attribute("masking"),
+        ScoreOption.model_attribute("coreset_subsampling"),
+        ScoreOption.model_attribute("sampling_ratio"),
+        THRESHOLD,
+    )
 
     def _replace_refiner(self, refiner: PrototypeRefiner | None) -> None:
         """Install another refiner after checking it fits the model's options."""
@@ -298,7 +287,7 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, RefinedFewShotMixin, AnomalyDINO, 
             )
             raise ValueError(msg)
         super().on_load_checkpoint(checkpoint)
-        self._is_fitted = torch.tensor([True])
+        upstream.mark_fitted(self, True, device="cpu")
 
 
 def _precision(precision: str | PrecisionType) -> PrecisionType:

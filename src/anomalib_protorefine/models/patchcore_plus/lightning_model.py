@@ -31,6 +31,7 @@ from anomalib.visualization import Visualizer
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_protorefine import upstream
 from anomalib_protorefine.backbones import normalization_for
 from anomalib_protorefine.calibration import CalibrationResult, calibrate, split_transform
 from anomalib_protorefine.few_shot import (
@@ -40,8 +41,10 @@ from anomalib_protorefine.few_shot import (
     validate_few_shot_source,
     validate_support_options,
 )
-from anomalib_protorefine.models.common import RefinedFewShotMixin, RefinerPreset, make_refiner, plain_refiner
+from anomalib_protorefine.models.base import FewShotModel
+from anomalib_protorefine.models.checkpoints import FEW_SHOT_SEED, FEW_SHOT_SOURCE, K_SHOT, THRESHOLD, ScoreOption
 from anomalib_protorefine.models.memory_bank import FewShotMemoryBankMixin
+from anomalib_protorefine.models.refiner_config import RefinerPreset, make_refiner, plain_refiner
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -150,7 +153,13 @@ def validate_online_options(online: bool, online_capacity: int | None) -> None:
         raise ValueError(msg)
 
 
-class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin, AnomalibModule):
+def _set_coreset_ratio(model: PatchCorePlus, value: float) -> None:
+    """The coreset ratio of the bank is also the online bank's."""
+    model.coreset_sampling_ratio = value
+    model.model.online_sampling_ratio = value
+
+
+class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, AnomalibModule):
     """PatchCore+ (paper Sec. 5.1): few-shot PatchCore whose prototypes are refined per query.
 
     Args:
@@ -313,7 +322,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
             seed=self.few_shot_seed,
         )
         self.model.train(was_training)
-        self._is_fitted = torch.tensor([True], device=self.device)
+        upstream.mark_fitted(self, True)
 
     def prepare_support(self, datamodule: object | None = None) -> None:
         """Build the memory bank now, as a test run would: k seeded support images of ``datamodule``'s training set.
@@ -342,7 +351,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         elif self.model.embedding_store:
             logger.info("Applying core-set subsampling to the collected embeddings.")
             self.model.subsample_embedding(self.coreset_sampling_ratio, seed=self.few_shot_seed)
-            self._is_fitted = torch.tensor([True], device=self.device)
+            upstream.mark_fitted(self, True)
         else:
             msg = (
                 "PatchCorePlus has an empty memory bank and k_shot=None: run Engine.fit first, load a checkpoint, "
@@ -437,37 +446,15 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
     # ------------------------------------------------------------------ checkpoints
     refiner_presets = PATCHCORE_REFINER_PRESETS
     refiner_default_preset = PATCHCORE_DEFAULT_PRESET
-
-    def _score_options(self) -> dict[str, Any]:
-        """Options besides the refiner that change scores or decisions (the coreset ratio also sets the online one)."""
-        return {
-            "k_shot": self.k_shot,
-            "few_shot_seed": self.few_shot_seed,
-            "coreset_sampling_ratio": self.coreset_sampling_ratio,
-            "online": self.model.online,
-            "online_capacity": self.model.online_capacity,
-            "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
-            "threshold": self.threshold,
-        }
-
-    def _apply_score_option(self, name: str, value: Any) -> None:
-        """Set an option of :meth:`_score_options` (from a checkpoint)."""
-        if name == "threshold":
-            self._set_threshold_source(value)
-        elif name == "k_shot":
-            self.k_shot = value
-        elif name == "few_shot_seed":
-            self.few_shot_seed = value
-        elif name == "coreset_sampling_ratio":
-            self.coreset_sampling_ratio = value
-            self.model.online_sampling_ratio = value
-        elif name == "few_shot_source":
-            self.few_shot_source = value or None
-        elif name in {"online", "online_capacity"}:
-            setattr(self.model, name, value)
-        else:
-            msg = f"{name!r} is not an option of PatchCorePlus that a checkpoint restores."
-            raise KeyError(msg)
+    score_options = (
+        K_SHOT,
+        FEW_SHOT_SEED,
+        ScoreOption("coreset_sampling_ratio", lambda model: model.coreset_sampling_ratio, _set_coreset_ratio),
+        ScoreOption.model_attribute("online"),
+        ScoreOption.model_attribute("online_capacity"),
+        FEW_SHOT_SOURCE,
+        THRESHOLD,
+    )
 
     def _check_feature_extractor(self, checkpoint: dict[str, Any]) -> None:
         """Compare the checkpoint's feature-extractor tensors with this model's (names and shapes)."""
@@ -495,4 +482,4 @@ class PatchCorePlus(FewShotMemoryBankMixin, RefinedFewShotMixin, MemoryBankMixin
         check_architecture(checkpoint, {"backbone": self.hparams.get("backbone"), "layers": self.hparams.get("layers")})
         self._check_feature_extractor(checkpoint)
         super().on_load_checkpoint(checkpoint)
-        self._is_fitted = torch.tensor([True])
+        upstream.mark_fitted(self, True, device="cpu")

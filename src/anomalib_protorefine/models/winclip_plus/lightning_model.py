@@ -39,7 +39,9 @@ from anomalib_protorefine.few_shot import (
     validate_few_shot_source,
     validate_support_options,
 )
-from anomalib_protorefine.models.common import RefinedFewShotMixin, RefinerPreset, make_refiner
+from anomalib_protorefine.models.base import FewShotModel
+from anomalib_protorefine.models.checkpoints import FEW_SHOT_SEED, FEW_SHOT_SOURCE, K_SHOT, THRESHOLD, ScoreOption
+from anomalib_protorefine.models.refiner_config import RefinerPreset, make_refiner
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
@@ -56,7 +58,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
+class WinClipPlus(FewShotModel, AnomalibModule):
     """WinCLIP+ (paper Sec. 5.2): few-shot WinCLIP whose visual references are refined per query.
 
     Args:
@@ -271,37 +273,17 @@ class WinClipPlus(RefinedFewShotMixin, AnomalibModule):
     refiner_presets = WINCLIP_REFINER_PRESETS
     refiner_default_preset = "paper"
 
-    def _score_options(self) -> dict[str, Any]:
-        """Options besides the refiner that change scores (the seed and ratio also build the banks)."""
-        return {
-            "k_shot": self.k_shot,
-            "few_shot_seed": self.few_shot_seed,
-            "few_shot_source": str(self.few_shot_source) if self.few_shot_source else None,
-            "coreset_sampling_ratio": self.model.coreset_sampling_ratio,
-            "class_name": self.class_name,
-            "scales": list(self.model.scales),
-            "threshold": self.threshold,
-        }
-
-    def _apply_score_option(self, name: str, value: Any) -> None:
-        """Set an option of :meth:`_score_options` (from a checkpoint)."""
-        if name == "threshold":
-            self._set_threshold_source(value)
-        elif name == "k_shot":
-            self.k_shot = value
-        elif name == "few_shot_seed":
-            self.few_shot_seed = value
-        elif name == "few_shot_source":
-            self.few_shot_source = value or None
-        elif name == "coreset_sampling_ratio":
-            self.model.coreset_sampling_ratio = value
-        elif name == "class_name":
-            self.class_name = value
-        elif name == "scales":
-            self.model.set_scales(value)
-        else:
-            msg = f"{name!r} is not an option of WinClipPlus that a checkpoint restores."
-            raise KeyError(msg)
+    score_options = (
+        K_SHOT,
+        FEW_SHOT_SEED,
+        FEW_SHOT_SOURCE,
+        ScoreOption.model_attribute("coreset_sampling_ratio"),
+        ScoreOption.attribute("class_name"),
+        ScoreOption(
+            "scales", lambda model: list(model.model.scales), lambda model, value: model.model.set_scales(value)
+        ),
+        THRESHOLD,
+    )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also save ``pretrained`` as ``None``: the CLIP weights are in the state dict (no download on reload)."""
