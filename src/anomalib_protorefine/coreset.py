@@ -8,9 +8,9 @@ The selection is anomalib's: its ``SparseRandomProjection`` of the rows, its ran
 the farthest-point loop of ``KCenterGreedy.select_coreset_idxs``, with the same arithmetic and the
 same indices (tested). Only the loop's memory differs: anomalib forms a new ``(N, d)`` difference
 array at every step; on CPU, in a long-lived process, glibc's allocator can keep such freed
-arrays on a fragmented heap, and the resident set then grows by about one array per step (an
-augmented few-shot bank of 24576 patches grew past 14 GB before finishing). Here the loop reuses
-two buffers. It draws no progress bar (a few-shot coreset takes seconds).
+arrays on a fragmented heap, and the resident set then grows by about one array per step, enough
+to exhaust the memory on a large augmented few-shot bank. Here the loop reuses two buffers, so its
+memory stays at two ``(N, d)`` arrays. It draws no progress bar (few-shot banks are small).
 
 Example:
     >>> import torch

@@ -4,16 +4,17 @@ anomalib's :class:`~anomalib.pre_processing.PreProcessor` applies ``transform`` 
 loops (``Engine.test/predict``) but an *export transform* in ``forward``, which is what an exported
 model runs (``anomalib export``, ``TorchInferencer``, ``OpenVINOInferencer``, ONNX Runtime). anomalib
 builds the export transform with ``get_exportable_transform``, which switches ``Resize`` antialiasing
-off: downsampled inputs then differ, and so do the scores (by up to 0.16 on real data). Exporting the
+off: downsampled inputs then differ, and so do the scores and the decisions. Exporting the
 antialiased ``Resize`` itself is no better: ONNX's antialiased ``Resize`` is computed differently by
-OpenVINO (scores off by up to 0.055 on original images of another size, decisions flipped).
+OpenVINO, so its scores and decisions on images of another size than the model's input differ from
+torch's (README.md, "ONNX and OpenVINO").
 
 :class:`AntialiasPreProcessor` therefore exports the antialiased resize as :class:`SeparableResize`:
 the very filter weights torch uses (triangle for bilinear, Keys cubic with ``a = -0.5`` for bicubic,
 stretched by the downscale factor, normalised per output pixel), computed in the graph from the
 input's height and width and applied as two matrix products. Torch, ONNX Runtime and OpenVINO
 compute matrix products alike, so every export decides like ``Engine.predict``, which keeps
-torchvision's ``Resize`` (the two agree to about 1e-6 per pixel). ``CenterCrop`` becomes anomalib's
+torchvision's ``Resize`` (the two agree up to float rounding). ``CenterCrop`` becomes anomalib's
 exportable crop, which computes the same.
 
 Example:
@@ -163,7 +164,7 @@ def exportable_transform(transform: Transform | None) -> Transform | None:
     """A copy of ``transform`` for ``forward``/export that computes what ``transform`` computes, in every runtime.
 
     Unlike anomalib's ``get_exportable_transform`` it keeps the resize antialiased, as
-    :class:`SeparableResize` (same weights as torch, agreeing to about 1e-6 per pixel).
+    :class:`SeparableResize` (same weights as torch, agreeing up to float rounding).
 
     Example:
         >>> from torchvision.transforms.v2 import Normalize

@@ -10,15 +10,16 @@ support images stand in for both (:func:`collect_support_scores`, :func:`choose_
 2. **pseudo-defect** images: the same copies with synthetic scratches, pits and stains pasted in
    (:func:`anomalib_protorefine.calibration.pseudo_queries`), scored the same way;
 3. the **rule**: the image threshold sits between the highest pseudo-normal score ``a`` and the
-   median pseudo-defect score ``b`` at a measured position ``p`` (``t = a + p (b - a)``, ``t = a``
-   when ``b <= a``); the pixel threshold is the image threshold (a pixel is defective where its map
-   value exceeds what a defective image's score must exceed); the normalisation range is the min
-   and max over all pseudo images (image scores and map values).
+   median pseudo-defect score ``b`` at a position ``p`` (:data:`POSITION`; ``t = a + p (b - a)``,
+   ``t = a`` when ``b <= a``); the pixel threshold is the image threshold (a pixel is defective
+   where its map value exceeds what a defective image's score must exceed); the normalisation
+   range is the min and max over all pseudo images (image scores and map values).
 
 Leave-one-out folds (each support image held out of a bank of the other ``k - 1``, as
-``refiner="auto"`` calibrates) are the other construction (``held_out="leave_one_out"``); measured,
-they put the thresholds too high for small k (a bank of ``k - 1`` images scores good parts higher
-than the bank of ``k`` that test images meet): docs/benchmarks.md, "Decisions without defect images".
+``refiner="auto"`` calibrates) are the other construction (``held_out="leave_one_out"``). They tend
+to put the thresholds too high for small k, because a bank of ``k - 1`` images scores good parts
+higher than the bank of ``k`` that test images meet; the comparison is in docs/benchmarks.md,
+"Decisions without defect images".
 
 Example:
     >>> import torch
@@ -49,7 +50,8 @@ logger = logging.getLogger(__name__)
 #: Values of the models' ``threshold`` argument.
 THRESHOLD_SOURCES: tuple[str, ...] = ("auto", "support", "validation")
 #: Where the image threshold sits between the highest pseudo-normal and the median pseudo-defect score
-#: (0: the highest pseudo-normal score; 1: the median pseudo-defect score). Measured: docs/benchmarks.md.
+#: (0: the highest pseudo-normal score; 1: the median pseudo-defect score). Chosen on the benchmarks of
+#: docs/benchmarks.md, "Decisions without defect images".
 POSITION = 0.75
 #: How the pseudo-normal images are made: augmented copies against the full bank (default), or
 #: leave-one-out folds (bank of the other k - 1 images; k = 1: copies against the image's own bank).
