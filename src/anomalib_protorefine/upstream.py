@@ -53,7 +53,7 @@ __all__ = [
     "validation_batches",
     "validation_data_of",
     "validation_source_is",
-    "wrap_checkpoint_io",
+    "wrap_checkpoint_loader",
 ]
 
 # ---------------------------------------------------------------------------------------------- imports
@@ -134,7 +134,7 @@ def init_skipping(cls: type, instance: Any, *args: Any, **kwargs: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-def wrap_checkpoint_io(trainer: Any, wrapper: Callable[[Any], Any], kind: type) -> None:
+def wrap_checkpoint_loader(trainer: Any, wrapper: Callable[[Any], Any], kind: type) -> None:
     """Wrap the trainer strategy's checkpoint IO in ``wrapper`` once (no-op when it is already a ``kind``)."""
     strategy = trainer.strategy
     if not isinstance(strategy.checkpoint_io, kind):

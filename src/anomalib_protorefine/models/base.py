@@ -101,7 +101,7 @@ class FewShotModel(SupportMixin, ThresholdMixin, LineCalibrationMixin, Checkpoin
         """
         super().setup(stage)  # type: ignore[misc]
         trainer = self.trainer  # type: ignore[attr-defined]
-        upstream.wrap_checkpoint_io(trainer, CheckedCheckpointIO, CheckedCheckpointIO)
+        upstream.wrap_checkpoint_loader(trainer, CheckedCheckpointIO, CheckedCheckpointIO)
         datamodule = getattr(trainer, "datamodule", None)
         if stage == "validate" and datamodule is None:
             self._skip_validation_without_data(trainer)

@@ -18,7 +18,7 @@ from pathlib import Path, PurePath
 from typing import Any, ClassVar
 
 import torch
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.plugins.io import CheckpointIO
 from torchvision.transforms.v2 import CenterCrop, Compose, Resize
 
 from anomalib_protorefine import upstream
@@ -202,6 +202,7 @@ def input_size(pre_processor: Any) -> tuple[int, ...] | None:
         The size as a tuple (one value for a ``Resize`` of the shorter side), ``None`` without a resize or crop.
 
     Example:
+        >>> from anomalib.pre_processing import PreProcessor
         >>> from torchvision.transforms.v2 import CenterCrop, Compose, Resize
         >>> input_size(PreProcessor(transform=Compose([Resize((72, 72)), CenterCrop((64, 64))])))
         (64, 64)

@@ -37,9 +37,9 @@ import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.image.anomaly_dino.torch_model import AnomalyDINOModel
 from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
-from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_protorefine import upstream
 from anomalib_protorefine.backbones import build_vit_extractor
 from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.models.tiling import NoTiler
@@ -116,7 +116,7 @@ class AnomalyDINOPlusModel(NoTiler, AnomalyDINOModel):
         validate_dino_options(encoder_name, num_neighbours, refiner)
         # anomalib's constructor always downloads the encoder from the hub; the same attributes are set
         # here with the encoder built offline-first, so nn.Module's constructor runs instead of it.
-        nn.Module.__init__(self)
+        upstream.init_skipping(AnomalyDINOModel, self)
         self.num_neighbours = int(num_neighbours)  # a numpy integer stored as a plain int
         self.encoder_name = encoder_name
         self.masking = masking

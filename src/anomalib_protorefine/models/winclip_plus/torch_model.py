@@ -38,6 +38,7 @@ from anomalib.models.image.winclip.torch_model import TEMPERATURE, WinClipModel
 from anomalib.models.image.winclip.utils import class_scores, harmonic_aggregation, visual_association_score
 from torch import nn
 
+from anomalib_protorefine import upstream
 from anomalib_protorefine._deprecation import moved_names
 from anomalib_protorefine.clip_weights import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, create_clip
 from anomalib_protorefine.coreset import seeded_coreset
@@ -137,7 +138,7 @@ class WinClipPlusModel(NoTiler, WinClipModel):
     ) -> None:
         # Upstream's constructor builds CLIP from module globals (and downloads); skip it and
         # build the same attributes and buffers with the CLIP given by the arguments.
-        super(WinClipModel, self).__init__()
+        upstream.init_skipping(WinClipModel, self)
         if refiner is not None and refiner.options.distance != "cosine":
             msg = (
                 f"WinClipPlus scores by cosine distance (paper Eq. 8): the refiner needs distance='cosine', got "
