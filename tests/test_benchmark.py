@@ -186,6 +186,26 @@ def test_sweeps_resolve_presets_into_full_refiner_options(tiny_config: dict) -> 
     assert swept.sweep == ("PatchCore+", "lambda_", 1.0)
 
 
+def test_a_sweep_on_anomaly_dino_plus_resolves_with_its_own_presets(tiny_config: dict) -> None:
+    """AnomalyDINOPlus's presets are cosine (lambda 0.1); PatchCorePlus's are Euclidean (lambda 0.3)."""
+    from anomalib_protorefine.models.anomaly_dino_plus.lightning_model import DINO_FUSED_REFINER
+
+    grid = tiny_config["benchmark"]["model"]["grid"]
+    grid.append({"name": "DINO+", "class_path": "AnomalyDINOPlus", "init_args": {"refiner": "fused"}})
+    grid.append({"name": "DINO", "class_path": "AnomalyDINOPlus", "init_args": {}})
+    tiny_config["benchmark"]["sweeps"] = [{"method": "DINO+", "parameter": "num_iterations", "values": [2]}]
+    plan = plan_from_config(tiny_config)
+    swept = plan.method("DINO+ [num_iterations=2]").init_args["refiner"]
+    assert swept["distance"] == "cosine"
+    assert {key: swept[key] for key in DINO_FUSED_REFINER if key != "num_iterations"} == {
+        key: value for key, value in DINO_FUSED_REFINER.items() if key != "num_iterations"
+    }
+    assert plan.method("DINO").uses_cached_features
+    tiny_config["benchmark"]["sweeps"] = [{"method": "DINO", "parameter": "lambda_", "values": [0.2]}]
+    with pytest.raises(BenchmarkConfigError, match="no refiner"):  # AnomalyDINOPlus's default is refiner="off"
+        plan_from_config(tiny_config)
+
+
 # ------------------------------------------------------------------------------------------- FastRecon
 def test_fastrecon_reconstructs_the_bank_and_scores_outliers_higher() -> None:
     generator = torch.Generator().manual_seed(0)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import csv
 import difflib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,12 +48,8 @@ from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 from .line import LineSimulation, parse_line
 from .rules import DecisionRules, parse_rules
 
-#: The PatchCorePlus family: scored on cached test features, with ``shared`` merged into their arguments.
-PATCHCORE_METHODS = ("PatchCorePlus", "anomalib_protorefine.PatchCorePlus", "FastRecon")
-#: AnomalyDINOPlus (``refiner: off`` is anomalib's AnomalyDINO): scored on its own cached DINOv2 test features.
-DINO_METHODS = ("AnomalyDINOPlus", "anomalib_protorefine.AnomalyDINOPlus")
-#: Method class paths the benchmark scores on cached test features.
-FEATURE_METHODS = (*PATCHCORE_METHODS, *DINO_METHODS)
+#: The FastRecon-style baseline: a benchmark method on PatchCorePlus's bank and features (not a model class).
+FASTRECON = "FastRecon"
 #: Options of ``shared`` (PatchCorePlus arguments that fix the test features, plus the image size).
 SHARED_OPTIONS = ("backbone", "layers", "pre_trained", "weights", "coreset_sampling_ratio", "image_size")
 
@@ -104,14 +101,20 @@ class MethodSpec:
     sweep: tuple[str, str, Any] | None = None
 
     @property
-    def is_dino(self) -> bool:
-        """Whether the method is an AnomalyDINOPlus (its own encoder and pre-processing)."""
-        return self.class_path in DINO_METHODS
+    def model_class(self) -> type | None:
+        """The few-shot model of the method (FastRecon: PatchCorePlus), ``None`` for any other anomalib model."""
+        return model_class_of(self.class_path)
+
+    @property
+    def is_fastrecon(self) -> bool:
+        """Whether the method is the FastRecon-style baseline (PatchCorePlus's bank, its own scoring)."""
+        return self.class_path == FASTRECON
 
     @property
     def uses_cached_features(self) -> bool:
         """Whether the method is scored on the cached test features (else: anomalib's Engine)."""
-        return self.class_path in FEATURE_METHODS
+        model = self.model_class
+        return model is not None and model.cached_features
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ def _methods(section: dict[str, Any], shared: dict[str, Any]) -> list[MethodSpec
         name = str(entry.get("name") or class_path)
         init_args = copy.deepcopy(entry.get("init_args") or {})
         _check_init_args(name, class_path, init_args)
-        if class_path in PATCHCORE_METHODS:
+        if _takes_shared(class_path):
             init_args = {**shared, **init_args}
         if entry.get("base") is not None and str(entry["base"]) == name:
             msg = (
@@ -239,16 +242,36 @@ def _check_init_args(name: str, class_path: str, init_args: Any) -> None:
             "from its grid: move the values to benchmark.k_shot / benchmark.few_shot_seed and drop them from init_args."
         )
         raise BenchmarkConfigError(msg)
-    if "image_size" in init_args and class_path in FEATURE_METHODS:
+    model = model_class_of(class_path)
+    if "image_size" in init_args and model is not None and model.cached_features:
         _check_image_size(init_args["image_size"], f"benchmark.model entry {name!r}: init_args.image_size")
     if init_args.get("tiling") is not None:
         _check_tiling(init_args["tiling"], class_path, f"benchmark.model entry {name!r}: init_args.tiling")
 
 
+def model_class_of(class_path: str) -> type | None:
+    """The few-shot model behind a method's class path (FastRecon: PatchCorePlus), ``None`` for other models.
+
+    Example:
+        >>> model_class_of("FastRecon").__name__, model_class_of("Padim")
+        ('PatchCorePlus', None)
+    """
+    from anomalib_protorefine.models import PatchCorePlus, few_shot_model_class
+
+    return PatchCorePlus if class_path == FASTRECON else few_shot_model_class(class_path)
+
+
+def _takes_shared(class_path: str) -> bool:
+    """Whether ``shared`` (a backbone, its layers, the image size) goes into the method: cached-feature backbones."""
+    model = model_class_of(class_path)
+    return model is not None and model.cached_features and "backbone" in model.feature_arguments
+
+
 def _check_tiling(value: Any, class_path: str, where: str) -> None:
     """``tiling: {tile_size, stride}``: anomalib's tiler on a PatchCore method, sizes positive integers."""
-    if class_path not in PATCHCORE_METHODS:
-        msg = f"{where}: only PatchCore methods ({', '.join(PATCHCORE_METHODS)}) tile; drop tiling from {class_path}."
+    model = model_class_of(class_path)
+    if model is None or not model.tiles:
+        msg = f"{where}: {class_path} does not tile images (PatchCorePlus and FastRecon do): drop tiling."
         raise BenchmarkConfigError(msg)
     if not isinstance(value, dict) or "tile_size" not in value or set(value) - {"tile_size", "stride"}:
         msg = (
@@ -338,18 +361,26 @@ def _sweeps(sweeps: list[dict[str, Any]], methods: list[MethodSpec]) -> list[Met
     return added
 
 
+def default_refiner(model: type) -> Any:
+    """The ``refiner`` a model gets when none is given (its constructor's default).
+
+    Example:
+        >>> from anomalib_protorefine.models import AnomalyDINOPlus, PatchCorePlus
+        >>> default_refiner(PatchCorePlus), default_refiner(AnomalyDINOPlus)
+        (True, 'off')
+    """
+    return inspect.signature(model.__init__).parameters["refiner"].default
+
+
 def _refiner_options(method: MethodSpec) -> dict[str, Any]:
-    """All options of ``method``'s PatchCorePlus refiner (a preset name or a partial dict resolved)."""
-    from anomalib_protorefine.models.patchcore_plus.lightning_model import (
-        PATCHCORE_DEFAULT_PRESET,
-        PATCHCORE_REFINER_PRESETS,
-    )
+    """All options of ``method``'s refiner (a preset name or a partial dict resolved with the model's presets)."""
     from anomalib_protorefine.models.refiner_config import make_refiner
 
-    refiner = method.init_args.get("refiner", True)
+    model = method.model_class
+    refiner = method.init_args.get("refiner", default_refiner(model)) if model is not None else False
     module = None
-    if method.class_path != "FastRecon" and refiner not in {"auto", False, "off"}:
-        module = make_refiner(refiner, PATCHCORE_REFINER_PRESETS, PATCHCORE_DEFAULT_PRESET)
+    if not method.is_fastrecon and refiner is not False and refiner not in ("auto", "off"):
+        module = make_refiner(refiner, model.refiner_presets, model.refiner_default_preset)
     if module is None:
         msg = f"benchmark.sweeps: {method.name!r} has no refiner to sweep (refiner={refiner!r})."
         raise BenchmarkConfigError(msg)

@@ -94,18 +94,16 @@ def feature_key(data_config: dict[str, Any], paths: list[str], model_args: dict[
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def feature_model_args(init_args: dict[str, Any], dino: bool = False) -> dict[str, Any]:
-    """The arguments that change test features: backbone (or DINO encoder), layers, weights, image size, tiling.
+def feature_model_args(init_args: dict[str, Any], model: type) -> dict[str, Any]:
+    """The arguments that change test features: the model, its ``feature_arguments``, the image size and tiling.
 
     Example:
-        >>> feature_model_args({"encoder_name": "vit_small_patch14_dinov2", "refiner": "fused"}, dino=True)
+        >>> from anomalib_protorefine.models import AnomalyDINOPlus
+        >>> feature_model_args({"encoder_name": "vit_small_patch14_dinov2", "refiner": "fused"}, AnomalyDINOPlus)
         {'model': 'AnomalyDINOPlus', 'encoder_name': 'vit_small_patch14_dinov2'}
     """
-    if dino:
-        names = ("encoder_name", "pre_trained", "weights", "image_size")
-        return {"model": "AnomalyDINOPlus", **{name: init_args[name] for name in names if name in init_args}}
-    names = ("backbone", "layers", "pre_trained", "weights", "image_size", "tiling")
-    return {name: init_args[name] for name in names if name in init_args}
+    names = (*model.feature_arguments, "image_size", "tiling")
+    return {"model": model.__name__, **{name: init_args[name] for name in names if name in init_args}}
 
 
 def _read_cache(path: Path) -> CachedTestSet | None:

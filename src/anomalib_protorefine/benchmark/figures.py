@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from anomalib_protorefine.heatmaps import draw_heatmap_row
 
-from .config import BenchmarkPlan, DataSpec, MethodSpec
+from .config import BenchmarkPlan, DataSpec, MethodSpec, default_refiner
 from .features import CachedTestSet, feature_model_args
 from .job import RunContext
 from .methods import build_feature_model
@@ -50,14 +50,16 @@ def _save(figure: plt.Figure, path: Path) -> None:
 
 
 def _pair(plan: BenchmarkPlan) -> tuple[MethodSpec, MethodSpec] | None:
-    """(base, refined): the first PatchCorePlus with a refiner whose base is in the run."""
+    """(base, refined): the first cached-feature model with a refiner whose base is in the run."""
     for method in plan.methods:
-        refiner = method.init_args.get("refiner", True)
+        refiner = method.init_args.get("refiner", default_refiner(method.model_class)) if method.model_class else False
         if (
-            method.class_path.endswith(("PatchCorePlus", "AnomalyDINOPlus"))
+            method.uses_cached_features
+            and not method.is_fastrecon
             and method.base is not None
             and method.sweep is None
-            and refiner not in (False, "off", "auto")
+            and refiner is not False
+            and refiner not in ("off", "auto")
             and plan.method(method.base).uses_cached_features
             and _same_features(plan.method(method.base), method)
         ):
@@ -67,9 +69,9 @@ def _pair(plan: BenchmarkPlan) -> tuple[MethodSpec, MethodSpec] | None:
 
 def _same_features(first: MethodSpec, second: MethodSpec) -> bool:
     """Whether two cached-feature methods score the same test features (same encoder, weights and size)."""
-    return first.is_dino == second.is_dino and feature_model_args(first.init_args, first.is_dino) == feature_model_args(
-        second.init_args, second.is_dino
-    )
+    return first.model_class is second.model_class and feature_model_args(
+        first.init_args, first.model_class
+    ) == feature_model_args(second.init_args, second.model_class)
 
 
 def _image(path: str, size: tuple[int, int]) -> torch.Tensor:

@@ -91,7 +91,7 @@ class RunContext:
 
     def test_features(self, data: DataSpec, method: MethodSpec) -> CachedTestSet:
         """The cached test features of ``data`` under ``method``'s backbone (computed on first use)."""
-        model_args = feature_model_args(method.init_args, dino=method.is_dino)
+        model_args = feature_model_args(method.init_args, method.model_class)
         key = (data.label, repr(sorted(model_args.items())))
         if key not in self.features:
             self.features.clear()  # one dataset at a time in memory

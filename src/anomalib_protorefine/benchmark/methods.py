@@ -37,7 +37,7 @@ from anomalib.models import get_model
 
 from anomalib_protorefine import upstream
 from anomalib_protorefine.few_shot import drawn_support_paths, load_images
-from anomalib_protorefine.models import AnomalyDINOPlus, PatchCorePlus, WinClipPlus
+from anomalib_protorefine.models.base import FewShotModel
 from anomalib_protorefine.thresholds import SupportThresholds
 
 from .config import BenchmarkPlan, MethodSpec
@@ -71,55 +71,34 @@ def same_initialisation() -> Iterator[None]:
         yield
 
 
-def patchcore_arguments(init_args: dict[str, Any]) -> dict[str, Any]:
-    """PatchCorePlus constructor arguments of a method: ``image_size`` becomes the pre-processor.
+#: Method arguments that are the benchmark's, not the model constructor's.
+BENCHMARK_ARGUMENTS = ("image_size", "tiling", *FASTRECON_OPTIONS)
 
-    ``tiling`` is the benchmark's, not the constructor's: :func:`build_patchcore` sets anomalib's tiler from it.
+
+def model_arguments(model: type, init_args: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of a method's few-shot model: ``image_size`` becomes the model's pre-processor.
+
+    ``tiling`` is the benchmark's, not the constructor's: :func:`build_feature_model` sets anomalib's tiler from it.
     """
-    benchmark_only = ("image_size", "tiling", *FASTRECON_OPTIONS)
-    args = {key: value for key, value in init_args.items() if key not in benchmark_only}
-    image_size = init_args.get("image_size", 256)
-    size = tuple(image_size) if isinstance(image_size, list | tuple) else (image_size, image_size)
-    args["pre_processor"] = PatchCorePlus.configure_pre_processor(size, args.get("backbone", "wide_resnet50_2"))
+    args = {key: value for key, value in init_args.items() if key not in BENCHMARK_ARGUMENTS}
+    image_size = init_args.get("image_size")
+    size = tuple(image_size) if isinstance(image_size, list | tuple) else image_size and (image_size, image_size)
+    args["pre_processor"] = model.pre_processor_for(size, args)
     return args
 
 
-def build_patchcore(method: MethodSpec, k: int, seed: int, device: torch.device) -> PatchCorePlus:
-    """The method's PatchCorePlus (FastRecon: its bank and features) for a (k, seed) cell, without Lightning parts."""
-    args = patchcore_arguments(method.init_args)
-    if method.class_path == "FastRecon":
+def build_feature_model(method: MethodSpec, k: int, seed: int, device: torch.device) -> Any:
+    """The model of a cached-feature method for a (k, seed) cell (FastRecon: its bank), no Lightning parts."""
+    model_class = method.model_class
+    args = model_arguments(model_class, method.init_args)
+    if method.is_fastrecon:
         args["refiner"] = False
     with same_initialisation():
-        model = PatchCorePlus(
+        model = model_class(
             **args, k_shot=k, few_shot_seed=seed, post_processor=False, evaluator=False, visualizer=False
         )
     if method.init_args.get("tiling"):
         model.model.tiler = Tiler(**method.init_args["tiling"])  # what anomalib's tiler callback sets
-    return model.to(device).eval()
-
-
-def dino_arguments(init_args: dict[str, Any]) -> dict[str, Any]:
-    """AnomalyDINOPlus constructor arguments of a method: ``image_size`` (anomalib: 252) becomes the pre-processor."""
-    args = {key: value for key, value in init_args.items() if key != "image_size"}
-    image_size = init_args.get("image_size", 252)
-    size = tuple(image_size) if isinstance(image_size, list | tuple) else (image_size, image_size)
-    args["pre_processor"] = AnomalyDINOPlus.configure_pre_processor(size)
-    return args
-
-
-def build_feature_model(method: MethodSpec, k: int, seed: int, device: torch.device) -> PatchCorePlus | AnomalyDINOPlus:
-    """The model of a cached-feature method for a (k, seed) cell, without Lightning parts."""
-    if not method.is_dino:
-        return build_patchcore(method, k, seed, device)
-    with same_initialisation():
-        model = AnomalyDINOPlus(
-            **dino_arguments(method.init_args),
-            k_shot=k,
-            few_shot_seed=seed,
-            post_processor=False,
-            evaluator=False,
-            visualizer=False,
-        )
     return model.to(device).eval()
 
 
@@ -156,11 +135,9 @@ def fastrecon_patch_scores(
     return (queries - weights @ bank).norm(dim=-1)
 
 
-def _score_batch(
-    model: PatchCorePlus | AnomalyDINOPlus, method: MethodSpec, chunk: torch.Tensor, test: CachedTestSet
-) -> Any:
+def _score_batch(model: FewShotModel, method: MethodSpec, chunk: torch.Tensor, test: CachedTestSet) -> Any:
     """``pred_score`` and ``anomaly_map`` of a batch of cached embeddings, as the model's forward computes them."""
-    if method.class_path != "FastRecon":
+    if not method.is_fastrecon:
         return model.model.score_embedding(chunk, test.grid, test.image_size)
     options = {key: method.init_args[key] for key in FASTRECON_OPTIONS if key in method.init_args}
     patch = fastrecon_patch_scores(chunk, model.model.memory_bank, **options)
@@ -185,7 +162,7 @@ class ScoredTestSet:
 
 
 def score_test_set(
-    model: PatchCorePlus | AnomalyDINOPlus,
+    model: FewShotModel,
     method: MethodSpec,
     test: CachedTestSet,
     device: torch.device,
@@ -235,7 +212,7 @@ def run_cached(
     for metric in metrics:
         metric.update(batch)
     values = {metric.name: float(metric.compute()) for metric in metrics}
-    if method.class_path != "FastRecon":  # the support thresholds are in the model's own score units
+    if not method.is_fastrecon:  # the support thresholds are in the model's own score units
         values |= decisions(model, scored, test)
         if rules is not None:
             values |= rule_values(model, scored, test, rules)
@@ -259,7 +236,7 @@ def run_cached(
 
 
 def decisions(
-    model: PatchCorePlus | AnomalyDINOPlus,
+    model: FewShotModel,
     scored: ScoredTestSet,
     test: CachedTestSet,
     thresholds: SupportThresholds | None = None,
@@ -327,9 +304,10 @@ def run_engine(
         # threshold-free metrics; without a post-processor nothing is normalised).
         datamodule.val_data = test
     init_args = dict(method.init_args)
-    if method.class_path.rsplit(".", 1)[-1] == "PatchCorePlus":
-        init_args = patchcore_arguments(init_args)
-    if method.class_path.rsplit(".", 1)[-1] in {"PatchCorePlus", "WinClipPlus"}:
+    model_class = method.model_class
+    if model_class is not None and model_class.cached_features:
+        init_args = model_arguments(model_class, init_args)
+    if model_class is not None:
         init_args |= {"k_shot": k, "few_shot_seed": seed}  # they draw the support images themselves
     else:
         train = datamodule.train_data
@@ -350,7 +328,7 @@ def run_engine(
             enable_progress_bar=False,
             callbacks=callbacks,
         )
-        if not isinstance(model, PatchCorePlus | WinClipPlus):  # those build their support data at test start
+        if not isinstance(model, FewShotModel):  # those build their support data at test start
             engine.fit(model, train_dataloaders=datamodule.train_dataloader())  # training only: no thresholds
         start = time.perf_counter()
         with peak_memory(torch.device("cuda" if plan.accelerator == "cuda" else "cpu"), memory):

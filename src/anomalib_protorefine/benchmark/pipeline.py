@@ -98,7 +98,8 @@ def preflight(plan: BenchmarkPlan, echo: Any = print) -> BenchmarkPlan:
             raise BenchmarkConfigError(msg)
     kept = []
     for method in plan.methods:
-        if method.is_dino:  # its encoder's weights (hub or weights=) must load; bad arguments are config errors
+        if method.uses_cached_features and method.model_class.loads_hub_weights:
+            # its encoder's weights (hub or weights=) must load; bad arguments are config errors
             try:
                 build_feature_model(method, 1, 0, torch.device("cpu"))
             except (ValueError, TypeError) as error:

@@ -17,13 +17,31 @@ from .patchcore_plus.torch_model import RENAMED
 from .winclip_plus import WinClipPlus, WinClipPlusModel
 
 __all__ = [
+    "FEW_SHOT_MODELS",
     "AnomalyDINOPlus",
     "AnomalyDINOPlusModel",
     "PatchCorePlus",
     "PatchCorePlusModel",
     "WinClipPlus",
     "WinClipPlusModel",
+    "few_shot_model_class",
 ]
+
+#: This package's few-shot models, by class name.
+FEW_SHOT_MODELS = {model.__name__: model for model in (PatchCorePlus, AnomalyDINOPlus, WinClipPlus)}
+
+
+def few_shot_model_class(class_path: str) -> type | None:
+    """The few-shot model a class path names (``"PatchCorePlus"``, ``"anomalib_protorefine.PatchCorePlus"``, the
+    full module path), or ``None`` for any other model.
+
+    Example:
+        >>> few_shot_model_class("anomalib_protorefine.AnomalyDINOPlus").__name__, few_shot_model_class("Patchcore")
+        ('AnomalyDINOPlus', None)
+    """  # noqa: D205
+    module, _, name = class_path.rpartition(".")
+    model = FEW_SHOT_MODELS.get(name)
+    return model if not module or module.split(".")[0] == "anomalib_protorefine" else None
 
 
 #: Old public names, still served with a ``FutureWarning``.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib.data import Batch
@@ -62,6 +62,15 @@ class FewShotModel(SupportMixin, ThresholdMixin, LineCalibrationMixin, Checkpoin
     What anomalib or Lightning do not promise goes through :mod:`anomalib_protorefine.upstream`.
     """
 
+    #: Whether the few-shot benchmark scores the model on cached test features (``MemoryBankTorchModel``).
+    cached_features: ClassVar[bool] = False
+    #: The constructor arguments that determine the test features (with the image size), for feature caches.
+    feature_arguments: ClassVar[tuple[str, ...]] = ()
+    #: Whether building the model loads weights that may be missing here (checked before a benchmark runs).
+    loads_hub_weights: ClassVar[bool] = False
+    #: Whether the torch model honours anomalib's tiler (``model.model.tiler``).
+    tiles: ClassVar[bool] = False
+
     model: Any
 
     support_paths: tuple[str, ...]
@@ -73,6 +82,12 @@ class FewShotModel(SupportMixin, ThresholdMixin, LineCalibrationMixin, Checkpoin
         # A pre-processor module passed by the user (not ``True``, the model's default) is the input size
         # they asked for; a checkpoint that replaces it with another size is then worth a warning.
         self.__dict__["_pre_processor_given"] = not isinstance(kwargs.get("pre_processor", True), bool)
+
+    @classmethod
+    def pre_processor_for(cls, image_size: tuple[int, int] | None, arguments: dict[str, Any]) -> Any:
+        """The pre-processor of a model built with ``arguments`` at ``image_size`` (``None``: the model's default)."""
+        del arguments
+        return cls.configure_pre_processor(image_size)  # type: ignore[attr-defined]
 
     def fit_support(self, images: torch.Tensor) -> None:
         """Build the support data from pre-processed support images ``(k, 3, H, W)`` (implemented by the model)."""

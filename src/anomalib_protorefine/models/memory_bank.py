@@ -34,6 +34,9 @@ class FewShotMemoryBankMixin:
     ``_ensure_ready()`` and a torch model with ``memory_bank``, ``embedding_store`` and ``exporting()``.
     """
 
+    #: Memory-bank models are scored on cached test features by the few-shot benchmark.
+    cached_features = True
+
     model: Any
     k_shot: int | None
     few_shot_source: Path | None

@@ -244,6 +244,8 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, FewShotModel, AnomalyDINO, Anomali
     # ------------------------------------------------------------------ checkpoints
     refiner_presets = DINO_REFINER_PRESETS
     refiner_default_preset = DINO_DEFAULT_PRESET
+    feature_arguments = ("encoder_name", "pre_trained", "weights")
+    loads_hub_weights = True
     score_options = (
         K_SHOT,
         FEW_SHOT_SEED,

@@ -299,6 +299,11 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
             transform=Compose([Resize(image_size or (256, 256), antialias=True), Normalize(mean=mean, std=std)])
         )
 
+    @classmethod
+    def pre_processor_for(cls, image_size: tuple[int, int] | None, arguments: dict[str, Any]) -> PreProcessor:
+        """The pre-processor at ``image_size`` for the backbone of ``arguments`` (its normalisation)."""
+        return cls.configure_pre_processor(image_size, arguments.get("backbone", "wide_resnet50_2"))
+
     # ------------------------------------------------------------------ memory bank
     def fit_support(self, images: torch.Tensor) -> None:
         """Build the memory bank from pre-processed support images ``(k, 3, H, W)``.
@@ -446,6 +451,8 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
     # ------------------------------------------------------------------ checkpoints
     refiner_presets = PATCHCORE_REFINER_PRESETS
     refiner_default_preset = PATCHCORE_DEFAULT_PRESET
+    feature_arguments = ("backbone", "layers", "pre_trained", "weights")
+    tiles = True
     score_options = (
         K_SHOT,
         FEW_SHOT_SEED,
