@@ -183,3 +183,18 @@ def test_sgd_in_closed_form_equals_the_optimizer(n: int, c: int, lr: float, step
     reference = gradient_step(weights, terms, factors, plan, 0.3, "sgd", lr, steps, everywhere)
     assert not torch.equal(fast, weights)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize(("optimizer", "masked"), [("sgd", False), ("sgd", True), ("adam", False)])
+def test_gradient_step_reuses_the_loops_weighted_gram_exactly(optimizer: str, masked: bool) -> None:
+    """The EM loop passes the ``W G`` it holds for the E-step's cost: the same M-step, bit for bit."""
+    queries, bank = _data()
+    factors = BankFactors.from_bank(bank, 0.3, 1e-3, normalize=False)
+    terms = QueryTerms.from_features(queries, factors)
+    plan = torch.softmax(torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(5)), dim=1) / 40
+    weights = terms.initial_weights(factors)
+    mask = (torch.rand(3, 40, 24, generator=torch.Generator().manual_seed(6)) < 0.5) if masked else None
+    own = gradient_step(weights, terms, factors, plan, 0.3, optimizer, 1.0, 3, mask)
+    reused = gradient_step(weights, terms, factors, plan, 0.3, optimizer, 1.0, 3, mask, weights @ factors.gram)
+    assert not torch.equal(own, weights)
+    assert torch.equal(own, reused)

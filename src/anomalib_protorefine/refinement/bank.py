@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+__all__ = ["BankFactors", "bank_key"]
+
 
 @dataclass(frozen=True)
 class BankFactors:

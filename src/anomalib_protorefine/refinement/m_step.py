@@ -32,6 +32,18 @@ import torch
 
 from .bank import BankFactors
 
+__all__ = [
+    "ClosedFormStep",
+    "LocalClosedFormStep",
+    "QueryTerms",
+    "coupling_cost",
+    "gradient_step",
+    "objective",
+    "objective_gradient",
+    "prototype_sq_norms",
+    "transport_cost",
+]
+
 
 @dataclass(frozen=True)
 class QueryTerms:
@@ -51,7 +63,7 @@ class QueryTerms:
     def from_features(cls, features: torch.Tensor, factors: BankFactors) -> QueryTerms:
         """Compute the products for float32 query features ``(B, m, c)`` (normalised if cosine)."""
         if features.stride(-1) == 1:
-            # One fused reduction (faster than pow + sum, which writes a (B, m, c) temporary)...
+            # One fused reduction (pow + sum would write a (B, m, c) temporary)...
             sq_norms = torch.linalg.vector_norm(features, dim=-1).square()
         else:
             # ...but only along contiguous channels (backbone maps are often (B, c, m) in memory).
@@ -69,7 +81,10 @@ def prototype_sq_norms(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tenso
 
 
 def transport_cost(
-    weights: torch.Tensor, factors: BankFactors, weighted_gram: torch.Tensor | None = None
+    weights: torch.Tensor,
+    factors: BankFactors,
+    weighted_gram: torch.Tensor | None = None,
+    proto_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared Euclidean cost ``C_ij = ||M_i - (W M)_j||^2``, ``(B, n, m)``, from coefficients only.
 
@@ -77,10 +92,12 @@ def transport_cost(
         weights: ``W``, ``(B, m, n)``.
         factors: Bank factors.
         weighted_gram: ``W G`` if already known (saves a matmul).
+        proto_sq: ``||(W M)_j||^2 = ((W G) * W).sum(-1)``, ``(B, m)``, if already known.
     """
     if weighted_gram is None:
         weighted_gram = weights @ factors.gram  # (B, m, n): row j holds (W M)_j . M_i
-    proto_sq = (weighted_gram * weights).sum(-1)
+    if proto_sq is None:
+        proto_sq = (weighted_gram * weights).sum(-1)
     cost = factors.sq_norms[None, :, None] + proto_sq[:, None, :] - 2.0 * weighted_gram.transpose(1, 2)
     return cost.clamp_min(0.0)
 
@@ -166,7 +183,7 @@ class ClosedFormStep:
         """Return ``(W, W G)`` for the plan ``(B, n, m)``."""
         num_bank, num_patches = plan.shape[-2:]
         # matmul + in-place add: one output buffer (baddbmm first copies `fixed` into its output,
-        # and runs its transposed-batch product at about half the speed on CPU).
+        # and takes a slower path for the transposed-batch product on CPU; see docs/benchmarks.md).
         both = torch.matmul(plan.transpose(1, 2), self.factors.gram_em_pair).mul_(self.lambda_ * num_patches)
         both += self.fixed
         return both[..., :num_bank], both[..., num_bank:]
@@ -328,6 +345,7 @@ def gradient_step(
     lr: float,
     steps: int,
     mask: torch.Tensor | None = None,
+    weighted_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run ``steps`` optimizer steps on ``J`` from ``weights`` with the plan fixed.
 
@@ -335,9 +353,22 @@ def gradient_step(
     The step size is scale-free: for SGD ``lr / L`` with ``L = 2 ((1 + lambda) max_eig(G) + rho) / m``
     the Lipschitz constant of the gradient, for Adam ``lr`` times 1% of the mean ``|W|`` entry.
     Adam, and SGD with a mask, run the torch optimizer on the gradient of :func:`objective_gradient`
-    (closed form, one ``(m x n)(n x n)`` product per step; autograd through the ``(B, n, m)`` cost
-    cost 10x more). SGD without a mask computes the same iterates elementwise in the eigenbasis of
-    ``G`` (:func:`_sgd_steps`). Works inside Lightning's ``torch.inference_mode()``.
+    (closed form, one ``(m x n)(n x n)`` product per step, where autograd would differentiate through
+    the ``(B, n, m)`` cost). SGD without a mask computes the same iterates elementwise in the
+    eigenbasis of ``G`` (:func:`_sgd_steps`). Works inside Lightning's ``torch.inference_mode()``.
+
+    Args:
+        weights: ``W`` to start from, ``(B, m, n)``.
+        terms: Query products.
+        factors: Bank factors.
+        plan: Transport plan ``(B, n, m)``, fixed over the steps.
+        lambda_: Weight of the transport term.
+        optimizer: ``"sgd"`` or ``"adam"``.
+        lr: Step size (scale-free, see above).
+        steps: Number of optimizer steps.
+        mask: Entries of W allowed to move, ``(B, m, n)`` booleans, or ``None`` (all).
+        weighted_gram: ``W G`` of ``weights`` if already known (the EM loop holds it for the E-step's
+            cost): the first step's gradient then reuses it instead of forming the same product again.
 
     Returns:
         The updated weights, detached, ``(B, m, n)``.
@@ -345,7 +376,7 @@ def gradient_step(
     num_patches = weights.shape[1]
     lipschitz = 2.0 * ((1.0 + lambda_) * factors.gram_max_eig + factors.ridge) / num_patches
     if optimizer == "sgd" and mask is None:
-        return _sgd_steps(weights, terms, factors, plan, lambda_, lr / lipschitz, steps)
+        return _sgd_steps(weights, terms, factors, plan, lambda_, lr / lipschitz, steps, weighted_gram)
     pull, mass = plan.transpose(1, 2) @ factors.gram, plan.sum(-2)[..., None]  # constant over the steps
     with torch.inference_mode(False):
         # Lightning evaluates under inference_mode, whose tensors an optimizer cannot update in place.
@@ -358,7 +389,10 @@ def gradient_step(
         for _ in range(steps):
             with torch.no_grad():
                 current = variable.detach()
-                grad = _gradient(current, current @ factors.gram, terms.cross, pull, mass, factors.ridge, lambda_)
+                # W G of the first step is the caller's (same W), if given.
+                product = current @ factors.gram if weighted_gram is None else weighted_gram
+                weighted_gram = None
+                grad = _gradient(current, product, terms.cross, pull, mass, factors.ridge, lambda_)
                 if mask is not None:
                     grad.mul_(mask)
             variable.grad = grad
@@ -374,6 +408,7 @@ def _sgd_steps(
     lambda_: float,
     step_size: float,
     steps: int,
+    weighted_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``steps`` plain gradient steps ``W <- W - step_size dJ/dW`` (torch's SGD), in closed form.
 
@@ -383,7 +418,8 @@ def _sgd_steps(
     by ``-step_size (1 + r + ... + r^(K-1)) (a v_0 - b)`` with ``r = 1 - step_size a``. The first
     gradient is formed in W's coordinates (as the optimizer would) and only the move is rotated:
     the same iterates as the optimizer up to float rounding, with four ``(m x n)(n x n)`` products
-    per call instead of one per step and about a third of the elementwise passes.
+    per call instead of one per step and about a third of the elementwise passes. ``weighted_gram``
+    is ``W G`` of ``weights`` if already known (one of the four products).
 
     Returns:
         The weights after the steps, ``(B, m, n)``.
@@ -391,7 +427,9 @@ def _sgd_steps(
     num_patches = weights.shape[1]
     eigvals, eigvecs = factors.gram_eigvals, factors.gram_eigvecs
     pull, mass = plan.transpose(1, 2) @ factors.gram, plan.sum(-2)[..., None]
-    gradient = _gradient(weights, weights @ factors.gram, terms.cross, pull, mass, factors.ridge, lambda_) @ eigvecs
+    if weighted_gram is None:
+        weighted_gram = weights @ factors.gram
+    gradient = _gradient(weights, weighted_gram, terms.cross, pull, mass, factors.ridge, lambda_) @ eigvecs
     # r = 1 - step_size a, (B, m, n)
     rate = torch.addcmul((2.0 / num_patches) * (eigvals + factors.ridge), mass, eigvals, value=2.0 * lambda_)
     rate.mul_(-step_size).add_(1.0)

@@ -1,4 +1,10 @@
-"""Validated options of the prototype refiner.
+"""Validated options of the prototype refiner: the one list of their names, defaults, choices and docs.
+
+The fields of :class:`RefinerOptions` are the single definition of the options: their types give the
+choices of the string options (:data:`OPTION_CHOICES`, from the ``Literal`` types), their defaults the
+defaults, and the class docstring's ``Args`` section their documentation (:func:`option_docs`).
+:class:`~anomalib_protorefine.refinement.refiner.PrototypeRefiner` takes the same arguments
+(:func:`option_signature`, :func:`takes_options`) and the models derive their option names from the fields.
 
 All checks run in :class:`RefinerOptions.__post_init__`, before any heavy work, and every error
 names the parameter and says how to fix it. Nothing is silently clamped.
@@ -15,10 +21,32 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+import re
+import textwrap
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Literal, TypeVar
+
+__all__ = [
+    "MAX_ADAM_LR",
+    "OPTION_CHOICES",
+    "CostNormalization",
+    "Distance",
+    "MStep",
+    "Optimizer",
+    "RefinerOptions",
+    "ScoreFusion",
+    "ScoringBank",
+    "SinkhornMethod",
+    "document_options",
+    "option_docs",
+    "option_signature",
+    "takes_options",
+]
 
 Distance = Literal["euclidean", "cosine"]
 MStep = Literal["closed_form", "gradient"]
@@ -32,15 +60,7 @@ ScoreFusion = Literal["none", "geometric"]
 #: weight per step, so beyond 100 one step exceeds the weights' own size (the refined prototypes leave the bank).
 MAX_ADAM_LR = 100.0
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "distance": ("euclidean", "cosine"),
-    "m_step": ("closed_form", "gradient"),
-    "optimizer": ("sgd", "adam"),
-    "cost_normalization": ("mean", "max", "none"),
-    "sinkhorn_method": ("auto", "sinkhorn", "sinkhorn_log", "fixed"),
-    "scoring_bank": ("refined", "matched", "union"),
-    "score_fusion": ("none", "geometric"),
-}
+_Init = TypeVar("_Init", bound=Callable[..., None])
 
 
 def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, example: str) -> None:
@@ -118,8 +138,8 @@ class RefinerOptions:
             bank; ``"none"`` (the paper) uses the refined distance alone.
         sinkhorn_overrelaxation: Over-relaxation factor ``omega`` in ``[1, 2)`` of the batched
             Sinkhorn of ``sinkhorn_method="auto"`` (``1``: plain Sinkhorn). Same plan (fixed point),
-            2-4x fewer iterations when the plan is nearly deterministic (large ``lambda_``); a query
-            whose marginal violation grows falls back to ``omega = 1``.
+            fewer iterations when the plan is nearly deterministic (large ``lambda_``; see
+            docs/benchmarks.md); a query whose marginal violation grows falls back to ``omega = 1``.
 
     Example:
         >>> opts = RefinerOptions(distance="cosine", lambda_=0.1)
@@ -186,7 +206,7 @@ class RefinerOptions:
         if self.affine and self.neighbors is None:
             msg = "affine=True needs neighbors: set e.g. neighbors=16, or affine=False for the whole bank."
             raise ValueError(msg)
-        for name, choices in _CHOICES.items():
+        for name, choices in OPTION_CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
                 msg = f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}."
@@ -208,3 +228,130 @@ class RefinerOptions:
     def as_dict(self) -> dict[str, Any]:
         """Return the options as a plain dictionary (for logging and hyper-parameters)."""
         return asdict(self)
+
+
+def _literal_choices(hint: Any) -> tuple[str, ...] | None:
+    """The values of a ``Literal`` type (``None`` for any other type)."""
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+_HINTS = typing.get_type_hints(RefinerOptions)
+
+#: The allowed values of every option with a fixed set of values, read from its ``Literal`` type, in field order.
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    option.name: choices
+    for option in fields(RefinerOptions)
+    if (choices := _literal_choices(_HINTS[option.name])) is not None
+}
+
+
+def option_docs() -> dict[str, str]:
+    """The documentation of every option, read from the ``Args`` section of :class:`RefinerOptions`.
+
+    Returns:
+        Option name -> its description on one line, in the docstring's order.
+
+    Example:
+        >>> option_docs()["num_iterations"]
+        'Maximum number of EM iterations N (paper: 10).'
+    """
+    docs: dict[str, str] = {}
+    name = None
+    inside = False
+    for line in inspect.cleandoc(RefinerOptions.__doc__ or "").splitlines():
+        if not inside:
+            inside = line == "Args:"
+            continue
+        if line and not line.startswith(" "):  # the next section
+            break
+        entry = re.fullmatch(r" {4}(\w+): (.*)", line)
+        if entry is not None:
+            name = entry[1]
+            docs[name] = entry[2]
+        elif name is not None and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def option_signature() -> inspect.Signature:
+    """The signature of a constructor taking the options: :class:`RefinerOptions`'s, with ``str`` for a choice.
+
+    The string options are annotated ``str`` rather than their ``Literal`` so that a wrong value reaches
+    :class:`RefinerOptions`, whose error names the option and its choices (a command-line parser
+    reading the signature would otherwise reject it with a message of its own).
+
+    Example:
+        >>> str(option_signature().parameters["distance"])
+        "distance: str = 'euclidean'"
+    """
+    parameters = [
+        inspect.Parameter(
+            option.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=option.default if option.default is not MISSING else inspect.Parameter.empty,
+            annotation=str if option.name in OPTION_CHOICES else _HINTS[option.name],
+        )
+        for option in fields(RefinerOptions)
+    ]
+    return inspect.Signature(parameters, return_annotation=None)
+
+
+def takes_options(init: _Init) -> _Init:
+    """Give a constructor ``init(self, *args, **options)`` that passes both to :class:`RefinerOptions` its signature.
+
+    ``inspect.signature`` (and so jsonargparse and ``help``) then lists every option with its type and
+    default, in field order, as if the constructor named them one by one.
+
+    Args:
+        init: The ``__init__`` to decorate.
+
+    Returns:
+        ``init`` itself, with ``__signature__`` set.
+    """
+    signature = option_signature()
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *signature.parameters.values()]
+    init.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return init
+
+
+def document_options(doc: str, width: int = 110) -> str:
+    """Add one entry per option (from :func:`option_docs`, in field order) to the ``Args`` section of ``doc``.
+
+    The entries go at the end of the section (its first blank line), indented like its other entries,
+    so that ``help`` and command-line parsers that read docstrings describe every option.
+
+    Args:
+        doc: A Google-style docstring with an ``Args`` section.
+        width: Line width to wrap the entries at.
+
+    Returns:
+        The docstring with the entries added.
+
+    Example:
+        >>> def build(**options: object) -> None:
+        ...     '''Build it.
+        ...
+        ...     Args:
+        ...         **options: The options.
+        ...     '''
+        >>> document_options(build.__doc__).splitlines()[4].split(".")[0]
+        '        lambda_: Weight of the optimal-transport term'
+    """
+    lines = doc.splitlines(keepends=True)
+    args = next(number for number, line in enumerate(lines) if line.strip() == "Args:")
+    end = next((number for number in range(args + 1, len(lines)) if not lines[number].strip()), len(lines))
+    indent = lines[args][: len(lines[args]) - len(lines[args].lstrip())] + "    "
+    docs = option_docs()
+    entries = [
+        textwrap.fill(
+            f"{name}: {docs[name]}",
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent + "    ",
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
+        + "\n"
+        for name in (option.name for option in fields(RefinerOptions))
+    ]
+    return "".join([*lines[:end], *entries, *lines[end:]])

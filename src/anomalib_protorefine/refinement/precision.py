@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import torch
 
+__all__ = ["autocast_disabled", "float32_compute"]
+
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 

@@ -11,6 +11,10 @@ Patch scores are the distances of the query patches to the refined prototypes (p
 Everything runs batched over B queries on the tensors' device, in float32 whatever the input
 dtype, in the bank's n-dimensional coefficient space.
 
+This module holds the refiner (options, input checks, the bank-factor cache, export mode, scoring);
+the EM loop and its statistics are in :mod:`~.em`, the E-steps in :mod:`~.e_step`, the M-steps in
+:mod:`~.m_step`.
+
 The statistics of the last refinement (EM iterations, Sinkhorn iterations, objective, OT cost, time)
 are kept in :attr:`PrototypeRefiner.last_stats`; the models' Lightning callback reads and logs them.
 
@@ -33,6 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,19 +46,13 @@ from torch.nn import functional as F  # noqa: N812
 from anomalib_protorefine._deprecation import warn_renamed
 
 from .bank import BankFactors, bank_key
-from .m_step import (
-    ClosedFormStep,
-    LocalClosedFormStep,
-    QueryTerms,
-    coupling_cost,
-    gradient_step,
-    objective,
-    prototype_sq_norms,
-    transport_cost,
-)
-from .options import RefinerOptions
+from .e_step import POT_METHODS
+from .em import EMResult, expectation_maximization, refinement_stats
+from .m_step import LocalClosedFormStep, QueryTerms, prototype_sq_norms
+from .options import RefinerOptions, document_options, takes_options
 from .precision import float32_compute
-from .transport import WarmStart, check_marginals, plan_is_valid, solve_plan, solve_plans, solve_plans_fixed
+
+__all__ = ["EXPORT_SINKHORN_ITERATIONS", "POT_METHODS", "PrototypeRefiner", "RefinementResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +62,6 @@ _SCORE_CHUNK = 1 << 21
 #: Sinkhorn iterations per E-step of an exported refiner (``sinkhorn_method="fixed"``), unless the
 #: refiner already uses ``"fixed"`` (then its ``sinkhorn_max_iter``) or the export names another number.
 EXPORT_SINKHORN_ITERATIONS = 100
-
-
-#: The Sinkhorn methods that call POT once per query (warm-started from POT's duals).
-POT_METHODS = ("sinkhorn", "sinkhorn_log")
 
 
 @dataclass
@@ -102,29 +97,13 @@ class RefinementResult:
 class PrototypeRefiner(nn.Module):
     """EM refinement of a memory bank for each query (paper Sec. 4, Algorithm 1).
 
-    Args:
-        lambda_: Weight of the OT term (paper: 0.3 PatchCore+, 0.1 WinCLIP+).
-        num_iterations: Maximum EM iterations N (paper: 10).
-        em_tol: Early stop on the plan's total-variation change (0: always N iterations).
-        epsilon: Sinkhorn entropy weight relative to the mean transport cost.
-        transport: ``False`` gives the "W only" ablation (no OT term).
-        distance: ``"euclidean"`` or ``"cosine"``.
-        m_step: ``"closed_form"`` or ``"gradient"``.
-        optimizer: ``"sgd"`` or ``"adam"`` for the gradient M-step.
-        lr: Gradient M-step size in units of 1/L.
-        gradient_steps: Optimizer steps per gradient M-step.
-        ridge: Relative ridge on ``M M^T`` (> 0).
-        cost_normalization: ``"mean"``, ``"max"`` or ``"none"``.
-        sinkhorn_method: ``"auto"``, ``"sinkhorn"`` or ``"sinkhorn_log"``.
-        sinkhorn_max_iter: Maximum Sinkhorn iterations per E-step.
-        sinkhorn_tol: Relative marginal tolerance of Sinkhorn.
-        scoring_bank: ``"refined"``, ``"matched"`` or ``"union"``.
-        neighbors: Restrict each row of W to the patch's K nearest bank prototypes (``None``: all).
-        affine: With ``neighbors``, rows of W sum to one (refined prototypes on the neighbours' affine hull).
-        sinkhorn_overrelaxation: Over-relaxation of the batched Sinkhorn, in ``[1, 2)``.
-        score_fusion: ``"none"`` or ``"geometric"`` (geometric mean with the nearest-neighbour distance).
+    The arguments are the fields of :class:`~anomalib_protorefine.refinement.options.RefinerOptions`,
+    by name or in their order, validated there and kept in :attr:`options`; the signature and the
+    entries below are generated from those fields.
 
-    See :class:`~anomalib_protorefine.refinement.options.RefinerOptions` for details.
+    Args:
+        *args: Options in the field order of ``RefinerOptions``.
+        **options: Options by name, each documented below.
 
     Example:
         >>> import torch
@@ -134,52 +113,10 @@ class PrototypeRefiner(nn.Module):
         (torch.Size([1, 6, 9]), torch.Size([1, 9, 6]))
     """
 
-    def __init__(
-        self,
-        lambda_: float = 0.3,
-        num_iterations: int = 10,
-        em_tol: float = 0.0,
-        epsilon: float = 0.05,
-        transport: bool = True,
-        distance: str = "euclidean",
-        m_step: str = "closed_form",
-        optimizer: str = "sgd",
-        lr: float = 1.0,
-        gradient_steps: int = 5,
-        ridge: float = 1e-3,
-        cost_normalization: str = "mean",
-        sinkhorn_method: str = "auto",
-        sinkhorn_max_iter: int = 1000,
-        sinkhorn_tol: float = 1e-3,
-        scoring_bank: str = "refined",
-        neighbors: int | None = None,
-        affine: bool = False,
-        sinkhorn_overrelaxation: float = 1.7,
-        score_fusion: str = "none",
-    ) -> None:
+    @takes_options
+    def __init__(self, *args: Any, **options: Any) -> None:
         super().__init__()
-        self.options = RefinerOptions(
-            lambda_=lambda_,
-            num_iterations=num_iterations,
-            em_tol=em_tol,
-            epsilon=epsilon,
-            transport=transport,
-            distance=distance,  # type: ignore[arg-type]
-            m_step=m_step,  # type: ignore[arg-type]
-            optimizer=optimizer,  # type: ignore[arg-type]
-            lr=lr,
-            gradient_steps=gradient_steps,
-            ridge=ridge,
-            cost_normalization=cost_normalization,  # type: ignore[arg-type]
-            sinkhorn_method=sinkhorn_method,  # type: ignore[arg-type]
-            sinkhorn_max_iter=sinkhorn_max_iter,
-            sinkhorn_tol=sinkhorn_tol,
-            scoring_bank=scoring_bank,  # type: ignore[arg-type]
-            neighbors=neighbors,
-            affine=affine,
-            sinkhorn_overrelaxation=sinkhorn_overrelaxation,
-            score_fusion=score_fusion,  # type: ignore[arg-type]
-        )
+        self.options = RefinerOptions(*args, **options)
         self._factor_cache: OrderedDict[tuple, BankFactors] = OrderedDict()
         self._export_factors: BankFactors | None = None  # set while a static graph is being exported
         self.last_stats: dict[str, float] = {}
@@ -220,7 +157,7 @@ class PrototypeRefiner(nn.Module):
                 msg = f"{name} must be a floating-point tensor, got {tensor.dtype}: cast it with .float()."
                 raise TypeError(msg)
             # A NaN or Inf entry makes the sum non-finite: one reduction instead of a full isfinite
-            # pass (a tenth of its time); the full check only runs when the sum is not finite.
+            # pass (which writes a boolean tensor); the full check only runs when the sum is not finite.
             if check_values and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
                 msg = f"{name} contains NaN or Inf values: check the feature extractor and its input."
                 raise ValueError(msg)
@@ -323,23 +260,6 @@ class PrototypeRefiner(nn.Module):
         finally:
             self.options, self._export_factors = saved, None
 
-    def _cost_scale(
-        self, weights: torch.Tensor, weighted_gram: torch.Tensor, proto_sq: torch.Tensor, factors: BankFactors
-    ) -> torch.Tensor:
-        """Per-query cost scale ``s`` (B,) of the transport cost at the initial ``W`` (with ``W G``).
-
-        ``"mean"`` comes from the mean norms and the mean of ``W G`` (no ``(B, n, m)`` cost is formed).
-        """
-        mode = self.options.cost_normalization
-        if mode == "none":
-            return torch.ones(weights.shape[0], dtype=weights.dtype, device=weights.device)
-        if mode == "mean":
-            scale = factors.sq_norms.mean() + proto_sq.mean(-1) - 2.0 * weighted_gram.mean((-1, -2))
-        else:
-            scale = transport_cost(weights, factors, weighted_gram).amax((-1, -2))
-        # A zero cost means the refined prototypes coincide with the bank: any positive scale works.
-        return torch.where(scale > 0, scale, torch.ones_like(scale))
-
     @float32_compute
     def refine(self, queries: torch.Tensor, bank: torch.Tensor) -> RefinementResult:
         """Refine ``bank`` for each query.
@@ -366,179 +286,17 @@ class PrototypeRefiner(nn.Module):
             weights = local.initial_weights()
         else:
             weights = terms.initial_weights(factors)
+        em: EMResult | None = None
         plan: torch.Tensor | None = None
-        sinkhorn_iterations = em_iterations = 0
         weighted_gram: torch.Tensor | None = None
-        proto_sq: torch.Tensor | None = None
         if opts.transport:
-            # Sinkhorn warm starts of the batch: row potentials, or POT's duals per query.
-            warm_start = WarmStart.cold(queries.shape[0], queries.device, duals=opts.sinkhorn_method in POT_METHODS)
-            closed_form = None
-            if opts.m_step == "closed_form":
-                closed_form = local if local is not None else ClosedFormStep(terms, factors, opts.lambda_)
-            # The dense closed form iterates on the coupling G W^T alone (half the M-step product)
-            # and forms W once, after the last E-step; the other M-steps update W every iteration.
-            dense = isinstance(closed_form, ClosedFormStep)
-            weighted_gram = weights @ factors.gram
-            initial_sq = (weighted_gram * weights).sum(-1)  # ||(W0 M)_j||^2, the costs' column offset
-            scale = self._cost_scale(weights, weighted_gram, initial_sq, factors)
-            coupling = weighted_gram.transpose(1, 2)
-            # Queries whose plan stopped moving (em_tol) are frozen, so a query's result never
-            # depends on the other queries of its batch.
-            active = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
-            for _ in range(opts.num_iterations):
-                previous = plan
-                plan = self._e_step(coupling_cost(coupling, scale, initial_sq), warm_start, active, previous)
-                em_iterations += 1
-                if dense:
-                    # A frozen query keeps its plan, hence its coupling: no masking needed.
-                    coupling = closed_form.coupling(plan)  # type: ignore[union-attr]
-                else:
-                    if closed_form is not None:
-                        new_weights, new_weighted_gram = closed_form(plan)
-                    else:
-                        mask = None if local is None else local.mask
-                        new_weights = gradient_step(
-                            weights, terms, factors, plan, opts.lambda_, opts.optimizer, opts.lr, opts.gradient_steps,
-                            mask,
-                        )  # fmt: skip
-                        new_weighted_gram = new_weights @ factors.gram
-                    if opts.em_tol == 0 or bool(active.all()):  # em_tol = 0: every query stays active
-                        weights, weighted_gram = new_weights, new_weighted_gram
-                    else:
-                        keep = active[:, None, None]
-                        weights = torch.where(keep, new_weights, weights)
-                        weighted_gram = torch.where(keep, new_weighted_gram, weighted_gram)
-                    coupling = weighted_gram.transpose(1, 2)
-                if previous is not None and opts.em_tol > 0:
-                    # Total-variation change of each query's plan (plans sum to 1).
-                    active &= (plan - previous).abs().sum((-1, -2)) / 2 >= opts.em_tol
-                    if not active.any():
-                        break
-            if dense:
-                weights, weighted_gram = closed_form(plan)  # type: ignore[misc]
-            if opts.sinkhorn_method == "fixed":  # no count in the (exportable) graph: known in advance
-                sinkhorn_iterations = em_iterations * opts.sinkhorn_max_iter * queries.shape[0]
-            else:
-                sinkhorn_iterations = int(warm_start.iterations.sum())
+            em = expectation_maximization(terms, factors, weights, local, opts, exporting=exporting)
+            weights, weighted_gram, plan = em.weights, em.weighted_gram, em.plan
         if exporting:  # statistics are Python floats of the data: not part of a static graph
             return RefinementResult(transform=weights, plan=plan, terms=terms, factors=factors)
-        transport = None
-        if plan is not None and weighted_gram is not None:
-            # <C, T> from the marginals: sum_i |M_i|^2 T_i. + sum_j |p_j|^2 T_.j - 2 <W G, T^T>.
-            proto_sq = (weighted_gram * weights).sum(-1)
-            transport = (
-                (plan.sum(-1) * factors.sq_norms).sum(-1)
-                + (plan.sum(-2) * proto_sq).sum(-1)
-                - 2.0 * (plan * weighted_gram.transpose(1, 2)).sum((-1, -2))
-            )
-        stats = {
-            "em_iterations": float(em_iterations),
-            "sinkhorn_iterations": sinkhorn_iterations / max(queries.shape[0], 1),
-            "objective": float(objective(weights, terms, factors, plan, opts.lambda_, transport, proto_sq).mean()),
-            "ot_cost": 0.0 if transport is None else float(transport.mean()),
-            "seconds": time.perf_counter() - start,
-        }
+        stats = refinement_stats(weights, weighted_gram, plan, terms, factors, opts.lambda_, em, start)
         self.last_stats = stats
         return RefinementResult(transform=weights, plan=plan, terms=terms, factors=factors, stats=stats)
-
-    def _e_step(
-        self,
-        costs: torch.Tensor,
-        start: WarmStart,
-        active: torch.Tensor,
-        previous: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Sinkhorn for each active query's normalised cost ``(B, n, m)``, warm-started from ``start``.
-
-        ``sinkhorn_method="auto"`` solves all active queries at once (:func:`solve_plans`), ``"fixed"``
-        too, with a fixed number of iterations (:meth:`_e_step_fixed`); ``"sinkhorn"`` and
-        ``"sinkhorn_log"`` call POT once per query (:func:`solve_plan`, the reference). Frozen (converged)
-        queries keep their previous plan. ``start`` is updated in place.
-        """
-        opts = self.options
-        if opts.sinkhorn_method == "fixed":
-            return self._e_step_fixed(costs, start, active, previous)
-        everyone = previous is None or bool(active.all())
-        index = torch.arange(costs.shape[0], device=costs.device) if everyone else active.nonzero()[:, 0]
-        if opts.sinkhorn_method == "auto":
-            # Warm start from the row potentials: the E-step cost (coupling_cost) changes between
-            # EM iterations by a column constant (the prototypes' norms), which they are blind to.
-            warm = None if start.row_potential is None else start.row_potential[index]
-            solved, state = solve_plans(
-                costs if everyone else costs[index],
-                opts.epsilon,
-                opts.sinkhorn_max_iter,
-                opts.sinkhorn_tol,
-                overrelaxation=opts.sinkhorn_overrelaxation,
-                row_potential=warm,
-            )
-            row_potential, iterations = state.row_potential, state.iterations
-            valid = plan_is_valid(solved)
-            for row, query in enumerate(index.tolist()):
-                if valid[row]:
-                    continue
-                # Numerical breakdown (tiny epsilon, far warm start): recompute cold in the log domain.
-                plan, duals = solve_plan(
-                    costs[query], opts.epsilon, "sinkhorn_log", opts.sinkhorn_max_iter, opts.sinkhorn_tol
-                )
-                solved[row] = plan
-                # POT solved the row-shifted cost C - min_j C_ij: undo the shift for f.
-                row_potential[row] = opts.epsilon * duals.log_u + costs[query].amin(1)
-                iterations[row] += duals.iterations
-                check_marginals(plan[None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
-            if start.row_potential is None:
-                start.row_potential = row_potential
-            else:
-                start.row_potential[index] = row_potential
-            start.iterations[index] += iterations
-            if everyone:
-                return solved
-            plans = previous.clone()
-            plans[index] = solved
-            return plans
-        plans = torch.empty_like(costs) if previous is None else previous.clone()
-        for query in index.tolist():
-            plans[query], duals = solve_plan(
-                costs[query],
-                opts.epsilon,
-                opts.sinkhorn_method,
-                opts.sinkhorn_max_iter,
-                opts.sinkhorn_tol,
-                start.duals[query],
-            )
-            start.duals[query] = duals
-            start.iterations[query] += duals.iterations
-            check_marginals(plans[query][None], opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
-        return plans
-
-    def _e_step_fixed(
-        self,
-        costs: torch.Tensor,
-        start: WarmStart,
-        active: torch.Tensor,
-        previous: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """E-step of ``sinkhorn_method="fixed"``: all queries at once, a fixed number of iterations.
-
-        Warm-started from the batch's row potentials (updated in place; like the batched solver's,
-        blind to the column constant by which the E-step cost changes between EM iterations). Frozen
-        queries (``em_tol``) keep their previous plan. Outside an export a plan that misses its marginals
-        raises :class:`~anomalib_protorefine.refinement.transport.SinkhornMarginalError`.
-        """
-        opts = self.options
-        plans, start.row_potential = solve_plans_fixed(
-            costs,
-            opts.epsilon,
-            opts.sinkhorn_max_iter,
-            start.row_potential,
-            graph_loop=self._export_factors is not None,
-        )
-        if self._export_factors is None:
-            check_marginals(plans, opts.epsilon, opts.sinkhorn_max_iter, opts.cost_normalization)
-        if previous is not None and opts.em_tol > 0:
-            plans = torch.where(active[:, None, None], plans, previous)
-        return plans
 
     def forward(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Return the refined prototypes ``P = W M``, ``(B, m, c)``, in the input dtype."""
@@ -610,3 +368,6 @@ class PrototypeRefiner(nn.Module):
     def patch_scores(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Refine, then score every query patch: ``(B, m)`` in the input dtype."""
         return self.score_result(self.refine(queries, bank)).to(queries.dtype)
+
+
+PrototypeRefiner.__doc__ = document_options(PrototypeRefiner.__doc__ or "")
