@@ -122,6 +122,45 @@ class FewShotMemoryBankMixin:
         """The memory bank is built."""
         return bool(self.model.memory_bank.numel())
 
+    def _ensure_ready(self, datamodule: object | None = None) -> None:
+        """Build the bank if it is empty: from k seeded support images, or from the embeddings of ``Engine.fit``."""
+        if self.model.memory_bank.numel():
+            return
+        if self.k_shot:
+            support = self.draw_support(datamodule)  # type: ignore[attr-defined]
+            self.support_paths = support.paths
+            self._before_support_bank(support.paths)
+            if self._wants_support_thresholds():  # type: ignore[attr-defined]
+                self.calibrate_thresholds(support.paths)  # type: ignore[attr-defined]
+            self.fit_support(support.images)  # type: ignore[attr-defined]
+        elif self.model.embedding_store:
+            self._bank_from_collected_embeddings()
+        else:
+            msg = (
+                f"{type(self).__name__} has an empty memory bank and k_shot=None: run Engine.fit first, load a "
+                "checkpoint, or set k_shot (e.g. --model.k_shot 4) to build the bank from support images."
+            )
+            raise RuntimeError(msg)
+
+    def prepare_support(self, datamodule: object | None = None) -> None:
+        """Build the memory bank now, as a test run would: k seeded support images of ``datamodule``'s training set.
+
+        Does nothing when the bank exists. Used by the few-shot benchmark, which scores cached test
+        features without a ``Trainer``; within Lightning the bank is built on demand.
+
+        Args:
+            datamodule: The anomalib datamodule whose training set the support images come from
+                (not needed with ``few_shot_source``).
+        """
+        self._ensure_ready(datamodule)
+
+    def _before_support_bank(self, paths: tuple[str, ...]) -> None:
+        """Hook run on the drawn support files before the thresholds and the bank (e.g. choosing the refiner)."""
+
+    def _bank_from_collected_embeddings(self) -> None:
+        """Build the bank from the embeddings collected by ``Engine.fit`` (full-shot; implemented by the model)."""
+        raise NotImplementedError
+
     def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
         """Anomalib's OpenVINO export (through :meth:`to_onnx`), with a warning about OpenVINO's CPU precision.
 

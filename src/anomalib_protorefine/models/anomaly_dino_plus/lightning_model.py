@@ -206,28 +206,9 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, FewShotModel, AnomalyDINO, Anomali
         self.model.train(was_training)
         upstream.mark_fitted(self, True)
 
-    def prepare_support(self, datamodule: object | None = None) -> None:
-        """Build the memory bank now, as a test run would (k seeded support images of ``datamodule``)."""
-        self._ensure_ready(datamodule)
-
-    def _ensure_ready(self, datamodule: object | None = None) -> None:
-        """Build the bank if it is empty: from k seeded support images, or from the embeddings of ``Engine.fit``."""
-        if self.model.memory_bank.numel():
-            return
-        if self.k_shot:
-            support = self.draw_support(datamodule)
-            self.support_paths = support.paths
-            if self._wants_support_thresholds():
-                self.calibrate_thresholds(support.paths)
-            self.fit_support(support.images)
-        elif self.model.embedding_store:
-            self.fit()
-        else:
-            msg = (
-                "AnomalyDINOPlus has an empty memory bank and k_shot=None: run Engine.fit first, load a checkpoint, "
-                "or set k_shot (e.g. --model.k_shot 4) to build the bank from support images."
-            )
-            raise RuntimeError(msg)
+    def _bank_from_collected_embeddings(self) -> None:
+        """The bank from the embeddings collected by ``Engine.fit`` (full-shot)."""
+        self.fit()
 
     def fit(self) -> None:
         """Build the bank from the embeddings collected by ``Engine.fit`` (full-shot), or from the support images."""

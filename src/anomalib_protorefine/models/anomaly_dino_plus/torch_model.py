@@ -43,6 +43,7 @@ from anomalib_protorefine import upstream
 from anomalib_protorefine.backbones import build_vit_extractor
 from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.models.tiling import NoTiler
+from anomalib_protorefine.models.torch_common import RefinementStats, require_cosine
 from anomalib_protorefine.refinement import PrototypeRefiner
 from anomalib_protorefine.refinement.precision import autocast_disabled
 
@@ -73,13 +74,7 @@ def validate_dino_options(encoder_name: str, num_neighbours: int, refiner: Proto
         raise ValueError(msg)
     if refiner is None:
         return
-    if refiner.options.distance != "cosine":
-        msg = (
-            f"AnomalyDINOPlus scores by cosine distance: the refiner needs distance='cosine', got "
-            f"{refiner.options.distance!r}. Give a dict of the options to change (refiner={{'lambda_': 0.2}}; CLI: "
-            "--model.refiner.lambda_ 0.2) or PrototypeRefiner(distance='cosine', ...)."
-        )
-        raise ValueError(msg)
+    require_cosine(refiner, "AnomalyDINOPlus")
     if num_neighbours != 1:
         msg = (
             f"num_neighbours={num_neighbours} averages the k nearest bank patches, which the refined scoring (nearest "
@@ -88,7 +83,7 @@ def validate_dino_options(encoder_name: str, num_neighbours: int, refiner: Proto
         raise ValueError(msg)
 
 
-class AnomalyDINOPlusModel(NoTiler, AnomalyDINOModel):
+class AnomalyDINOPlusModel(RefinementStats, NoTiler, AnomalyDINOModel):
     """AnomalyDINO with per-query prototype refinement of its DINOv2 patch bank.
 
     Args:
@@ -131,11 +126,6 @@ class AnomalyDINOPlusModel(NoTiler, AnomalyDINOModel):
         self.refiner = refiner
 
     # ------------------------------------------------------------------ features
-    @property
-    def refinement_stats(self) -> dict[str, float]:
-        """Statistics of the last refined batch (empty without a refiner or before the first batch)."""
-        return {} if self.refiner is None else dict(self.refiner.last_stats)
-
     def _crop(self, size: tuple[int, int] | torch.Size) -> tuple[int, int, int, int]:
         """Rows and columns ``(top, bottom, left, right)`` that anomalib's centre crop removes from ``size``."""
         height, width = int(size[0]), int(size[1])

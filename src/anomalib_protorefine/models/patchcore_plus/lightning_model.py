@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from anomalib_protorefine.models.refiner_config import RefinerPreset, make_refin
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
+from .options import check_architecture, validate_layers, validate_online_options
 from .torch_model import PatchCorePlusModel
 
 logger = logging.getLogger(__name__)
@@ -66,91 +66,6 @@ PATCHCORE_REFINER_PRESETS: dict[str, dict[str, Any]] = {
 PATCHCORE_DEFAULT_PRESET = "fused"
 #: What ``refiner="auto"`` chooses between, by self-calibration on the support images.
 PATCHCORE_AUTO_CANDIDATES: tuple[str, ...] = ("off", PATCHCORE_DEFAULT_PRESET)
-
-
-def check_architecture(checkpoint: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise one clear error when a checkpoint cannot fit this PatchCorePlus (before any state is loaded).
-
-    Example:
-        >>> check_architecture({"hyper_parameters": {"backbone": "resnet18", "layers": ["layer2"]}},
-        ...                    {"backbone": "resnet18", "layers": ("layer2",)})
-        >>> check_architecture({"hyper_parameters": {"backbone": "resnet18", "layers": ["layer2"]}},
-        ...                    {"backbone": "wide_resnet50_2", "layers": ("layer2", "layer3")})  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: the checkpoint was made with backbone='resnet18', layers=['layer2'] ...
-    """
-    stored = checkpoint.get("hyper_parameters") or {}
-    state = checkpoint.get("state_dict") or {}
-    if "layers" not in stored or any(key.startswith("model.clip.") for key in state):
-        kind = "a WinClipPlus checkpoint" if any(key.startswith("model.clip.") for key in state) else "not one"
-        msg = (
-            f"this is not a PatchCorePlus checkpoint ({kind}: no backbone layers in its hyper_parameters): load it "
-            "with the model that wrote it (e.g. --model WinClipPlus), or pass a PatchCorePlus checkpoint."
-        )
-        raise ValueError(msg)
-    made = {"backbone": stored.get("backbone"), "layers": list(stored.get("layers") or [])}
-    wanted = {"backbone": current.get("backbone"), "layers": list(current.get("layers") or [])}
-    if made != wanted:
-        layers = ", ".join(made["layers"])
-        msg = (
-            f"the checkpoint was made with backbone={made['backbone']!r}, layers={made['layers']} but this model has "
-            f"backbone={wanted['backbone']!r}, layers={wanted['layers']}: its memory bank holds those features. Build "
-            f"the model with them (CLI: --model.backbone {made['backbone']} --model.layers '[{layers}]'), or use a "
-            "checkpoint made with this backbone."
-        )
-        raise ValueError(msg)
-
-
-def validate_layers(layers: Sequence[str]) -> tuple[str, ...]:
-    """Return ``layers`` as a tuple of layer names, or raise an error that names ``layers`` and the fix.
-
-    Example:
-        >>> validate_layers(["layer2", "layer3"])
-        ('layer2', 'layer3')
-        >>> validate_layers("layer2")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: layers must be a list of layer names, got the string 'layer2': pass ['layer2'] ...
-    """
-    if isinstance(layers, str):
-        msg = (
-            f"layers must be a list of layer names, got the string {layers!r}: pass [{layers!r}] "
-            f"(CLI: --model.layers '[{layers}]')."
-        )
-        raise ValueError(msg)
-    if not isinstance(layers, Sequence) or not layers or not all(isinstance(layer, str) and layer for layer in layers):
-        msg = (
-            f"layers must be a non-empty list of layer names, got {layers!r}. Use e.g. layers=['layer2', 'layer3'] "
-            "(CLI: --model.layers '[layer2, layer3]')."
-        )
-        raise ValueError(msg)
-    return tuple(layers)
-
-
-def validate_online_options(online: bool, online_capacity: int | None) -> None:
-    """Raise an error naming the option unless ``online`` is a bool and ``online_capacity`` a positive int or None.
-
-    Example:
-        >>> validate_online_options(True, 2.5)
-        Traceback (most recent call last):
-        ...
-        TypeError: online_capacity must be a positive integer or None, got float 2.5. Use e.g. online_capacity=1000.
-    """
-    if not isinstance(online, bool):
-        msg = f"online must be True or False, got {online!r}."
-        raise TypeError(msg)
-    if online_capacity is None:
-        return
-    if isinstance(online_capacity, bool) or not isinstance(online_capacity, numbers.Integral):
-        msg = (
-            f"online_capacity must be a positive integer or None, got {type(online_capacity).__name__} "
-            f"{online_capacity!r}. Use e.g. online_capacity=1000."
-        )
-        raise TypeError(msg)
-    if online_capacity < 1:
-        msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}. Use e.g. 1000."
-        raise ValueError(msg)
 
 
 def _set_coreset_ratio(model: PatchCorePlus, value: float) -> None:
@@ -329,40 +244,16 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         self.model.train(was_training)
         upstream.mark_fitted(self, True)
 
-    def prepare_support(self, datamodule: object | None = None) -> None:
-        """Build the memory bank now, as a test run would: k seeded support images of ``datamodule``'s training set.
+    def _before_support_bank(self, paths: tuple[str, ...]) -> None:
+        """With ``refiner="auto"``: choose the refiner on the support images first."""
+        if self.auto_refiner:
+            self.calibrate_refiner(paths)
 
-        Does nothing when the bank exists. Used by the few-shot benchmark, which scores cached test
-        features without a ``Trainer``; within Lightning the bank is built on demand.
-
-        Args:
-            datamodule: The anomalib datamodule whose training set the support images come from
-                (not needed with ``few_shot_source``).
-        """
-        self._ensure_ready(datamodule)
-
-    def _ensure_ready(self, datamodule: object | None = None) -> None:
-        """Build the bank if it is empty: from k seeded support images, or from collected embeddings."""
-        if self.model.memory_bank.numel():
-            return
-        if self.k_shot:
-            support = self.draw_support(datamodule)
-            self.support_paths = support.paths
-            if self.auto_refiner:
-                self.calibrate_refiner(support.paths)
-            if self._wants_support_thresholds():
-                self.calibrate_thresholds(support.paths)
-            self.fit_support(support.images)
-        elif self.model.embedding_store:
-            logger.info("Applying core-set subsampling to the collected embeddings.")
-            self.model.subsample_embedding(self.coreset_sampling_ratio, seed=self.few_shot_seed)
-            upstream.mark_fitted(self, True)
-        else:
-            msg = (
-                "PatchCorePlus has an empty memory bank and k_shot=None: run Engine.fit first, load a checkpoint, "
-                "or set k_shot (e.g. --model.k_shot 4) to build the bank from support images."
-            )
-            raise RuntimeError(msg)
+    def _bank_from_collected_embeddings(self) -> None:
+        """Core-set subsampling of the embeddings collected by ``Engine.fit`` (full-shot)."""
+        logger.info("Applying core-set subsampling to the collected embeddings.")
+        self.model.subsample_embedding(self.coreset_sampling_ratio, seed=self.few_shot_seed)
+        upstream.mark_fitted(self, True)
 
     def on_test_start(self) -> None:
         """Prepare the support data; warn that Online PatchCore+'s metrics depend on the test order."""

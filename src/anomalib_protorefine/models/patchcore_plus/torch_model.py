@@ -34,6 +34,7 @@ from torch.nn import functional as F  # noqa: N812
 from anomalib_protorefine._deprecation import renamed_names, warn_renamed
 from anomalib_protorefine.backbones import build_feature_extractor
 from anomalib_protorefine.coreset import seeded_coreset
+from anomalib_protorefine.models.torch_common import RefinementStats
 from anomalib_protorefine.refinement import PrototypeRefiner
 from anomalib_protorefine.refinement.precision import autocast_disabled
 
@@ -58,7 +59,7 @@ class BilinearAnomalyMapGenerator(AnomalyMapGenerator):
         return self.blur(patch_scores)
 
 
-class PatchCorePlusModel(PatchcoreModel):
+class PatchCorePlusModel(RefinementStats, PatchcoreModel):
     """PatchCore with per-query prototype refinement.
 
     Args:
@@ -98,11 +99,6 @@ class PatchCorePlusModel(PatchcoreModel):
         self.online_sampling_ratio = online_sampling_ratio
         self.online_bank: torch.Tensor
         self.register_buffer("online_bank", torch.empty(0))
-
-    @property
-    def refinement_stats(self) -> dict[str, float]:
-        """Statistics of the last refined batch (empty without a refiner or before the first batch)."""
-        return {} if self.refiner is None else dict(self.refiner.last_stats)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch embeddings ``(B, h*w, c)`` of a batch of pre-processed images, and ``(h, w)``.

@@ -43,6 +43,7 @@ from anomalib_protorefine._deprecation import moved_names
 from anomalib_protorefine.clip_weights import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, create_clip
 from anomalib_protorefine.coreset import seeded_coreset
 from anomalib_protorefine.models.tiling import NoTiler
+from anomalib_protorefine.models.torch_common import require_cosine
 from anomalib_protorefine.refinement import PrototypeRefiner
 from anomalib_protorefine.refinement.precision import autocast_disabled, float32_compute
 
@@ -139,14 +140,7 @@ class WinClipPlusModel(NoTiler, WinClipModel):
         # Upstream's constructor builds CLIP from module globals (and downloads); skip it and
         # build the same attributes and buffers with the CLIP given by the arguments.
         upstream.init_skipping(WinClipModel, self)
-        if refiner is not None and refiner.options.distance != "cosine":
-            msg = (
-                f"WinClipPlus scores by cosine distance (paper Eq. 8): the refiner needs distance='cosine', got "
-                f"{refiner.options.distance!r}. Pass PrototypeRefiner(distance='cosine', ...), or give WinClipPlus "
-                "a dict of the options to change (refiner={'lambda_': 0.2}; CLI: --model.refiner.lambda_ 0.2), "
-                "which keeps its cosine defaults."
-            )
-            raise ValueError(msg)
+        require_cosine(refiner, "WinClipPlus")  # its scores are cosine distances (paper Eq. 8)
         if not 0 < coreset_sampling_ratio <= 1:
             msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio!r}. Paper: 0.5 on MVTec."
             raise ValueError(msg)
