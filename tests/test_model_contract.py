@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from anomalib_protorefine import AnomalyDINOPlus, PatchCorePlus, WinClipPlus
+from anomalib_protorefine.models import FEW_SHOT_MODELS
 from anomalib_protorefine.models.anomaly_dino_plus.torch_model import AnomalyDINOPlusModel
 from anomalib_protorefine.models.base import FewShotModel
 from anomalib_protorefine.models.contract import FewShotTorchModel, MemoryBankTorchModel
@@ -16,7 +17,11 @@ from anomalib_protorefine.models.patchcore_plus.torch_model import PatchCorePlus
 from anomalib_protorefine.models.winclip_plus import tiny_clip
 from anomalib_protorefine.models.winclip_plus.torch_model import WinClipPlusModel
 
-MODELS = (PatchCorePlus, AnomalyDINOPlus, WinClipPlus)
+MODELS = tuple(FEW_SHOT_MODELS.values())
+
+
+def test_the_registry_holds_the_three_models() -> None:
+    assert set(MODELS) == {PatchCorePlus, AnomalyDINOPlus, WinClipPlus}
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda model: model.__name__)

@@ -693,7 +693,8 @@ def test_demo_quick_smoke(tmp_path: Path) -> None:
     # The table's decisions (counted at test time) are the ones predict writes, image by image.
     with (tmp_path / "out" / "predictions" / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 10 and {row["threshold_origin"] for row in rows} == {"calibration"}
+    assert len(rows) == 10
+    assert {row["threshold_origin"] for row in rows} == {"calibration"}
     flagged = [row["decision"] == "defective" for row in rows]
     defect = ["/test/defect/" in row["image_path"] for row in rows]
     counts = summary["runs"][-1]["decisions"]

@@ -420,8 +420,8 @@ def default_threads() -> int:
 
     PyTorch's OpenMP threads wait for each other at the end of every parallel operation; when other
     processes occupy the cores, the many small operations of core-set selection and Sinkhorn become
-    5-10x slower with one thread per core (a full demo: 6 min instead of 50 s on two busy cores).
-    Leaving half of the cores free avoids that at little cost when the machine is idle.
+    several times slower with one thread per core. Leaving half of the cores free avoids that at little
+    cost when the machine is idle.
 
     Example:
         >>> default_threads() >= 1

@@ -1,7 +1,7 @@
 """Noise and shape primitives of the synthetic images: correlated noise fields, coordinates, smoothstep.
 
 Vectorised numpy (FFT-based noise), seeded through :class:`numpy.random.Generator`; shared by the
-surface textures (:mod:`anomalib_protorefine.data.synthetic`) and the defect painters
+surface textures (:mod:`anomalib_protorefine.data.textures`) and the defect painters
 (:mod:`anomalib_protorefine.data.defects`).
 
 Example:

@@ -312,7 +312,7 @@ class CheckpointMixin:
                 if name in self.hparams:
                     self.hparams[name] = stored[name]
         if "hyper_parameters" in checkpoint:
-            # The bank in the checkpoint was built with its augmentation (none before the option existed).
+            # The bank in the checkpoint was built with its augmentation (none when the checkpoint has no entry).
             augmentation = resolve_support_augmentation(stored.get("support_augmentation"))
             if augmentation != self.support_augmentation:
                 changed.append(
