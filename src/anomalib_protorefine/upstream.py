@@ -126,9 +126,11 @@ def attached_trainer(module: Any) -> Any:
 def init_skipping(cls: type, instance: Any, *args: Any, **kwargs: Any) -> None:
     """Run the constructor of the class after ``cls`` in ``instance``'s MRO, skipping ``cls.__init__``.
 
-    For upstream models whose constructor does work we must not do (download weights, build an
+    For upstream torch models whose constructor does work we must not do (download weights, build an
     encoder we replace); the attributes it would set are then set by the caller, and the contract
-    tests check that upstream's constructor still sets no others.
+    tests check upstream's constructor arguments. Not for Lightning modules: ``save_hyperparameters``
+    walks the ``__init__`` frames, which this function's frame would interrupt (AnomalyDINOPlus calls
+    ``super(AnomalyDINO, self).__init__`` itself).
     """
     super(cls, instance).__init__(*args, **kwargs)
 
