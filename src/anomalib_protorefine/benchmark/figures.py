@@ -29,10 +29,11 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from anomalib_protorefine.heatmaps import draw_heatmap_row
 
-from .config import BenchmarkPlan, DataSpec, MethodSpec, default_refiner
+from .config import BenchmarkPlan, DataSpec, MethodSpec
 from .features import CachedTestSet, feature_model_args
 from .job import RunContext
 from .methods import build_feature_model
+from .spec import default_refiner
 
 if TYPE_CHECKING:
     from anomalib_protorefine.models import PatchCorePlus

@@ -22,7 +22,8 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .config import BenchmarkPlan, MethodSpec, parameter_value
+from .config import BenchmarkPlan, MethodSpec
+from .spec import parameter_value
 
 __all__ = ["per_shot_plot", "sweep_plots"]
 
