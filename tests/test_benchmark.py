@@ -569,6 +569,8 @@ def test_the_measurements_doc_names_only_configs_and_scripts_that_exist(repo_roo
         ("refinement_forms", "regime"),
         ("em_budget", "calibration"),
         ("decision", "decision_rule"),
+        ("default_choice", "default_confirm"),
+        ("default_choice", "augmentation"),
     ],
 )
 def test_study_configs_share_the_settings_of_the_runs_they_are_compared_with(
@@ -591,6 +593,17 @@ def test_em_budget_confirmation_differs_only_in_seeds_and_output(repo_root: Path
     assert choice["benchmark"].pop("few_shot_seed") == {"grid": [0, 1, 2, 3, 4]}
     assert confirm["benchmark"].pop("few_shot_seed") == {"grid": [5, 6, 7, 8, 9]}
     assert choice["benchmark"].pop("output") != confirm["benchmark"].pop("output")
+    assert choice == confirm
+
+
+def test_default_confirmation_differs_only_in_seeds_output_and_the_second_data_set(repo_root: Path) -> None:
+    folder = repo_root / "configs" / "benchmark"
+    choice = yaml.safe_load((folder / "default_choice.yaml").read_text())["benchmark"]
+    confirm = yaml.safe_load((folder / "default_confirm.yaml").read_text())["benchmark"]
+    assert choice.pop("few_shot_seed") == {"grid": [0, 1, 2, 3, 4]}
+    assert confirm.pop("few_shot_seed") == {"grid": [5, 6, 7, 8, 9]}
+    assert choice.pop("output") != confirm.pop("output")
+    assert confirm.pop("data")["grid"][0] == choice.pop("data")
     assert choice == confirm
 
 

@@ -149,6 +149,32 @@ def test_coreset_of_the_augmented_bank_is_seeded_and_deterministic() -> None:
     assert not torch.equal(banks[0], banks[2])
 
 
+def test_a_constant_augmented_bank_keeps_the_unaugmented_size_and_takes_from_every_view() -> None:
+    """``augmented_bank="constant"``: as many prototypes as without augmentation, chosen among all views."""
+    support = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    plain = patchcore(coreset_sampling_ratio=0.1)
+    plain.fit_support(support)
+    grown = patchcore(coreset_sampling_ratio=0.1, support_augmentation="rotations_flips")
+    grown.fit_support(support)
+    constant = patchcore(coreset_sampling_ratio=0.1, support_augmentation="rotations_flips", augmented_bank="constant")
+    constant.fit_support(support)
+    assert constant.model.memory_bank.shape == plain.model.memory_bank.shape == (int(0.1 * 2 * 64), 128)
+    assert grown.model.memory_bank.shape[0] == int(0.1 * 6 * 2 * 64)
+    # Every view's features, from a plain model given the transformed images by hand.
+    views = {}
+    for view, name in zip(
+        support_views(support, ("rot90", "rot180", "rot270", "hflip", "vflip")), "oabcde", strict=True
+    ):
+        with torch.no_grad():
+            views[name] = plain.model.embed(view)[0].reshape(-1, 128)
+    sources = set()
+    for row in constant.model.memory_bank:
+        sources |= {name for name, rows in views.items() if bool(((rows - row).abs().amax(1) < 1e-5).any())}
+    assert sources - {"o"}, "the constant bank holds prototypes of the support images only"
+    with pytest.raises(ValueError, match=r"augmented_bank must be 'grow' or 'constant', got 'fixed'"):
+        patchcore(augmented_bank="fixed")
+
+
 def test_changing_the_augmentation_rebuilds_and_updates_hparams() -> None:
     model = patchcore(support_augmentation="flips")
     assert model.hparams["support_augmentation"] == ["hflip", "vflip"]

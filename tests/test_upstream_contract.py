@@ -194,6 +194,21 @@ def test_skipped_upstream_constructors_take_the_arguments_we_redeclare() -> None
         assert name in inspect.getsource(WinClipModel), name
 
 
+def test_kcenter_projection_is_anomalibs_seeded_projection() -> None:
+    from anomalib.models.components import KCenterGreedy
+
+    candidates = torch.randn(200, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    features, size = upstream.kcenter_projection(candidates, 20, seed=3)
+    torch.manual_seed(0)
+    again, _ = upstream.kcenter_projection(candidates, 20, seed=3)
+    assert size == 20
+    assert torch.equal(features, again)  # seeded: the numpy projection does not draw from the global state
+    sampler = KCenterGreedy(embedding=candidates, sampling_ratio=0.1)
+    assert hasattr(sampler.model, "random_state")
+    assert sampler.coreset_size == 20
+
+
 def test_init_skipping_runs_the_next_constructor_only() -> None:
     calls = []
 

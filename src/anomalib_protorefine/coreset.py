@@ -23,8 +23,9 @@ Example:
 from __future__ import annotations
 
 import torch
-from anomalib.models.components import KCenterGreedy
 from torch.nn import functional as F  # noqa: N812
+
+from anomalib_protorefine import upstream
 
 __all__ = ["greedy_indices", "seeded_coreset"]
 
@@ -67,14 +68,18 @@ def greedy_indices(features: torch.Tensor, size: int, start: torch.Tensor) -> li
     return torch.stack(selected).cpu().tolist()
 
 
-def seeded_coreset(embeddings: torch.Tensor, sampling_ratio: float, seed: int, normalize: bool = False) -> torch.Tensor:
-    """Select ``max(1, int(N * sampling_ratio))`` rows of ``embeddings`` ``(N, c)`` by k-center greedy.
+def seeded_coreset(
+    embeddings: torch.Tensor, sampling_ratio: float, seed: int, normalize: bool = False, size: int | None = None
+) -> torch.Tensor:
+    """Select ``max(1, int(N * sampling_ratio))`` rows (or ``size``) of ``embeddings`` ``(N, c)`` by k-center greedy.
 
     Args:
         embeddings: Candidate features.
         sampling_ratio: Fraction of rows to keep, in ``(0, 1]``; ``1`` returns all rows.
         seed: Seed of the random start and of the random projection.
         normalize: Select on L2-normalised rows (cosine geometry); the original rows are returned.
+        size: Number of rows to keep instead of the ratio's (e.g. an augmented bank kept at the size of
+            the unaugmented one); all rows when it is at least ``N``.
 
     Returns:
         The selected rows, ``(n, c)``.
@@ -82,17 +87,18 @@ def seeded_coreset(embeddings: torch.Tensor, sampling_ratio: float, seed: int, n
     if not 0 < sampling_ratio <= 1:
         msg = f"sampling_ratio must be in (0, 1], got {sampling_ratio!r}."
         raise ValueError(msg)
-    if sampling_ratio == 1:
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        msg = f"size must be an integer >= 1 or None, got {size!r}."
+        raise ValueError(msg)
+    if (sampling_ratio == 1 and size is None) or (size is not None and size >= embeddings.shape[0]):
         return embeddings
-    size = max(int(embeddings.shape[0] * sampling_ratio), 1)
+    explicit = size is not None
+    size = size if explicit else max(int(embeddings.shape[0] * sampling_ratio), 1)
     candidates = F.normalize(embeddings.float(), dim=-1) if normalize else embeddings
     devices = [embeddings.device] if embeddings.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        sampler = KCenterGreedy(embedding=candidates, sampling_ratio=size / embeddings.shape[0])
-        sampler.model.random_state = seed  # the sparse random projection draws with numpy
-        sampler.model.fit(candidates)
-        features = sampler.model.transform(candidates)
+        features, coreset_size = upstream.kcenter_projection(candidates, size, seed)
         start = torch.randint(high=candidates.shape[0], size=(1,), device=features.device).squeeze()
-        indices = greedy_indices(features, sampler.coreset_size, start)
+        indices = greedy_indices(features, size if explicit else coreset_size, start)
     return embeddings[indices]

@@ -39,6 +39,7 @@ __all__ = [
     "decision_buffers",
     "filter_engine_log",
     "init_skipping",
+    "kcenter_projection",
     "mark_checkpoint_written",
     "mark_fitted",
     "pipeline_config",
@@ -212,6 +213,25 @@ def threshold_metrics(post_processor: Any) -> tuple[Any, ...]:
 def pixel_threshold_seen(post_processor: Any) -> bool:
     """Whether the validation pass fed the pixel threshold metric (it had masks)."""
     return bool(post_processor._pixel_threshold_metric.update_called)
+
+
+def kcenter_projection(candidates: Any, size: int, seed: int) -> tuple[Any, int]:
+    """The seeded projection of ``candidates`` ``(N, d)`` by anomalib's ``KCenterGreedy``, and its coreset size.
+
+    The sampler's sparse random projection (its ``model``) draws with numpy: it is seeded with ``seed``
+    and fitted here, as ``KCenterGreedy.sample_coreset`` would fit it; the farthest-point loop is ours
+    (:func:`anomalib_protorefine.coreset.greedy_indices`). Call it with the torch RNG seeded: the
+    sampler's construction may draw from it.
+
+    Returns:
+        The projected rows and the sampler's ``coreset_size`` (``int(N * size / N)``).
+    """
+    from anomalib.models.components import KCenterGreedy
+
+    sampler = KCenterGreedy(embedding=candidates, sampling_ratio=size / candidates.shape[0])
+    sampler.model.random_state = seed
+    sampler.model.fit(candidates)
+    return sampler.model.transform(candidates), sampler.coreset_size
 
 
 # ---------------------------------------------------------------------------------------------- data, CLI, logs

@@ -47,7 +47,7 @@ from anomalib_protorefine.models.refiner_config import RefinerPreset, make_refin
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
-from .options import check_architecture, validate_layers, validate_online_options
+from .options import check_architecture, validate_augmented_bank, validate_layers, validate_online_options
 from .torch_model import PatchCorePlusModel
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
             ``"dihedral"``: all seven) or a list of ``"rot90"``, ``"rot180"``, ``"rot270"``, ``"hflip"``,
             ``"vflip"``, ``"transpose"``, ``"antitranspose"``
             (:mod:`anomalib_protorefine.support_augmentation`). The bank grows by one copy per transform
-            before the coreset. Only with ``k_shot``.
+            before the coreset (see ``augmented_bank``). Only with ``k_shot``.
         refiner: ``True`` or ``"fused"`` (the default form: the paper's EM, lambda 0.3, N 10, with
             each patch scored by the geometric mean of its refined and nearest-neighbour distances;
             see docs/method.md), ``"paper"`` (the paper's exact form: refined distance alone),
@@ -117,6 +117,10 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         calibration_source: Folder of unlabelled images of parts from the line (mostly good, a few
             defective ones tolerated) to calibrate the thresholds on at ``false_alarm_rate`` (default
             0.05); also ``model.calibrate_false_alarm(folder_or_images)``.
+        augmented_bank: Size of the bank built from augmented support: ``"grow"`` (default: the
+            coreset ratio of all views, so the bank, and the refinement's cost, grow with the views) or
+            ``"constant"`` (the coreset picks as many prototypes from all views as it would from the
+            support images alone: scoring and refinement cost as without augmentation).
         pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
@@ -145,6 +149,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         threshold: str = "auto",
         false_alarm_rate: float | None = None,
         calibration_source: str | Path | None = None,
+        augmented_bank: str = "grow",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -155,6 +160,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         validate_online_options(online, online_capacity)
         source = validate_few_shot_source(few_shot_source, k_shot)
         layers = validate_layers(layers)
+        augmented_bank = validate_augmented_bank(augmented_bank)
         refiner = plain_refiner(refiner)
         self.auto_refiner = refiner == "auto"
         if self.auto_refiner and not k_shot:
@@ -183,6 +189,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         )
         self._store_plain_hparams()
         self.coreset_sampling_ratio = coreset_sampling_ratio
+        self.augmented_bank = augmented_bank
         self.k_shot = k_shot
         self.few_shot_seed = few_shot_seed
         self.few_shot_source = source
@@ -236,11 +243,11 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         with torch.no_grad():
             # One embedding per view (support_augmentation): a quarter turn of non-square images changes their shape.
             patches = [self.model.embed(view.to(self.device))[0] for view in self.augmented_support(images)]
-        self.model.build_bank(
-            torch.cat([patch.reshape(-1, patch.shape[-1]) for patch in patches]),
-            self.coreset_sampling_ratio,
-            seed=self.few_shot_seed,
-        )
+        features = [patch.reshape(-1, patch.shape[-1]) for patch in patches]
+        size = None
+        if self.augmented_bank == "constant" and len(features) > 1:
+            size = max(int(features[0].shape[0] * self.coreset_sampling_ratio), 1)  # the unaugmented bank's
+        self.model.build_bank(torch.cat(features), self.coreset_sampling_ratio, seed=self.few_shot_seed, size=size)
         self.model.train(was_training)
         upstream.mark_fitted(self, True)
 
@@ -350,6 +357,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         ScoreOption("coreset_sampling_ratio", lambda model: model.coreset_sampling_ratio, _set_coreset_ratio),
         ScoreOption.model_attribute("online"),
         ScoreOption.model_attribute("online_capacity"),
+        ScoreOption.attribute("augmented_bank"),
         FEW_SHOT_SOURCE,
         THRESHOLD,
     )

@@ -11,7 +11,16 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_architecture", "validate_layers", "validate_online_options"]
+__all__ = [
+    "AUGMENTED_BANKS",
+    "check_architecture",
+    "validate_augmented_bank",
+    "validate_layers",
+    "validate_online_options",
+]
+
+#: Sizes of a bank built from augmented support (``augmented_bank``).
+AUGMENTED_BANKS = ("grow", "constant")
 
 
 def check_architecture(checkpoint: dict[str, Any], current: dict[str, Any]) -> None:
@@ -97,3 +106,23 @@ def validate_online_options(online: bool, online_capacity: int | None) -> None:
     if online_capacity < 1:
         msg = f"online_capacity must be a positive integer or None, got {online_capacity!r}. Use e.g. 1000."
         raise ValueError(msg)
+
+
+def validate_augmented_bank(augmented_bank: object) -> str:
+    """``augmented_bank``, checked: ``"grow"`` or ``"constant"``.
+
+    Example:
+        >>> validate_augmented_bank("constant")
+        'constant'
+        >>> validate_augmented_bank("fixed")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: augmented_bank must be 'grow' or 'constant', got 'fixed': ...
+    """
+    if augmented_bank not in AUGMENTED_BANKS:
+        msg = (
+            f"augmented_bank must be 'grow' or 'constant', got {augmented_bank!r}: 'constant' keeps the bank of "
+            "augmented support at the size of the unaugmented one (CLI --model.augmented_bank constant)."
+        )
+        raise ValueError(msg)
+    return str(augmented_bank)

@@ -261,12 +261,15 @@ class PatchCorePlusModel(RefinementStats, PatchcoreModel):
         self.embedding_store.clear()
         self.build_bank(embeddings, sampling_ratio, seed)
 
-    def build_bank(self, embeddings: torch.Tensor, sampling_ratio: float, seed: int = 0) -> None:
+    def build_bank(
+        self, embeddings: torch.Tensor, sampling_ratio: float, seed: int = 0, size: int | None = None
+    ) -> None:
         """Set the memory bank to a coreset of ``embeddings`` ``(N, c)`` (resets the online bank).
 
-        The greedy coreset is seeded with ``seed`` (see :func:`anomalib_protorefine.coreset.seeded_coreset`).
+        The greedy coreset is seeded with ``seed`` (see :func:`anomalib_protorefine.coreset.seeded_coreset`);
+        ``size`` keeps that many rows instead of the ratio's.
         """
-        self.memory_bank = seeded_coreset(embeddings, sampling_ratio, seed)
+        self.memory_bank = seeded_coreset(embeddings, sampling_ratio, seed, size=size)
         self.online_bank = torch.empty(0, device=self.memory_bank.device)
 
 
