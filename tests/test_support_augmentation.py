@@ -161,16 +161,15 @@ def test_a_constant_augmented_bank_keeps_the_unaugmented_size_and_takes_from_eve
     assert constant.model.memory_bank.shape == plain.model.memory_bank.shape == (int(0.1 * 2 * 64), 128)
     assert grown.model.memory_bank.shape[0] == int(0.1 * 6 * 2 * 64)
     # Every view's features, from a plain model given the transformed images by hand.
+    names = ("support", *resolve_support_augmentation("rotations_flips"))
     views = {}
-    for view, name in zip(
-        support_views(support, ("rot90", "rot180", "rot270", "hflip", "vflip")), "oabcde", strict=True
-    ):
+    for view, name in zip(support_views(support, names[1:]), names, strict=True):
         with torch.no_grad():
             views[name] = plain.model.embed(view)[0].reshape(-1, 128)
     sources = set()
     for row in constant.model.memory_bank:
         sources |= {name for name, rows in views.items() if bool(((rows - row).abs().amax(1) < 1e-5).any())}
-    assert sources - {"o"}, "the constant bank holds prototypes of the support images only"
+    assert sources - {"support"}, "the constant bank holds prototypes of the support images only"
     with pytest.raises(ValueError, match=r"augmented_bank must be 'grow' or 'constant', got 'fixed'"):
         patchcore(augmented_bank="fixed")
 
