@@ -23,8 +23,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,6 +112,24 @@ def held_out_folds(raw_images: torch.Tensor, seed: int) -> list[tuple[torch.Tens
     if num == 1:
         return [(raw_images, torch.stack([augment(raw_images[0], seed * 1000 + v) for v in range(2)]))]
     return [(raw_images[[i for i in range(num) if i != index]], raw_images[index : index + 1]) for index in range(num)]
+
+
+def fold_queries(
+    folds: list[tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+    variants: int,
+    fit_bank: Callable[[torch.Tensor], Any],
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+    """Per fold: build the bank from its bank images, then yield ``(fit_bank's result, queries, masks)``.
+
+    The queries are :func:`pseudo_queries` of the fold's held-out images (clean, then with pasted
+    defects), normalised by ``normalize`` as the model's pre-processing would; the masks mark the defects.
+    """
+    for fold_index, (bank_images, held_out) in enumerate(folds):
+        queries, masks = pseudo_queries(held_out, seed, fold_index, variants)
+        fitted = fit_bank(normalize(bank_images))
+        yield fitted, normalize(queries), masks
 
 
 def pseudo_queries(
@@ -220,10 +239,7 @@ def calibrate(
         raise ValueError(msg)
     folds = held_out_folds(raw_images, seed)
     totals = dict.fromkeys(scorers, 0.0)
-    for fold_index, (bank_images, held_out) in enumerate(folds):
-        queries, fold_masks = pseudo_queries(held_out, seed, fold_index, variants)
-        grid = fit_bank(normalize(bank_images))
-        batch = normalize(queries)
+    for grid, batch, fold_masks in fold_queries(folds, seed, variants, fit_bank, normalize):
         labels = _patch_labels(fold_masks, grid)
         image_labels = fold_masks.flatten(1).any(1)
         for name, scorer in scorers.items():

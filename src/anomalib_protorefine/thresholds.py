@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from anomalib_protorefine.calibration import augment, held_out_folds, pseudo_queries
+from anomalib_protorefine.calibration import augment, fold_queries, held_out_folds
 
 logger = logging.getLogger(__name__)
 
@@ -295,10 +295,8 @@ def collect_support_scores(
         folds = held_out_folds(raw_images, seed)
     generator = torch.Generator().manual_seed(seed)
     normal, defect, normal_px, defect_px = [], [], [], []
-    for fold_index, (bank_images, held) in enumerate(folds):
-        queries, masks = pseudo_queries(held, seed, fold_index, variants)
-        fit_bank(normalize(bank_images))
-        image_scores, maps = score(normalize(queries))
+    for _, queries, masks in fold_queries(folds, seed, variants, fit_bank, normalize):
+        image_scores, maps = score(queries)
         image_scores, maps = image_scores.detach().float().cpu().reshape(-1), maps.detach().float().cpu()
         maps = maps.reshape(len(queries), *maps.shape[-2:])
         if maps.shape[-2:] != masks.shape[-2:]:
