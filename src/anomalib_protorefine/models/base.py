@@ -20,9 +20,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_protorefine import upstream
-from anomalib_protorefine.post_processing import (
-    FewShotPostProcessor,
-)
+from anomalib_protorefine.post_processing import FewShotPostProcessor
 from anomalib_protorefine.reporting import PredictionReport
 from anomalib_protorefine.visualization import DecisionVisualizer
 

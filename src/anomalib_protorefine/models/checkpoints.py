@@ -23,14 +23,10 @@ from torchvision.transforms.v2 import CenterCrop, Compose, Resize
 
 from anomalib_protorefine import upstream
 from anomalib_protorefine.false_alarm import LineCalibration
-from anomalib_protorefine.post_processing import (
-    FewShotPostProcessor,
-)
+from anomalib_protorefine.post_processing import FewShotPostProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 from anomalib_protorefine.support_augmentation import resolve_support_augmentation
-from anomalib_protorefine.thresholds import (
-    SupportThresholds,
-)
+from anomalib_protorefine.thresholds import SupportThresholds
 
 from .refiner_config import make_refiner
 

@@ -31,9 +31,7 @@ from anomalib_protorefine.few_shot import (
     validate_seed,
 )
 from anomalib_protorefine.support_augmentation import resolve_support_augmentation, support_views, view_names
-from anomalib_protorefine.thresholds import (
-    validate_threshold,
-)
+from anomalib_protorefine.thresholds import validate_threshold
 
 logger = logging.getLogger(__name__)
 
