@@ -148,6 +148,16 @@ def test_anomalibs_engine_logs_the_notice_we_filter() -> None:
 
     assert engine.logger.name == upstream.ENGINE_LOGGER
     assert upstream.MISSING_CHECKPOINT_NOTICE in inspect.getsource(engine.Engine.predict)
+    parameters = inspect.signature(engine.Engine.predict).parameters
+    assert "model" in parameters
+    assert "ckpt_path" in parameters
+
+    def predict(model: object, ckpt_path: object = None) -> object:  # the frame model_being_predicted looks for
+        return upstream.model_being_predicted() if ckpt_path is None else None
+
+    marker = object()
+    assert predict(marker) is marker
+    assert upstream.model_being_predicted() is None
 
     class Drop(logging.Filter):
         pass

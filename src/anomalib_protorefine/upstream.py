@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "kcenter_projection",
     "mark_checkpoint_written",
     "mark_fitted",
+    "model_being_predicted",
     "pipeline_config",
     "pixel_threshold_seen",
     "quiet_upstream_imports",
@@ -256,6 +258,18 @@ def pipeline_config(pipeline: Any, args: Any) -> dict[str, Any]:
 #: anomalib's engine logger and its warning on ``Engine.predict`` without ``ckpt_path``.
 ENGINE_LOGGER = "anomalib.engine.engine"
 MISSING_CHECKPOINT_NOTICE = "ckpt_path is not provided"
+
+
+def model_being_predicted() -> Any:
+    """The model of the ``Engine.predict`` call running in this thread, found on the call stack (``None`` outside one).
+
+    anomalib logs :data:`MISSING_CHECKPOINT_NOTICE` from ``Engine.predict(model, ..., ckpt_path=None)``
+    without naming the model; its frame holds it as ``model``.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "predict" and "ckpt_path" in frame.f_locals):
+        frame = frame.f_back
+    return None if frame is None else frame.f_locals.get("model")
 
 
 def filter_engine_log(log_filter: logging.Filter) -> None:

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -195,12 +194,7 @@ class QuietCheckpointNotice(logging.Filter):
         """Whether to keep ``record``."""
         if not str(record.msg).startswith(self.MESSAGE):
             return True
-        frame = sys._getframe(1)
-        while frame is not None and not (frame.f_code.co_name == "predict" and "ckpt_path" in frame.f_locals):
-            frame = frame.f_back
-        if frame is None:
-            return True
-        model = frame.f_locals.get("model")
+        model = upstream.model_being_predicted()
         from .base import FewShotModel  # the base imports this module
 
         return not (isinstance(model, FewShotModel) and (model.k_shot or model._support_ready()))
