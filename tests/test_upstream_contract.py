@@ -219,6 +219,23 @@ def test_kcenter_projection_is_anomalibs_seeded_projection() -> None:
     assert sampler.coreset_size == 20
 
 
+def test_the_private_hooks_we_override_are_still_called_by_their_public_methods() -> None:
+    """FewShotPostProcessor, FewShotBenchmark and WinClipPlusModel override or call these private members."""
+    from anomalib.models.image.winclip.torch_model import WinClipModel
+    from anomalib.pipelines import Benchmark
+
+    post = inspect.getsource(PostProcessor)
+    for name in ("_checkpoint_config_keys", "_normalize", "_apply_threshold"):
+        assert hasattr(PostProcessor, name), name
+        assert post.count(f"self.{name}") >= 2, name  # used by the class, not only defined
+    assert hasattr(Benchmark, "_setup_runners")
+    assert "self._setup_runners(" in inspect.getsource(Benchmark.__mro__[1])  # the Pipeline base calls it
+    winclip = inspect.getsource(WinClipModel)
+    for name in ("_generate_masks", "_compute_zero_shot_scores"):
+        assert f"def {name}(" in winclip, name
+    assert "self._transform" in inspect.getsource(WinClipModel.transform.fget)  # read by the public property
+
+
 def test_init_skipping_runs_the_next_constructor_only() -> None:
     calls = []
 

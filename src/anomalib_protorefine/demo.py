@@ -41,12 +41,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from anomalib_protorefine.demo_outputs import (
     METHODS,
     METRICS,
     RunResult,
+    batch_timer,
     decision_counter,
     demo_console,
     format_value,
@@ -56,7 +57,6 @@ from anomalib_protorefine.demo_outputs import (
 if TYPE_CHECKING:
     from anomalib.data import Folder
     from anomalib.metrics import Evaluator
-    from lightning.pytorch import Callback
     from rich.console import Console
 
     from anomalib_protorefine.models import PatchCorePlus
@@ -132,32 +132,6 @@ def build_evaluator() -> Evaluator:
     )
 
 
-def _timer_callback() -> Callback:
-    """A Lightning callback timing the test batches (from batch start to batch end)."""
-    from lightning.pytorch import Callback
-
-    class TestBatchTimer(Callback):
-        """Accumulate the wall time and the number of images of the test batches."""
-
-        def __init__(self) -> None:
-            self.seconds = 0.0
-            self.images = 0
-            self._start = 0.0
-
-        def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
-            """Start the clock."""
-            del args, kwargs
-            self._start = time.perf_counter()
-
-        def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any) -> None:
-            """Stop the clock and count the batch's images."""
-            del trainer, pl_module, outputs, args
-            self.seconds += time.perf_counter() - self._start
-            self.images += len(batch)
-
-    return TestBatchTimer()
-
-
 def _datamodule(root: Path, category: str, quick: bool) -> Folder:
     """The synthetic data set as an anomalib ``Folder`` datamodule (generated on first use)."""
     from anomalib_protorefine.data import synthetic_datamodule
@@ -228,7 +202,7 @@ def _run(
         evaluator=build_evaluator(),
         visualizer=False,  # we draw our own heat maps
     )
-    timer = _timer_callback()
+    timer = batch_timer()
     counter = decision_counter()
     engine = Engine(
         default_root_dir=engine_root,

@@ -14,6 +14,7 @@ does before it quiets the libraries' loggers) imports neither.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "METRICS",
     "NUM_HEATMAPS",
     "RunResult",
+    "batch_timer",
     "decision_counter",
     "demo_console",
     "format_value",
@@ -79,6 +81,38 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------------------------- setup
+
+
+def batch_timer() -> Callback:
+    """A Lightning callback timing the test batches (from batch start to batch end).
+
+    Example:
+        >>> timer = batch_timer()
+        >>> timer.seconds, timer.images
+        (0.0, 0)
+    """
+    from lightning.pytorch import Callback
+
+    class TestBatchTimer(Callback):
+        """Accumulate the wall time and the number of images of the test batches."""
+
+        def __init__(self) -> None:
+            self.seconds = 0.0
+            self.images = 0
+            self._start = 0.0
+
+        def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+            """Start the clock."""
+            del args, kwargs
+            self._start = time.perf_counter()
+
+        def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any) -> None:
+            """Stop the clock and count the batch's images."""
+            del trainer, pl_module, outputs, args
+            self.seconds += time.perf_counter() - self._start
+            self.images += len(batch)
+
+    return TestBatchTimer()
 
 
 def decision_counter() -> Callback:

@@ -51,6 +51,8 @@ __all__ = [
     "replace_samples",
     "set_stored_hparam",
     "set_validation_batches",
+    "set_validation_data",
+    "stored_hparams",
     "threshold_metrics",
     "threshold_state_key",
     "validation_batches",
@@ -165,6 +167,11 @@ def validation_source_is(trainer: Any, module: Any) -> bool:
 def validation_data_of(datamodule: Any) -> Any:
     """The validation dataset of an anomalib datamodule, ``None`` when it has none (``val_split_mode="none"``)."""
     return getattr(datamodule, "val_data", None)
+
+
+def set_validation_data(datamodule: Any, dataset: Any) -> None:
+    """Give an anomalib datamodule a validation dataset (what its ``val_dataloader`` serves)."""
+    datamodule.val_data = dataset
 
 
 def mark_checkpoint_written(callback: Any, path: str) -> None:

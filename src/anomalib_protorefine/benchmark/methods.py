@@ -302,7 +302,7 @@ def run_engine(
     if upstream.validation_data_of(datamodule) is None:
         # anomalib's Engine validates few-shot models before testing: give it the test set (no effect on the
         # threshold-free metrics; without a post-processor nothing is normalised).
-        datamodule.val_data = test
+        upstream.set_validation_data(datamodule, test)
     init_args = dict(method.init_args)
     model_class = method.model_class
     if model_class is not None and model_class.cached_features:

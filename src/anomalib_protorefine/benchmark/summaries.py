@@ -25,10 +25,9 @@ from typing import Any
 
 import pandas as pd
 
-from anomalib_protorefine.models.patchcore_plus.lightning_model import PATCHCORE_DEFAULT_PRESET
-
 from .config import BenchmarkPlan, MethodSpec
 from .rules import DecisionRules, rule_prefix
+from .spec import default_refiner
 from .tables import _per_seed, format_cell
 
 __all__ = [
@@ -173,8 +172,11 @@ def _decision_tables(frame: pd.DataFrame) -> list[str]:
 def _on_candidate(plan: BenchmarkPlan, method: MethodSpec) -> MethodSpec | None:
     """The run's method with the default refiner on the same base as the self-calibrating ``method``."""
     for other in plan.methods:
-        refiner = other.init_args.get("refiner", True)
-        if other.base == method.base and other.name != method.name and refiner in (True, PATCHCORE_DEFAULT_PRESET):
+        model = other.model_class
+        if model is None or other.base != method.base or other.name == method.name:
+            continue
+        refiner = other.init_args.get("refiner", default_refiner(model))
+        if refiner is True or refiner == model.refiner_default_preset:
             return other
     return None
 

@@ -31,7 +31,7 @@ from .callbacks import (
     warn_about_flat_images,
 )
 from .checkpoints import CheckedCheckpointIO, CheckpointMixin
-from .export import ExportMixin
+from .export import FewShotExportMixin
 from .line_calibration import LineCalibrationMixin
 from .support import SupportMixin
 from .support_thresholds import ThresholdMixin
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FewShotModel"]
 
 
-class FewShotModel(SupportMixin, ThresholdMixin, LineCalibrationMixin, CheckpointMixin, ExportMixin):
+class FewShotModel(SupportMixin, ThresholdMixin, LineCalibrationMixin, CheckpointMixin, FewShotExportMixin):
     """The few-shot model base: construction order, support, thresholds, checkpoints, export, owned once.
 
     A model lists it before its upstream anomalib model in its bases (``class PatchCorePlus(FewShotModel,

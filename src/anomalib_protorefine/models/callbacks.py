@@ -25,8 +25,6 @@ from PIL import Image
 
 from anomalib_protorefine import upstream
 
-logger = logging.getLogger(__name__)
-
 __all__ = [
     "FLAT_SHARE",
     "QuietCheckpointNotice",

@@ -69,7 +69,7 @@ class ScoreOption:
 
     @classmethod
     def attribute(cls, name: str) -> ScoreOption:
-        """An option held by the Lightning model itself (set through its property, which validates it)."""
+        """An option held by the Lightning model itself (set as an attribute: through its property where it has one)."""
         return cls(name, lambda model: getattr(model, name), lambda model, value: setattr(model, name, value))
 
     @classmethod

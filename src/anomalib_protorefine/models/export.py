@@ -15,9 +15,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["EXPORT_LOGGERS", "ExportMixin", "fail_safe", "quiet_loggers", "release_inference_tensors"]
+__all__ = ["EXPORT_LOGGERS", "FewShotExportMixin", "fail_safe", "quiet_loggers", "release_inference_tensors"]
 
 
 def fail_safe(output: Any, invalid: torch.Tensor) -> Any:
@@ -99,7 +97,7 @@ def release_inference_tensors(module: torch.nn.Module) -> int:
     return count
 
 
-class ExportMixin:
+class FewShotExportMixin:
     """The forward and exports of a few-shot model (part of :class:`~anomalib_protorefine.models.base.FewShotModel`)."""
 
     def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

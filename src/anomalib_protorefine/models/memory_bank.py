@@ -28,10 +28,13 @@ __all__ = ["FewShotMemoryBankMixin"]
 
 
 class FewShotMemoryBankMixin:
-    """Training, learning type, trainer arguments, ONNX/OpenVINO export and support reset of a memory-bank model.
+    """Bank building, training, learning type, trainer arguments, ONNX/OpenVINO export and support reset.
 
-    The class using it holds ``k_shot``, ``few_shot_source``, ``support_paths``, anomalib's fitted flag,
-    ``_ensure_ready()`` and a torch model with ``memory_bank``, ``embedding_store`` and ``exporting()``.
+    Listed before :class:`~anomalib_protorefine.models.base.FewShotModel` by a model whose torch model
+    is a :class:`~anomalib_protorefine.models.contract.MemoryBankTorchModel`. It implements
+    ``_ensure_ready`` (support draw, thresholds, bank) with two hooks for the model:
+    ``_before_support_bank`` (e.g. choosing the refiner) and ``_bank_from_collected_embeddings``
+    (full-shot banks from ``Engine.fit``).
     """
 
     #: Memory-bank models are scored on cached test features by the few-shot benchmark.

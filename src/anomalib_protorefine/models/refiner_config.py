@@ -8,15 +8,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jsonargparse.typing import register_type
 
 from anomalib_protorefine.refinement import PrototypeRefiner, RefinerOptions
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["RefinerPreset", "make_refiner", "plain_refiner", "refiner_option_names"]
 

@@ -143,6 +143,8 @@ class AnomalyDINOPlus(FewShotMemoryBankMixin, FewShotModel, AnomalyDINO, Anomali
         super(AnomalyDINO, self).__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
+        # FewShotModel.__init__ is skipped with AnomalyDINO's: record what it records (a given input size).
+        self.__dict__["_pre_processor_given"] = not isinstance(pre_processor, bool)
         self.model: AnomalyDINOPlusModel = AnomalyDINOPlusModel(
             num_neighbours=num_neighbours,
             encoder_name=encoder_name,
