@@ -33,7 +33,6 @@ from .config import BenchmarkPlan, DataSpec, MethodSpec
 from .features import CachedTestSet, feature_model_args
 from .job import RunContext
 from .methods import build_feature_model
-from .spec import default_refiner
 
 if TYPE_CHECKING:
     from anomalib_protorefine.models import PatchCorePlus
@@ -53,14 +52,11 @@ def _save(figure: plt.Figure, path: Path) -> None:
 def _pair(plan: BenchmarkPlan) -> tuple[MethodSpec, MethodSpec] | None:
     """(base, refined): the first cached-feature model with a refiner whose base is in the run."""
     for method in plan.methods:
-        refiner = method.init_args.get("refiner", default_refiner(method.model_class)) if method.model_class else False
         if (
             method.uses_cached_features
-            and not method.is_fastrecon
+            and method.refines_with_options
             and method.base is not None
             and method.sweep is None
-            and refiner is not False
-            and refiner not in ("off", "auto")
             and plan.method(method.base).uses_cached_features
             and _same_features(plan.method(method.base), method)
         ):

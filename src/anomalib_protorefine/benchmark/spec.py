@@ -64,6 +64,19 @@ class MethodSpec:
         return self.class_path == FASTRECON
 
     @property
+    def refiner(self) -> Any:
+        """The ``refiner`` argument: as given, else the model's default (``False`` for FastRecon and other models)."""
+        model = self.model_class
+        if model is None or self.is_fastrecon:
+            return False
+        return self.init_args.get("refiner", default_refiner(model))
+
+    @property
+    def refines_with_options(self) -> bool:
+        """Whether the method refines with fixed options (neither off nor chosen per task by ``"auto"``)."""
+        return self.refiner is not False and self.refiner not in ("off", "auto")
+
+    @property
     def uses_cached_features(self) -> bool:
         """Whether the method is scored on the cached test features (else: anomalib's Engine)."""
         model = self.model_class
@@ -111,12 +124,11 @@ def refiner_options(method: MethodSpec) -> dict[str, Any]:
     from anomalib_protorefine.models.refiner_config import make_refiner
 
     model = method.model_class
-    refiner = method.init_args.get("refiner", default_refiner(model)) if model is not None else False
     module = None
-    if not method.is_fastrecon and refiner is not False and refiner not in ("auto", "off"):
-        module = make_refiner(refiner, model.refiner_presets, model.refiner_default_preset)
+    if method.refines_with_options:
+        module = make_refiner(method.refiner, model.refiner_presets, model.refiner_default_preset)
     if module is None:
-        msg = f"benchmark.sweeps: {method.name!r} has no refiner to sweep (refiner={refiner!r})."
+        msg = f"benchmark.sweeps: {method.name!r} has no refiner to sweep (refiner={method.refiner!r})."
         raise BenchmarkConfigError(msg)
     return module.options.as_dict()
 

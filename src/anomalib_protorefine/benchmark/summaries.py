@@ -27,7 +27,6 @@ import pandas as pd
 
 from .config import BenchmarkPlan, MethodSpec
 from .rules import DecisionRules, rule_prefix
-from .spec import default_refiner
 from .tables import _per_seed, format_cell
 
 __all__ = [
@@ -175,8 +174,7 @@ def _on_candidate(plan: BenchmarkPlan, method: MethodSpec) -> MethodSpec | None:
         model = other.model_class
         if model is None or other.base != method.base or other.name == method.name:
             continue
-        refiner = other.init_args.get("refiner", default_refiner(model))
-        if refiner is True or refiner == model.refiner_default_preset:
+        if other.refiner is True or other.refiner == model.refiner_default_preset:
             return other
     return None
 

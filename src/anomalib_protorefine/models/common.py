@@ -19,7 +19,6 @@ from typing import Any
 from anomalib_protorefine._deprecation import moved_names, warn_renamed
 
 _MOVED = {
-    "FewShotModel": "anomalib_protorefine.models.base",
     "RefinerPreset": "anomalib_protorefine.models.refiner_config",
     "make_refiner": "anomalib_protorefine.models.refiner_config",
     "plain_refiner": "anomalib_protorefine.models.refiner_config",
