@@ -571,6 +571,9 @@ def test_the_measurements_doc_names_only_configs_and_scripts_that_exist(repo_roo
         ("decision", "decision_rule"),
         ("default_choice", "default_confirm"),
         ("default_choice", "augmentation"),
+        ("tiling", "resolution"),
+        ("resolution", "resolution_aspect"),
+        ("default_confirm", "resolution_confirm"),
     ],
 )
 def test_study_configs_share_the_settings_of_the_runs_they_are_compared_with(

@@ -128,6 +128,32 @@ def test_gradient_m_step_keeps_weights_on_the_neighbours() -> None:
     assert ((moved != 0) <= mask).all()
 
 
+@pytest.mark.parametrize("transport", [False, True])
+def test_local_prototype_norms_are_those_of_the_refined_prototypes(transport: bool) -> None:
+    """The local forms give ``||(W M)_j||^2`` from each patch's K neighbours; they must be the norms of
+    the prototypes ``W M`` formed explicitly in float64."""
+    queries, bank = _data(7)
+    result = PrototypeRefiner(neighbors=5, transport=transport, num_iterations=2).refine(queries, bank)
+    assert result.proto_sq is not None
+    explicit = (result.transform.double() @ bank.double()).pow(2).sum(-1)
+    torch.testing.assert_close(result.proto_sq.double(), explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_local_matched_scores_are_each_patch_distance_to_its_own_local_projection() -> None:
+    """The m-linear form (K neighbours, no transport, own prototype, fused): each patch is scored by
+    sqrt(||f - P_j|| ||f - nearest||), with P_j its float64 ridge projection onto its neighbours."""
+    queries, bank = _data(8)
+    refiner = PrototypeRefiner(neighbors=6, transport=False, scoring_bank="matched", score_fusion="geometric")
+    scores = refiner.patch_scores(queries, bank)
+    rho = BankFactors.from_bank(bank, lambda_=0.3, ridge=refiner.options.ridge, normalize=False).ridge
+    weights = _local_minimiser64(queries, bank, torch.zeros_like(queries), 0.0, rho, 6, False)
+    own = (queries.double() - weights @ bank.double()).norm(dim=-1)
+    nearest = torch.cdist(queries.double(), bank.double()).amin(-1)
+    torch.testing.assert_close(scores.double(), (own * nearest).sqrt(), rtol=1e-4, atol=1e-4)
+    assert PrototypeRefiner(transport=False, neighbors=6).refine(queries, bank).proto_sq is not None
+    assert PrototypeRefiner(transport=False).refine(queries, bank).proto_sq is None  # whole bank: formed when scored
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
@@ -158,3 +184,54 @@ def test_geometric_fusion_is_the_geometric_mean_with_the_nearest_neighbour(scori
 def test_invalid_score_fusion_names_the_option() -> None:
     with pytest.raises(ValueError, match=r"^score_fusion must be one of 'none', 'geometric'"):
         RefinerOptions(score_fusion="mean")
+
+
+def _flops(refiner: PrototypeRefiner, queries: torch.Tensor, bank: torch.Tensor) -> int:
+    """Multiply-add flops of scoring ``queries`` once the bank's factors (formed once per bank) are cached."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    refiner.patch_scores(queries, bank)
+    with FlopCounterMode(display=False) as counter:
+        refiner.patch_scores(queries, bank)
+    return counter.get_total_flops()
+
+
+def test_local_preset_costs_what_the_nearest_neighbour_search_costs() -> None:
+    """The ``"local"`` preset's products grow like PatchCore's search (``2 m n c`` multiply-adds, counted by
+    hand) as the image grows (m patches, a bank a fixed share of them), the whole-bank EM's (``m n^2``) do not."""
+    from anomalib_protorefine.models.patchcore_plus.lightning_model import (
+        PATCHCORE_FUSED_REFINER,
+        PATCHCORE_LOCAL_REFINER,
+    )
+
+    channels = 64
+    local_ratio, fused_ratio = [], []
+    for patches in (256, 1024):
+        gen = torch.Generator().manual_seed(patches)
+        queries = torch.randn(1, patches, channels, generator=gen)
+        bank = torch.randn(patches // 8, channels, generator=gen)
+        search = 2 * patches * bank.shape[0] * channels
+        local_ratio.append(_flops(PrototypeRefiner(**PATCHCORE_LOCAL_REFINER), queries, bank) / search)
+        fused_ratio.append(_flops(PrototypeRefiner(**PATCHCORE_FUSED_REFINER), queries, bank) / search)
+    assert max(local_ratio) < 2.0, local_ratio
+    assert local_ratio[1] < 1.1 * local_ratio[0], local_ratio
+    assert fused_ratio[1] > 2.0 * fused_ratio[0], fused_ratio  # the whole-bank EM: m n^2, n grows with m
+
+
+def test_whole_bank_refinement_of_a_large_map_warns_once_and_the_local_form_does_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from anomalib_protorefine.refinement.refiner import LARGE_MAP_PATCHES
+
+    gen = torch.Generator().manual_seed(9)
+    bank = torch.randn(20, 4, generator=gen)
+    large, small = torch.randn(1, LARGE_MAP_PATCHES + 1, 4, generator=gen), torch.randn(1, 64, 4, generator=gen)
+    with caplog.at_level("WARNING", logger="anomalib_protorefine.refinement.refiner"):
+        PrototypeRefiner(num_iterations=1).refine(small, bank)
+        assert not caplog.records
+        whole = PrototypeRefiner(num_iterations=1)
+        whole.refine(large, bank)
+        whole.refine(large, bank)
+        PrototypeRefiner(neighbors=4, transport=False).refine(large, bank)
+    assert len(caplog.records) == 1
+    assert "refiner='local'" in caplog.records[0].getMessage()

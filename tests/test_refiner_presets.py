@@ -35,6 +35,15 @@ def test_default_is_the_fused_form_and_paper_is_one_argument_away() -> None:
     assert _options(make_model(refiner=False)) is None
 
 
+def test_local_preset_is_the_linear_cost_form() -> None:
+    """``refiner="local"``: 16 neighbours, no transport term, own refined prototype, fused with the nearest one."""
+    local = _options(make_model(refiner="local"))
+    default = _options(make_model())
+    expected = {"neighbors": 16, "transport": False, "scoring_bank": "matched", "score_fusion": "geometric"}
+    assert {key: local[key] for key in expected} == expected
+    assert {k for k in default if default[k] != local[k]} == {"neighbors", "transport", "scoring_bank"}
+
+
 def test_dict_overrides_the_default_form() -> None:
     options = _options(make_model(refiner={"lambda_": 1.0}))
     assert (options["lambda_"], options["score_fusion"]) == (1.0, "geometric")
@@ -45,7 +54,8 @@ def test_dict_overrides_the_default_form() -> None:
 
 
 def test_unknown_preset_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="refiner='fast' is not a preset: use one of 'fused', 'paper', 'auto', 'off'"):
+    names = "'fused', 'paper', 'local', 'auto', 'off'"
+    with pytest.raises(ValueError, match=f"refiner='fast' is not a preset: use one of {names}"):
         make_model(refiner="fast")
 
 

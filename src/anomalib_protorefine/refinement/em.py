@@ -270,6 +270,7 @@ def refinement_stats(
     lambda_: float,
     em: EMResult | None,
     start: float,
+    proto_sq: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The statistics of one refinement, as :attr:`PrototypeRefiner.last_stats` holds them.
 
@@ -282,6 +283,7 @@ def refinement_stats(
         lambda_: Weight of the transport term.
         em: The EM's result (``None`` without transport).
         start: ``time.perf_counter()`` at the start of the refinement.
+        proto_sq: ``||(W M)_j||^2`` if already known (the local forms), else formed here.
 
     Returns:
         ``em_iterations``, ``sinkhorn_iterations`` (per query), ``objective`` and ``ot_cost`` (batch
@@ -289,10 +291,10 @@ def refinement_stats(
     """
     batch = weights.shape[0]
     transport: torch.Tensor | None = None
-    proto_sq: torch.Tensor | None = None
     if plan is not None and weighted_gram is not None:
         # <C, T> from the marginals: sum_i |M_i|^2 T_i. + sum_j |p_j|^2 T_.j - 2 <W G, T^T>.
-        proto_sq = (weighted_gram * weights).sum(-1)
+        if proto_sq is None:
+            proto_sq = (weighted_gram * weights).sum(-1)
         transport = (
             (plan.sum(-1) * factors.sq_norms).sum(-1)
             + (plan.sum(-2) * proto_sq).sum(-1)

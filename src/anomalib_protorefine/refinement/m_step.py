@@ -244,15 +244,34 @@ class LocalClosedFormStep:
         self.index = distance.topk(min(neighbors, num_bank), dim=-1, largest=False).indices  # (B, m, K)
         self.mask = torch.zeros_like(terms.cross, dtype=torch.bool).scatter_(-1, self.index, True)
         gram64 = factors.gram.double()
-        local = gram64[self.index[..., :, None], self.index[..., None, :]]  # (B, m, K, K)
-        eye = torch.eye(local.shape[-1], dtype=local.dtype, device=local.device)
-        self._init_inverse = torch.cholesky_inverse(torch.linalg.cholesky(local + factors.ridge * eye)).float()
-        self._inverse = torch.cholesky_inverse(torch.linalg.cholesky((1.0 + lambda_) * local + factors.ridge * eye))
-        self._inverse = self._inverse.float()
-        self.local_cross = terms.cross.gather(-1, self.index)  # (B, m, K)
+        self._local_gram = gram64[self.index[..., :, None], self.index[..., None, :]]  # (B, m, K, K)
         self.factors = factors
+        self._init_inverse = self._local_inverse(1.0)
+        self._em_inverse: torch.Tensor | None = None
+        self.local_cross = terms.cross.gather(-1, self.index)  # (B, m, K)
         self.lambda_ = lambda_
         self.affine = affine
+
+    def _local_inverse(self, scale: float) -> torch.Tensor:
+        """``(scale G_I + rho I)^-1`` of every patch's neighbours, in float64, returned as float32."""
+        local = self._local_gram
+        eye = torch.eye(local.shape[-1], dtype=local.dtype, device=local.device)
+        return torch.cholesky_inverse(torch.linalg.cholesky(scale * local + self.factors.ridge * eye)).float()
+
+    @property
+    def _inverse(self) -> torch.Tensor:
+        """The EM's inverse ``((1 + lambda) G_I + rho I)^-1``, formed on first use (never without transport)."""
+        if self._em_inverse is None:
+            self._em_inverse = self._local_inverse(1.0 + self.lambda_)
+        return self._em_inverse
+
+    def prototype_sq_norms(self, weights: torch.Tensor) -> torch.Tensor:
+        """``||(W M)_j||^2`` from the neighbours alone, ``(B, m)``: ``K^2`` per patch instead of ``n^2``.
+
+        ``weights`` must be a W of this step (each row non-zero only on its patch's neighbours).
+        """
+        local = weights.gather(-1, self.index).double()  # (B, m, K)
+        return torch.einsum("bmk,bmkl,bml->bm", local, self._local_gram, local).float()
 
     def _solve(self, inverse: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """Local coefficients ``(B, m, K)`` for the right-hand sides ``rhs`` ``(B, m, K)``."""

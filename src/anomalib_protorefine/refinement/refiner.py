@@ -57,6 +57,9 @@ __all__ = ["EXPORT_SINKHORN_ITERATIONS", "POT_METHODS", "PrototypeRefiner", "Ref
 logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
+#: Patches per image above which the whole-bank EM (``m n^2`` per iteration, ``n`` growing with ``m``) is
+#: announced as costly: a 32 x 32 feature map, i.e. a CNN at 256 px.
+LARGE_MAP_PATCHES = 1024
 #: Largest block of query-prototype dot products formed at once when scoring (elements, 8 MB).
 _SCORE_CHUNK = 1 << 21
 #: Sinkhorn iterations per E-step of an exported refiner (``sinkhorn_method="fixed"``), unless the
@@ -74,6 +77,8 @@ class RefinementResult:
         terms: Query products ``F M^T`` and ``||F||^2`` used for scoring.
         factors: The bank factors.
         stats: Refinement statistics (iterations, OT cost, objective, seconds).
+        proto_sq: ``||(W M)_j||^2``, ``(B, m)``, where the refinement formed them more cheaply than
+            ``W G W^T`` (the local forms: from each patch's neighbours); ``None``: formed when scoring.
     """
 
     transform: torch.Tensor
@@ -81,6 +86,7 @@ class RefinementResult:
     terms: QueryTerms
     factors: BankFactors
     stats: dict[str, float] = field(default_factory=dict)
+    proto_sq: torch.Tensor | None = None
 
     @property
     def prototypes(self) -> torch.Tensor:
@@ -120,6 +126,7 @@ class PrototypeRefiner(nn.Module):
         self._factor_cache: OrderedDict[tuple, BankFactors] = OrderedDict()
         self._export_factors: BankFactors | None = None  # set while a static graph is being exported
         self.last_stats: dict[str, float] = {}
+        self._cost_announced = False
 
     def extra_repr(self) -> str:
         """Show the options in ``print(model)``."""
@@ -260,6 +267,23 @@ class PrototypeRefiner(nn.Module):
         finally:
             self.options, self._export_factors = saved, None
 
+    def _announce_cost(self, num_patches: int, num_bank: int) -> None:
+        """Warn once when the whole-bank EM runs on a large feature map, where its cost outgrows PatchCore's."""
+        opts = self.options
+        whole_bank = opts.transport and (opts.neighbors is None or opts.neighbors >= num_bank)
+        if self._cost_announced or not whole_bank or num_patches <= LARGE_MAP_PATCHES or self.is_exporting:
+            return
+        self._cost_announced = True
+        logger.warning(
+            "Refining %d patches per image against the whole bank of %d prototypes: the EM costs about m n^2 per "
+            "iteration, several times a nearest-neighbour search at this size (docs/benchmarks.md, 'Resolution'). "
+            "For large inputs refine each patch from its 16 nearest prototypes at about PatchCore's cost: "
+            "PatchCorePlus(refiner='local'), elsewhere refiner={'neighbors': 16, 'transport': False, "
+            "'scoring_bank': 'matched'}.",
+            num_patches,
+            num_bank,
+        )
+
     @float32_compute
     def refine(self, queries: torch.Tensor, bank: torch.Tensor) -> RefinementResult:
         """Refine ``bank`` for each query.
@@ -280,6 +304,7 @@ class PrototypeRefiner(nn.Module):
         if opts.distance == "cosine":
             features = F.normalize(features, dim=-1)
         terms = QueryTerms.from_features(features, factors)
+        self._announce_cost(queries.shape[1], bank.shape[0])
         local = None
         if (opts.neighbors is not None and opts.neighbors < bank.shape[0]) or opts.affine:
             local = LocalClosedFormStep(terms, factors, opts.lambda_, opts.neighbors or bank.shape[0], opts.affine)
@@ -292,11 +317,15 @@ class PrototypeRefiner(nn.Module):
         if opts.transport:
             em = expectation_maximization(terms, factors, weights, local, opts, exporting=exporting)
             weights, weighted_gram, plan = em.weights, em.weighted_gram, em.plan
+        # A local W has K non-zeros per row: its prototype norms cost m K^2, not the m n^2 of W G W^T.
+        proto_sq = None if local is None else local.prototype_sq_norms(weights)
         if exporting:  # statistics are Python floats of the data: not part of a static graph
-            return RefinementResult(transform=weights, plan=plan, terms=terms, factors=factors)
-        stats = refinement_stats(weights, weighted_gram, plan, terms, factors, opts.lambda_, em, start)
+            return RefinementResult(transform=weights, plan=plan, terms=terms, factors=factors, proto_sq=proto_sq)
+        stats = refinement_stats(weights, weighted_gram, plan, terms, factors, opts.lambda_, em, start, proto_sq)
         self.last_stats = stats
-        return RefinementResult(transform=weights, plan=plan, terms=terms, factors=factors, stats=stats)
+        return RefinementResult(
+            transform=weights, plan=plan, terms=terms, factors=factors, stats=stats, proto_sq=proto_sq
+        )
 
     def forward(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Return the refined prototypes ``P = W M``, ``(B, m, c)``, in the input dtype."""
@@ -312,7 +341,7 @@ class PrototypeRefiner(nn.Module):
         geometric mean of that distance and the distance to the nearest prototype of the original bank.
         """
         terms, factors, weights = result.terms, result.factors, result.transform
-        proto_sq = prototype_sq_norms(weights, factors.gram)  # (B, m)
+        proto_sq = result.proto_sq if result.proto_sq is not None else prototype_sq_norms(weights, factors.gram)
         cosine = self.options.distance == "cosine"
         mode = self.options.scoring_bank
         if mode == "matched":

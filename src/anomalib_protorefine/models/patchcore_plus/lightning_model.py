@@ -57,10 +57,20 @@ PATCHCORE_PAPER_REFINER: dict[str, Any] = {"lambda_": 0.3, "num_iterations": 10,
 #: The default form (docs/method.md, "Score fusion"; how it was chosen: docs/benchmarks.md): the
 #: paper's EM, each patch scored with the geometric mean of its refined and its nearest-neighbour distance.
 PATCHCORE_FUSED_REFINER: dict[str, Any] = {**PATCHCORE_PAPER_REFINER, "score_fusion": "geometric"}
+#: The local form whose cost grows like PatchCore's with the number of patches (docs/method.md, "Locality"):
+#: each patch's prototype rebuilt from its 16 nearest bank prototypes, no transport term, the patch scored
+#: against its own refined prototype, fused with its nearest-neighbour distance.
+PATCHCORE_LOCAL_REFINER: dict[str, Any] = {
+    **PATCHCORE_FUSED_REFINER,
+    "neighbors": 16,
+    "transport": False,
+    "scoring_bank": "matched",
+}
 #: Named refiner settings of PatchCorePlus (``refiner="paper"`` etc.).
 PATCHCORE_REFINER_PRESETS: dict[str, dict[str, Any]] = {
     "fused": PATCHCORE_FUSED_REFINER,
     "paper": PATCHCORE_PAPER_REFINER,
+    "local": PATCHCORE_LOCAL_REFINER,
 }
 #: The preset of ``refiner=True``.
 PATCHCORE_DEFAULT_PRESET = "fused"
@@ -99,9 +109,11 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         refiner: ``True`` or ``"fused"`` (the default form: the paper's EM, lambda 0.3, N 10, with
             each patch scored by the geometric mean of its refined and nearest-neighbour distances;
             see docs/method.md), ``"paper"`` (the paper's exact form: refined distance alone),
-            ``"auto"`` (self-calibration: refinement on or off, chosen per task from the support
-            images alone), ``False`` or ``"off"`` (plain PatchCore scored with the same code: the
-            baseline), a dict of the options to change (the others keep the default form's; CLI:
+            ``"local"`` (each patch rebuilt from its 16 nearest prototypes, no transport, fused: a cost
+            that grows like PatchCore's with the image size, for large inputs), ``"auto"``
+            (self-calibration: refinement on or off, chosen per task from the support images alone),
+            ``False`` or ``"off"`` (plain PatchCore scored with the same code: the baseline), a dict of
+            the options to change (the others keep the default form's; CLI:
             ``--model.refiner.lambda_ 0.2``), or a :class:`PrototypeRefiner` (used as given).
         online: "Online PatchCore+" (paper Table 6): refined prototypes join a bounded extra bank.
         online_capacity: Size bound of the online bank (default: the support bank's size).
