@@ -39,6 +39,7 @@ import torch
 from anomalib_protorefine import PatchCorePlus, PrototypeRefiner
 from anomalib_protorefine.benchmark.resources import peak_memory
 from anomalib_protorefine.few_shot import folder_images, load_images
+from anomalib_protorefine.models.patchcore_plus.lightning_model import PATCHCORE_LOCAL_REFINER
 
 BASELINE = "PatchCore (baseline)"
 
@@ -50,6 +51,8 @@ def variants(
     table: dict[str, dict[str, Any] | None] = {BASELINE: None}
     # PatchCorePlus's default form: the paper's EM (lambda 0.3, closed form) with geometric score fusion.
     table["default (fused): lambda 0.3, closed form, auto"] = {"lambda_": 0.3, "score_fusion": "geometric"}
+    # The local preset (refiner="local"): 16 neighbours, no transport term, own refined prototype, fused.
+    table["local: 16 neighbours, no transport"] = dict(PATCHCORE_LOCAL_REFINER)
     for count in iterations or ():
         table[f"fused, N {count}"] = {"lambda_": 0.3, "score_fusion": "geometric", "num_iterations": count}
     for solver in solvers:
