@@ -49,6 +49,21 @@ def test_a_preset_alone_and_options_alone_keep_their_meaning() -> None:
     assert build(["--model.refiner", "false"]).model.model.refiner is None
 
 
+@pytest.mark.parametrize(("arguments", "size"), [(["--model.image_size", "512"], (512, 512)), ([], (256, 256))])
+def test_image_size_on_the_command_line_sets_the_input_size(arguments: list[str], size: tuple[int, int]) -> None:
+    """``--model.image_size 512``: the default pre-processor resizes to 512 x 512 (anomalib's Resize), with the
+    backbone's normalisation; the local refiner is one preset name away."""
+    from torchvision.transforms.v2 import Normalize, Resize
+
+    cli = build([*arguments, "--model.refiner", "local"])
+    resize, normalize = cli.model.pre_processor.transform.transforms
+    assert isinstance(resize, Resize)
+    assert tuple(resize.size) == size
+    assert isinstance(normalize, Normalize)
+    assert normalize.mean == [0.485, 0.456, 0.406]  # resnet18's ImageNet values
+    assert cli.model.model.refiner.options.neighbors == 16
+
+
 def test_options_over_a_preset_that_takes_none_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     """``auto`` chooses the refiner itself: options over it are refused naming the presets that take them."""
     with pytest.raises(SystemExit):

@@ -293,12 +293,18 @@ def test_dynamic_onnx_export_of_plain_patchcore_takes_any_batch(part: Path, tmp_
         )
 
 
-def test_a_checkpoint_of_another_image_size_warns_naming_both_sizes(part: Path, tmp_path: Path) -> None:
-    """``ckpt_path`` with a pre-processor of another size: the checkpoint's size is used, and a warning says so."""
+@pytest.mark.parametrize("asked", ["pre_processor", "image_size"])
+def test_a_checkpoint_of_another_image_size_warns_naming_both_sizes(part: Path, tmp_path: Path, asked: str) -> None:
+    """``ckpt_path`` with a pre-processor (or ``image_size``) of another size: the checkpoint's size is used, and a
+    warning says so."""
     engine = Engine(default_root_dir=tmp_path / "fit", **QUIET)
     engine.fit(tiny_model(), datamodule=good_only(part))
     path = engine.trainer.checkpoint_callback.best_model_path
-    other = tiny_model(pre_processor=PatchCorePlus.configure_pre_processor(image_size=(32, 32), backbone="resnet18"))
+    if asked == "pre_processor":
+        pre_processor = PatchCorePlus.configure_pre_processor(image_size=(32, 32), backbone="resnet18")
+        other = tiny_model(pre_processor=pre_processor)
+    else:
+        other = tiny_model(pre_processor=True, image_size=32)
     with pytest.warns(UserWarning, match=r"image size \[64, 64\] and runs at that size.*\[32, 32\] is not used"):
         predictions = Engine(default_root_dir=tmp_path / "predict", **QUIET).predict(
             other, data_path=part / "test" / "defect", ckpt_path=path

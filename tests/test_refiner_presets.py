@@ -101,3 +101,30 @@ def test_sgd_step_size_beyond_the_stable_range_names_lr() -> None:
     refiner = PrototypeRefiner(m_step="gradient", lr=1.9)
     torch.manual_seed(0)
     assert torch.isfinite(refiner.refine(torch.randn(1, 50, 16), torch.randn(20, 16)).prototypes).all()
+
+
+@pytest.mark.parametrize(
+    ("image_size", "pre_processor", "match"),
+    [
+        (0, True, r"^image_size must be a positive integer or \[height, width\]"),
+        (True, True, r"^image_size must be a positive integer"),
+        ((256, 256, 3), True, r"^image_size must be a positive integer"),
+        ("512", True, r"^image_size must be a positive integer"),
+        (512, False, r"^image_size sets the size of the default pre-processor, but pre_processor was given"),
+    ],
+)
+def test_bad_image_size_is_refused_naming_it(image_size: object, pre_processor: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_model(image_size=image_size, pre_processor=pre_processor)
+
+
+def test_image_size_builds_the_default_pre_processor_at_that_size_and_is_saved_plain() -> None:
+    import yaml
+
+    from anomalib_protorefine.models.checkpoints import input_size
+
+    model = make_model(image_size=(96, 160), pre_processor=True)
+    assert input_size(model.pre_processor) == (96, 160)
+    assert yaml.safe_load(yaml.safe_dump(dict(model.hparams)))["image_size"] == [96, 160]
+    assert input_size(make_model(image_size=128, pre_processor=True).pre_processor) == (128, 128)
+    assert input_size(make_model(pre_processor=True).pre_processor) == (256, 256)

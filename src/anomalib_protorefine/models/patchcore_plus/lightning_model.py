@@ -47,7 +47,13 @@ from anomalib_protorefine.models.refiner_config import RefinerPreset, make_refin
 from anomalib_protorefine.pre_processing import AntialiasPreProcessor
 from anomalib_protorefine.refinement import PrototypeRefiner
 
-from .options import check_architecture, validate_augmented_bank, validate_layers, validate_online_options
+from .options import (
+    check_architecture,
+    validate_augmented_bank,
+    validate_image_size,
+    validate_layers,
+    validate_online_options,
+)
 from .torch_model import PatchCorePlusModel
 
 logger = logging.getLogger(__name__)
@@ -133,7 +139,11 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
             coreset ratio of all views, so the bank, and the refinement's cost, grow with the views) or
             ``"constant"`` (the coreset picks as many prototypes from all views as it would from the
             support images alone: scoring and refinement cost as without augmentation).
-        pre_processor: Pre-processor, ``True`` for the default (256 px, backbone normalisation).
+        image_size: Input size of the default pre-processor: an integer (square) or ``[height, width]``
+            (default: 256 x 256, the paper's). Small defects in large images need more (docs/benchmarks.md,
+            "Resolution": 512 px on DeepPCB's 640 px boards), at a cost that grows with the pixels; there
+            ``refiner="local"`` refines at about PatchCore's cost. Not with a ``pre_processor`` module.
+        pre_processor: Pre-processor, ``True`` for the default (``image_size``, backbone normalisation).
         post_processor: Post-processor or flag.
         evaluator: Evaluator or flag.
         visualizer: Visualizer or flag.
@@ -162,6 +172,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         false_alarm_rate: float | None = None,
         calibration_source: str | Path | None = None,
         augmented_bank: str = "grow",
+        image_size: int | Sequence[int] | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -173,6 +184,7 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
         source = validate_few_shot_source(few_shot_source, k_shot)
         layers = validate_layers(layers)
         augmented_bank = validate_augmented_bank(augmented_bank)
+        size = validate_image_size(image_size, pre_processor)
         refiner = plain_refiner(refiner)
         self.auto_refiner = refiner == "auto"
         if self.auto_refiner and not k_shot:
@@ -188,7 +200,11 @@ class PatchCorePlus(FewShotMemoryBankMixin, FewShotModel, MemoryBankMixin, Anoma
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
         if pre_processor is True:
-            self.pre_processor = self.configure_pre_processor(backbone=backbone)
+            self.pre_processor = self.configure_pre_processor(size, backbone=backbone)
+        if size is not None:  # an input size the user asked for: a checkpoint that replaces it is worth a warning
+            self.__dict__["_pre_processor_given"] = True
+            for initial in (False, True):  # plain values in hparams.yaml, whatever sequence was given
+                upstream.set_stored_hparam(self, "image_size", list(size), initial=initial)
         self.model: PatchCorePlusModel = PatchCorePlusModel(
             layers=layers,
             backbone=backbone,

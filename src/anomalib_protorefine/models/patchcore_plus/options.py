@@ -15,6 +15,7 @@ __all__ = [
     "AUGMENTED_BANKS",
     "check_architecture",
     "validate_augmented_bank",
+    "validate_image_size",
     "validate_layers",
     "validate_online_options",
 ]
@@ -126,3 +127,36 @@ def validate_augmented_bank(augmented_bank: object) -> str:
         )
         raise ValueError(msg)
     return str(augmented_bank)
+
+
+def validate_image_size(image_size: object, pre_processor: object) -> tuple[int, int] | None:
+    """``image_size`` as ``(height, width)``, checked (``None``: the default pre-processor's 256 x 256).
+
+    Example:
+        >>> validate_image_size(512, True), validate_image_size([256, 624], True), validate_image_size(None, False)
+        ((512, 512), (256, 624), None)
+        >>> validate_image_size(0, True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: image_size must be a positive integer or [height, width] of positive integers, got 0: ...
+    """
+    if image_size is None:
+        return None
+    pair = isinstance(image_size, Sequence) and not isinstance(image_size, str)
+    sizes = list(image_size) if pair else [image_size]  # type: ignore[call-overload]
+    valid = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1 for v in sizes)
+    if len(sizes) != (2 if pair else 1) or not valid:
+        msg = (
+            f"image_size must be a positive integer or [height, width] of positive integers, got {image_size!r}: "
+            "e.g. image_size=512 (CLI --model.image_size 512) or image_size=[256, 624]."
+        )
+        raise ValueError(msg)
+    if pre_processor is not True:
+        msg = (
+            "image_size sets the size of the default pre-processor, but pre_processor was given too: drop image_size "
+            "and build the pre-processor at that size (PatchCorePlus.configure_pre_processor(image_size=...)), "
+            "or drop pre_processor."
+        )
+        raise ValueError(msg)
+    height, width = (int(v) for v in sizes) if pair else (int(sizes[0]), int(sizes[0]))
+    return height, width
